@@ -1,0 +1,191 @@
+"""ModelHandle: the one interface every training mode uses to talk to a loaded model.
+
+Backends (diffusers, A1111 ldm/sgm, Forge) implement it; training modes never import a backend.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields, replace
+from typing import Iterator
+
+import torch
+
+from . import naming
+
+ARCHES = ("sd1", "sd2", "sdxl")
+PREDICTIONS = ("eps", "v")
+
+
+class ModelError(Exception):
+    """A model cannot be loaded or used; the message says what to do."""
+
+
+@dataclass
+class Cond:
+    """Conditioning exactly as the host feeds its UNet.
+
+    ``crossattn`` [B, T, D] for every architecture; SDXL adds ``pooled`` [B, 1280] and
+    ``time_ids`` [B, 6] (original size, crop top-left, target size, in pixels).
+    """
+
+    crossattn: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Cond":
+        return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
+                                for f in fields(self)})
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        return self._map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    def __getitem__(self, index) -> "Cond":
+        return self._map(lambda t: t[index])
+
+    def detach(self) -> "Cond":
+        return self._map(lambda t: t.detach())
+
+    def repeat(self, n: int) -> "Cond":
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def __len__(self) -> int:
+        return self.crossattn.shape[0]
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        first = conds[0]
+        return Cond(**{f.name: (None if getattr(first, f.name) is None
+                                else torch.cat([getattr(c, f.name) for c in conds]))
+                       for f in fields(Cond)})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "Cond":
+        return cls(**{f.name: sd.get(f.name) for f in fields(cls)})
+
+
+#: Named target sets (kohya's conventions). "attn": attention projections only;
+#: "attn_mlp": every Linear / 1x1 conv inside the transformer blocks (kohya's default LoRA);
+#: "all": that plus the resnets and down/up-samplers (LoCon).
+TARGET_SETS = ("attn", "attn_mlp", "all")
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    target_set: str = "attn_mlp"
+    text_encoder: bool = False
+    #: Block ids to train; empty = every block.
+    blocks: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.target_set not in TARGET_SETS:
+            raise ValueError(f"target set must be one of {', '.join(TARGET_SETS)}, got {self.target_set!r}")
+        unknown = [b for b in self.blocks if b not in naming.BLOCK_IDS]
+        if unknown:
+            raise ValueError(f"unknown block id(s) {', '.join(unknown)}; valid: {', '.join(naming.BLOCK_IDS)}")
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    key: str                   # kohya key, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    module: torch.nn.Module    # nn.Linear or nn.Conv2d
+    block_id: str | None       # BASE, IN00..OUT11, None outside the blocks
+
+
+_ATTN_RE = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+_MLP_RE = r"(transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)|attentions\.\d+\.proj_(in|out))$"
+_RESNET_RE = r"resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)$|(down|up)samplers\.0\.conv$"
+_TE_ATTN_RE = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
+_TE_MLP_RE = r"mlp\.(fc1|fc2)$"
+
+
+def unet_path_in_target_set(diffusers_path: str, target_set: str) -> bool:
+    """Whether a UNet module (diffusers spelling) belongs to a target set."""
+    import re
+
+    if re.search(_ATTN_RE, diffusers_path):
+        return True
+    if target_set in ("attn_mlp", "all") and re.search(_MLP_RE, diffusers_path):
+        return True
+    return target_set == "all" and re.search(_RESNET_RE, diffusers_path) is not None
+
+
+def text_encoder_path_in_target_set(path: str, target_set: str) -> bool:
+    import re
+
+    if re.search(_TE_ATTN_RE, path):
+        return True
+    return target_set != "attn" and re.search(_TE_MLP_RE, path) is not None
+
+
+class ModelHandle(ABC):
+    """What a training mode may ask of a loaded model."""
+
+    arch: str                      # sd1 | sd2 | sdxl
+    prediction: str                # eps | v
+    alphas_cumprod: torch.Tensor   # [1000] float32 on CPU
+    device: torch.device
+    dtype: torch.dtype             # dtype of the frozen weights
+
+    def __init__(self) -> None:
+        self._own_lock = threading.Lock()
+
+    @property
+    @abstractmethod
+    def unet(self) -> torch.nn.Module: ...
+
+    @abstractmethod
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """[(kohya prefix, module)] — ``lora_te_`` for SD1/SD2, ``lora_te1_``/``lora_te2_`` for SDXL."""
+
+    @abstractmethod
+    def encode_prompts(self, texts: list[str], size: tuple[int, int]) -> Cond:
+        """Conditioning for ``texts`` at image ``size`` (height, width) in pixels, as inference sees it."""
+
+    @abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] in [-1, 1] -> scaled latents [B,4,H/8,W/8]."""
+
+    @abstractmethod
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1]."""
+
+    @abstractmethod
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """UNet forward: the model output (eps or v, see ``prediction``)."""
+
+    @abstractmethod
+    def lora_targets(self, options: TargetOptions) -> list[LoraTarget]:
+        """Modules a LoRA attaches to, with their kohya keys and block ids."""
+
+    @property
+    def identity(self) -> str:
+        """A string that changes when the VAE / text encoders change (cache keys)."""
+        return f"{type(self).__name__}:{self.arch}"
+
+    @property
+    def unet_layout(self) -> naming.UNetLayout:
+        return naming.SDXL_LAYOUT if self.arch == "sdxl" else naming.SD1_LAYOUT
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Held around each training step so generation and training never share the model."""
+        with self._own_lock:
+            yield
+
+    @property
+    def empty_cond_is_zeros(self) -> bool:
+        """SDXL's unconditional input is zeros (crossattn and pooled), SD1/SD2 use the empty prompt."""
+        return self.arch == "sdxl"
+
+    def uncond(self, batch: int, size: tuple[int, int]) -> Cond:
+        """The unconditional conditioning classifier-free guidance uses for this architecture."""
+        cond = self.encode_prompts([""] * batch, size)
+        if self.empty_cond_is_zeros:
+            cond = Cond(torch.zeros_like(cond.crossattn),
+                        None if cond.pooled is None else torch.zeros_like(cond.pooled), cond.time_ids)
+        return cond
