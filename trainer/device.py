@@ -1,0 +1,51 @@
+"""Every device and dtype decision, in one place.
+
+CPU (tests, CI) trains in fp32. CUDA users get fp16 autocast with a GradScaler or bf16 autocast;
+frozen weights may be fp16/bf16 while the LoRA parameters stay fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import torch
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+SAVE_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def effective_precision(mixed_precision: str, device: torch.device) -> str:
+    """Mixed precision only where it helps: CUDA. On CPU everything is fp32."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
+    if torch.device(device).type != "cuda":
+        return "no"
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return mixed_precision
+
+
+def autocast(mixed_precision: str, device: torch.device):
+    """Autocast context for the forward pass (a no-op when fp32)."""
+    precision = effective_precision(mixed_precision, device)
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_scaler(mixed_precision: str, device: torch.device):
+    """A GradScaler for fp16 (disabled, i.e. pass-through, otherwise)."""
+    enabled = effective_precision(mixed_precision, device) == "fp16"
+    return torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+
+
+def free_memory() -> None:
+    """Release what a finished job held (between jobs, not between steps)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,101 @@
+"""The metadata every LoRA file carries: kohya's ``ss_*`` keys and sai ``modelspec.*`` keys.
+
+Pure: values in, a str->str dict out. Hashes are added by ``lora_files.write_lora`` from the bytes
+actually written.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def modelspec_architecture(arch: str, prediction: str, resolution: int) -> str:
+    if arch == "sdxl":
+        base = "stable-diffusion-xl-v1-base"
+    elif arch == "sd2":
+        base = "stable-diffusion-v2-768-v" if prediction == "v" else "stable-diffusion-v2-512"
+    else:
+        base = "stable-diffusion-v1"
+    return base + "/lora"
+
+
+@dataclass
+class TrainingFacts:
+    """What a finished (or checkpointed) training run knows about itself."""
+
+    arch: str
+    prediction: str = "eps"
+    output_name: str = "lora"
+    dim: int = 16
+    alpha: float = 8.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    resolution: int = 512
+    steps: int = 0
+    max_steps: int = 0
+    lr: float = 0.0
+    text_encoder_lr: float | None = None
+    unet_lr: float | None = None
+    optimizer: str = ""
+    lr_scheduler: str = ""
+    seed: int = 0
+    batch_size: int = 1
+    train_text_encoder: bool = False
+    num_images: int = 0
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    training_started_at: float = field(default_factory=time.time)
+    session_id: int = field(default_factory=lambda: uuid.uuid4().int >> 96)
+    extra: dict[str, str] = field(default_factory=dict)
+    title: str = ""
+    description: str = ""
+
+
+def _num(x: float) -> str:
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+def lora_metadata(facts: TrainingFacts) -> dict[str, str]:
+    """ss_* and modelspec.* metadata as kohya's train_network.py writes it."""
+    network_args = {}
+    if facts.conv_dim:
+        network_args = {"conv_dim": str(facts.conv_dim), "conv_alpha": _num(facts.conv_alpha)}
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(facts.dim),
+        "ss_network_alpha": _num(facts.alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": BASE_MODEL_VERSION[facts.arch],
+        "ss_v2": str(facts.arch == "sd2"),
+        "ss_v_parameterization": str(facts.prediction == "v"),
+        "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+        "ss_steps": str(facts.steps),
+        "ss_max_train_steps": str(facts.max_steps or facts.steps),
+        "ss_learning_rate": _num(facts.lr),
+        "ss_unet_lr": _num(facts.unet_lr if facts.unet_lr is not None else facts.lr),
+        "ss_text_encoder_lr": _num(facts.text_encoder_lr if facts.text_encoder_lr is not None else facts.lr),
+        "ss_network_train_unet_only": str(not facts.train_text_encoder),
+        "ss_optimizer": facts.optimizer,
+        "ss_lr_scheduler": facts.lr_scheduler,
+        "ss_seed": str(facts.seed),
+        "ss_batch_size_per_device": str(facts.batch_size),
+        "ss_num_train_images": str(facts.num_images),
+        "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        "ss_session_id": str(facts.session_id),
+        "ss_training_started_at": _num(facts.training_started_at),
+        "ss_output_name": facts.output_name,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": modelspec_architecture(facts.arch, facts.prediction, facts.resolution),
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if facts.arch == "sdxl"
+                                     else "diffusers"),
+        "modelspec.title": facts.title or facts.output_name,
+        "modelspec.description": facts.description,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(facts.training_started_at)),
+        "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
+        "modelspec.prediction_type": "v" if facts.prediction == "v" else "epsilon",
+    }
+    meta.update(facts.extra)
+    return meta
