@@ -1,0 +1,24 @@
+"""``python -m trainer COMMAND``: the command line of LoRA Queue."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import merge_cli, template_cli
+
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Queue: train, queue and merge LoRAs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (template_cli, merge_cli):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
