@@ -19,6 +19,7 @@ class FakeHandle:
 
     identity = "fake"
     arch = "sdxl"
+    vae_scale = 8
 
     def __init__(self):
         torch.manual_seed(0)

@@ -405,7 +405,7 @@ class LatentCache:
 
     def get_latents(self, items_with_buckets: Sequence[tuple[ImageItem, tuple[int, int]]],
                     handle: ModelHandle, batch_size: int = 4, flip: bool = False) -> dict[str, torch.Tensor]:
-        """{latent_key: [C, h/8, w/8] float32 on CPU} for every item (and its mirror image if ``flip``).
+        """{latent_key: [C, h/f, w/f] float32 on CPU (f = ``handle.vae_scale``)} for every item (and its mirror image if ``flip``).
 
         Only what is missing on disk is encoded, in batches that share a bucket.
         """
@@ -421,7 +421,7 @@ class LatentCache:
         result: dict[str, torch.Tensor] = {}
         missing: dict[tuple[int, int], list[str]] = defaultdict(list)
         for key, (_, bucket, _) in wanted.items():
-            latents = self._read(key, bucket)
+            latents = self._read(key, bucket, handle.vae_scale)
             if latents is None:
                 missing[bucket].append(key)
             else:
@@ -442,7 +442,7 @@ class LatentCache:
                 self.encoded += len(chunk)
         return result
 
-    def _read(self, key: str, bucket: tuple[int, int]) -> torch.Tensor | None:
+    def _read(self, key: str, bucket: tuple[int, int], scale: int = 8) -> torch.Tensor | None:
         from safetensors import safe_open
 
         path = self.path_for(key)
@@ -456,7 +456,7 @@ class LatentCache:
         except Exception:
             # A damaged cache file (disk full, killed copy) is just a miss: it gets re-encoded.
             return None
-        if latents.ndim != 3 or tuple(latents.shape[1:]) != (bucket[1] // 8, bucket[0] // 8):
+        if latents.ndim != 3 or tuple(latents.shape[1:]) != (bucket[1] // scale, bucket[0] // scale):
             return None
         return latents
 
@@ -489,14 +489,18 @@ class TextEmbeddingCache:
         self._entries.clear()
 
     def get(self, texts: Sequence[str], size: tuple[int, int], handle: ModelHandle) -> Cond:
-        """Conditioning for ``texts`` at ``size`` (height, width); misses are encoded in one batch."""
+        """Conditioning for ``texts`` at ``size`` (height, width); misses are encoded in one batch.
+
+        Call it while holding ``handle.lock()`` (as a training step does)."""
         if handle.identity != self._identity:
             self.clear()
             self._identity = handle.identity
         size = (int(size[0]), int(size[1]))
         misses = [t for t in dict.fromkeys(texts) if (t, size) not in self._entries]
         if misses:
-            with torch.no_grad(), handle.lock():
+            # No handle.lock() here: this runs inside a training step, which already holds the
+            # (non-reentrant) model lock.
+            with torch.no_grad():
                 cond = handle.encode_prompts(list(misses), size).detach()
             for i, text in enumerate(misses):
                 self._entries[(text, size)] = cond[i:i + 1]

@@ -52,7 +52,7 @@ class NetworkShape:
 class LoraModule(nn.Module):
     """down: in -> rank (same kernel/stride/padding as the base for convs); up: rank -> out (1x1)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         if isinstance(base, nn.Linear):
             self.lora_down = nn.Linear(base.in_features, rank, bias=False)
@@ -63,9 +63,13 @@ class LoraModule(nn.Module):
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         else:
             raise NetworkError(f"LoRA supports Linear and Conv2d modules, not {type(base).__name__}")
-        # kohya's init: the network starts as an exact no-op.
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
+        # kohya's init (kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(fan_in)); up = 0): the network
+        # starts as an exact no-op. Drawn from the job's generator so that a run repeats exactly.
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.lora_down.weight[0].numel())
+            w = torch.rand(self.lora_down.weight.shape, generator=generator) * (2 * bound) - bound
+            self.lora_down.weight.copy_(w)
+            self.lora_up.weight.zero_()
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank = rank
 
@@ -89,7 +93,7 @@ class LoraModule(nn.Module):
 class LoraNetwork(nn.Module):
     """A set of LoRA modules keyed by kohya key, attachable to their targets."""
 
-    def __init__(self, targets: list[LoraTarget], shape: NetworkShape, multiplier: float = 1.0):
+    def __init__(self, targets: list[LoraTarget], shape: NetworkShape, multiplier: float = 1.0, seed: int = 0):
         super().__init__()
         if not targets:
             raise NetworkError("no modules to train: the target set and block selection match nothing")
@@ -97,11 +101,12 @@ class LoraNetwork(nn.Module):
         self.multiplier = multiplier
         self.lora = nn.ModuleDict()
         self._targets: dict[str, LoraTarget] = {}
+        generator = torch.Generator().manual_seed(seed)
         for target in targets:
             rank, alpha = shape.for_module(target.module)
             if rank == 0:
                 continue
-            self.lora[target.key] = LoraModule(target.module, rank, alpha)
+            self.lora[target.key] = LoraModule(target.module, rank, alpha, generator)
             self._targets[target.key] = target
         if not len(self.lora):
             raise NetworkError("no modules to train: only 3x3 convolutions matched and conv_dim is 0")

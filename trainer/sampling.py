@@ -39,7 +39,8 @@ def sample(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int], *,
     """Images for ``prompts[i]`` with ``seeds[i]`` (height, width ``size``), classifier-free guided."""
     h, w = size
     device = handle.device
-    noise = torch.stack([torch.randn((4, h // 8, w // 8), generator=torch.Generator().manual_seed(int(s)))
+    f = handle.vae_scale
+    noise = torch.stack([torch.randn((4, h // f, w // f), generator=torch.Generator().manual_seed(int(s)))
                          for s in seeds]).to(device)
     with handle.lock():
         cond = handle.encode_prompts(list(prompts), size)

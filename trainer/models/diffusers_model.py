@@ -38,6 +38,7 @@ class DiffusersHandle(ModelHandle):
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
         self._layout = naming.UNetLayout.from_config(pipe.unet.config)
+        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self._identity: str | None = None
         for module in self._frozen_modules():
             module.requires_grad_(False)

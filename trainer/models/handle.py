@@ -130,6 +130,7 @@ class ModelHandle(ABC):
     alphas_cumprod: torch.Tensor   # [1000] float32 on CPU
     device: torch.device
     dtype: torch.dtype             # dtype of the frozen weights
+    vae_scale: int = 8             # pixels per latent cell (8 for every SD model; the demo model uses 4)
 
     def __init__(self) -> None:
         self._own_lock = threading.Lock()
@@ -148,7 +149,7 @@ class ModelHandle(ABC):
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [-1, 1] -> scaled latents [B,4,H/8,W/8]."""
+        """[B,3,H,W] in [-1, 1] -> scaled latents [B,4,H/f,W/f], f = ``vae_scale``."""
 
     @abstractmethod
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

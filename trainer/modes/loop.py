@@ -289,7 +289,7 @@ class TrainingLoop:
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 kept = f"; the last good save is {self._last_good.name}" if self._last_good else ""
-                raise NonFiniteLoss(f"the loss became {float(loss)} at step {self.step + 1} (learning rate too "
+                raise NonFiniteLoss(f"the loss became {float(loss.detach())} at step {self.step + 1} (learning rate too "
                                     f"high, or fp16 overflow: try a lower lr or bf16){kept}")
             self.scaler.scale(loss).backward()
             total += float(loss.detach())

@@ -7,8 +7,10 @@ Setup (dataset, buckets, cached latents, network) happens once; each step then r
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,6 +31,7 @@ class JobContext:
     events: EventSink | None = None
     control: Control = field(default_factory=Control)
     resume: bool = False             # continue from the resumable state beside the output
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
 
 
 def job_outputs(job, ctx: JobContext) -> Outputs:
@@ -72,7 +75,7 @@ def build_network(handle: ModelHandle, job, settings=None) -> LoraNetwork:
     settings = settings or job
     options = TargetOptions(job.target_set, getattr(job, "train_text_encoder", False), tuple(settings.blocks))
     shape = NetworkShape(settings.network_dim, settings.network_alpha, settings.conv_dim, settings.conv_alpha)
-    network = LoraNetwork(handle.lora_targets(options), shape)
+    network = LoraNetwork(handle.lora_targets(options), shape, seed=settings.seed)
     if getattr(job, "init_lora", ""):
         network.load_weights(job.init_lora, handle.arch)
     return network.to(handle.device).attach()
@@ -106,6 +109,8 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
     outputs = job_outputs(job, ctx)
     options = dataset_options(job)
     dataset = data.scan_dataset(options)
+    for warning in dataset.warnings:
+        ctx.log(f"warning: {warning}")
     buckets = data.assign_buckets(dataset, options)
     cache = data.LatentCache(ctx.cache_dir / "latents")
     latents = cache.get_latents(list(zip(dataset.items, buckets)), handle, batch_size=4,

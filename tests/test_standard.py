@@ -1,0 +1,197 @@
+"""Standard training on tiny real models: buckets, caches, resumable saves, bad input named clearly."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tiny import sd1_pipeline
+from trainer import jobs
+from trainer.models.diffusers_model import DiffusersHandle
+from trainer.models.demo.shapes import draw
+from trainer.modes.loop import NonFiniteLoss
+from trainer.modes.standard import JobContext
+from trainer.runner import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dataset(folder: Path, n: int = 10) -> Path:
+    """n captioned pictures in two aspect ratios (square and 2:1)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = draw(["red", "blue", "green", "yellow", "purple"][i % 5], ["circle", "square"][i % 2], "white", 64)
+        if i % 2:
+            img = img.resize((128, 64))
+        img.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}, shape")
+    return folder
+
+
+def _job(tmp_path: Path, **kw) -> jobs.StandardJob:
+    base = dict(name="t", dataset_dir=str(tmp_path / "data"), resolution=64, min_bucket_reso=64,
+                max_bucket_reso=128, steps=4, batch_size=2, lr=1e-3, network_dim=2, network_alpha=2.0,
+                mixed_precision="no")
+    base.update(kw)
+    return jobs.StandardJob(**base)
+
+
+def _ctx(tmp_path: Path, **kw) -> JobContext:
+    return JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None, **kw)
+
+
+class CountingHandle(DiffusersHandle):
+    encoded = 0
+
+    def encode_images(self, pixels):
+        CountingHandle.encoded += pixels.shape[0]
+        return super().encode_images(pixels)
+
+
+@pytest.fixture()
+def handle(tmp_path):
+    CountingHandle.encoded = 0
+    return CountingHandle(sd1_pipeline(tmp_path))
+
+
+def test_ten_images_in_two_aspect_ratios_train_through_two_buckets(tmp_path, handle):
+    _dataset(tmp_path / "data")
+    events = []
+    job = _job(tmp_path, save_every_n_steps=2, resolution=128, max_bucket_reso=256)
+    result = run_job(job, handle, _ctx(tmp_path, events=events.append))
+    assert [p.name for p in result.saved] == ["t-000002.safetensors", "t.safetensors"]
+    assert [e.step for e in events] == [1, 2, 3, 4]
+    rows = (tmp_path / "out" / "t.loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,smoothed_loss,lr" and len(rows) == 5
+    assert not (tmp_path / "out" / ".t.state.pt").exists(), "the resumable state is removed once the job is done"
+    assert handle.encoded == 10
+    latents = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    f = handle.vae_scale
+    # buckets of area <= 128^2: the squares go to 128x128, the 2:1 pictures to 192x64
+    assert {tuple(load_file(str(p))["latents"].shape) for p in latents} == {(4, 128 // f, 128 // f),
+                                                                             (4, 64 // f, 192 // f)}
+
+
+def test_a_second_job_encodes_nothing_and_a_changed_image_only_itself(tmp_path, handle):
+    _dataset(tmp_path / "data")
+    run_job(_job(tmp_path, steps=1), handle, _ctx(tmp_path))
+    assert handle.encoded == 10
+    run_job(_job(tmp_path, name="again", steps=1), handle, _ctx(tmp_path))
+    assert handle.encoded == 10
+    draw("green", "triangle", "black", 64).save(tmp_path / "data" / "0.png")
+    run_job(_job(tmp_path, name="third", steps=1), handle, _ctx(tmp_path))
+    assert handle.encoded == 11
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, handle):
+    _dataset(tmp_path / "data", n=4)
+    full = run_job(_job(tmp_path, name="full", steps=6, seed=3), handle, _ctx(tmp_path))
+    ctx = _ctx(tmp_path)
+    steps_seen = []
+
+    def stop_after_four(p):
+        steps_seen.append(p.step)
+        if p.step == 4:
+            ctx.control.cancel = True
+
+    ctx.events = stop_after_four
+    from trainer.modes.loop import Stopped
+    with pytest.raises(Stopped):
+        run_job(_job(tmp_path, name="cut", steps=6, seed=3, save_every_n_steps=2), handle, ctx)
+    assert (tmp_path / "out" / ".cut.state.pt").exists()
+    resumed = run_job(_job(tmp_path, name="cut", steps=6, seed=3, save_every_n_steps=2), handle,
+                      _ctx(tmp_path, resume=True))
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-6)
+    a, b = load_file(str(full.final)), load_file(str(resumed.final))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, f"resumed weights differ by up to {worst}"
+
+
+def test_nan_loss_stops_the_job_and_keeps_the_last_good_save(tmp_path, handle):
+    _dataset(tmp_path / "data", n=2)
+    calls = {"n": 0}
+    original = handle.predict
+
+    def predict_then_explode(*args):
+        calls["n"] += 1
+        out = original(*args)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    handle.predict = predict_then_explode
+    with pytest.raises(NonFiniteLoss, match="step 3.*t-000002.safetensors"):
+        run_job(_job(tmp_path, steps=5, save_every_n_steps=2, batch_size=1), handle, _ctx(tmp_path))
+    assert (tmp_path / "out" / "t-000002.safetensors").exists()
+    assert not (tmp_path / "out" / "t.safetensors").exists()
+
+
+def test_empty_folder_is_named(tmp_path, handle):
+    (tmp_path / "data").mkdir()
+    from trainer.data import DatasetError
+    with pytest.raises(DatasetError, match="has no images") as e:
+        run_job(_job(tmp_path), handle, _ctx(tmp_path))
+    assert e.value.field == "dataset_dir"
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_images_and_corrupt_images_are_skipped_with_warnings(tmp_path, handle):
+    _dataset(tmp_path / "data", n=2)
+    (tmp_path / "data" / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (tmp_path / "data" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    logged = []
+    run_job(_job(tmp_path, steps=1), handle, _ctx(tmp_path, log=logged.append) if False else
+            JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", log=logged.append))
+    text = "\n".join(logged)
+    assert "notes.pdf" in text and "broken.png" in text
+
+
+def test_only_corrupt_images_is_an_error(tmp_path, handle):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    from trainer.data import DatasetError
+    with pytest.raises(DatasetError, match="broken.png"):
+        run_job(_job(tmp_path), handle, _ctx(tmp_path))
+
+
+def test_existing_output_without_overwrite_is_refused(tmp_path, handle):
+    _dataset(tmp_path / "data", n=2)
+    run_job(_job(tmp_path, steps=1), handle, _ctx(tmp_path))
+    with pytest.raises(jobs.JobError, match="already exists") as e:
+        run_job(_job(tmp_path, steps=1), handle, _ctx(tmp_path))
+    assert e.value.field == "name"
+    run_job(_job(tmp_path, steps=1, overwrite=True), handle, _ctx(tmp_path))
+
+
+@pytest.mark.parametrize("field,value", [("name", "../escape"), ("name", "a/b"), ("name", "con"), ("name", "x?y"),
+                                         ("lr", 0.0), ("lr", -1e-4), ("steps", 0), ("optimizer", "Adam9000"),
+                                         ("lr_scheduler", "warp")])
+def test_bad_settings_name_the_field_before_anything_runs(tmp_path, field, value):
+    with pytest.raises(jobs.JobError) as e:
+        _job(tmp_path, **{field: value})
+    assert field in e.value.errors
+
+
+def test_cli_trains_a_job_file_and_fails_readably(tmp_path):
+    pipe = sd1_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "model")
+    _dataset(tmp_path / "data", n=2)
+    job = jobs.job_to_dict(_job(tmp_path, steps=2, output_dir=str(tmp_path / "cli-out")))
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "trainer", "train", str(tmp_path / "job.json"), "--model",
+                         str(tmp_path / "model")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "cli-out" / "t.safetensors").exists()
+    job["lr"] = -1
+    (tmp_path / "bad.json").write_text(json.dumps(job))
+    bad = subprocess.run([sys.executable, "-m", "trainer", "train", str(tmp_path / "bad.json"), "--model", "demo"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert bad.returncode == 2
+    assert "lr:" in bad.stderr and "Traceback" not in bad.stderr
