@@ -366,8 +366,8 @@ def _pickled(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("truncated", "cut.safetensors' is truncated"),
-    ("pickle", "model.safetensors' is a pickle"),
+    ("truncated", "cut.safetensors.*truncated"),
+    ("pickle", "model.safetensors.*is a pickle"),
     ("mixed", "different base models"),
     ("wrong length", "block list has 5 values; SD1 takes 17 or 26"),
     ("unknown preset", "unknown block preset 'OUTDD'"),

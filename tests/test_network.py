@@ -221,3 +221,13 @@ def test_bad_files_are_refused_with_clear_errors(tmp_path):
     save_file({f"{key}.lora_down.weight": torch.zeros(4, 7), f"{key}.lora_up.weight": torch.zeros(7, 4)}, wrong_shape)
     with pytest.raises(NetworkError, match="another architecture"):
         net.load_weights(wrong_shape, "sd1")
+
+
+def test_legacy_hash_covers_the_file_as_written(tmp_path):
+    import hashlib
+    handle = DiffusersHandle(sd1_pipeline(tmp_path))
+    net = LoraNetwork(handle.lora_targets(TargetOptions("all")), NetworkShape(64, 64.0, conv_dim=32, conv_alpha=1))
+    path = net.save(tmp_path / "big.safetensors")
+    blob = path.read_bytes()
+    assert len(blob) > 0x110000, "the file must reach past 1 MiB for the legacy hash to cover tensor bytes"
+    assert lora_files.read_metadata(path)["sshs_legacy_hash"] == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]

@@ -110,25 +110,21 @@ def read_lora_factors(path: str | Path, expected_arch: str | None = None
 @torch.no_grad()
 def resize_factors(down: torch.Tensor, up: torch.Tensor, scale: float, rank: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors (scale 1) of ``scale * up @ down``, by QR + SVD of the small core.
+    """Best rank-``rank`` factors (scale 1) of ``scale * up @ down``, by the merge's factor-space SVD.
 
     Returns factors in the input shapes' layout; a larger rank pads with zeros (exact).
     """
+    from .merge import factor_space_svd, split_singular_values
+
     out_dim = up.shape[0]
-    down2, up2 = down.flatten(1).double(), up.flatten(1).double() * scale
-    q_up, r_up = torch.linalg.qr(up2)              # [out, r], [r, r]
-    q_dn, r_dn = torch.linalg.qr(down2.T)          # [in, r], [r, r]
-    u, s, vh = torch.linalg.svd(r_up @ r_dn.T, full_matrices=False)
-    keep = min(rank, s.numel())
-    root = s[:keep].sqrt()
-    new_up = (q_up @ u[:, :keep]) * root
-    new_down = root[:, None] * (vh[:keep] @ q_dn.T)
+    svd = factor_space_svd((up.flatten(1) * scale).double(), down.flatten(1).T.double())
+    keep = min(rank, svd.s.numel())
+    new_up, new_down = split_singular_values(svd, keep, 1.0)
     if keep < rank:
         new_up = torch.cat([new_up, new_up.new_zeros(out_dim, rank - keep)], 1)
         new_down = torch.cat([new_down, new_down.new_zeros(rank - keep, new_down.shape[1])], 0)
-    new_down = new_down.reshape(rank, *down.shape[1:]).to(down.dtype)
-    new_up = new_up.reshape(out_dim, rank, *up.shape[2:]).to(up.dtype)
-    return new_down, new_up
+    return (new_down.reshape(rank, *down.shape[1:]).to(down.dtype),
+            new_up.reshape(out_dim, rank, *up.shape[2:]).to(up.dtype))
 
 
 def safetensors_data_hash(blob: bytes) -> str:
@@ -138,9 +134,8 @@ def safetensors_data_hash(blob: bytes) -> str:
 
 
 def legacy_hash(blob: bytes) -> str:
-    """kohya's ``sshs_legacy_hash``: first 8 hex of sha256 over 64 KiB at offset 1 MiB."""
-    chunk = blob[0x100000:0x110000] if len(blob) > 0x100000 else blob[:0x10000]
-    return hashlib.sha256(chunk).hexdigest()[:8]
+    """kohya's ``sshs_legacy_hash``: first 8 hex of sha256 over the 64 KiB at offset 1 MiB of the file."""
+    return hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
 
 
 def write_atomic(path: str | Path, blob: bytes) -> Path:
@@ -160,17 +155,24 @@ def write_atomic(path: str | Path, blob: bytes) -> Path:
     return path
 
 
+_LEGACY_PLACEHOLDER = "?" * 8
+
+
 def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """Serialise, hash the bytes that will be written, and write atomically."""
-    data_only = save(tensors)
-    digest = safetensors_data_hash(data_only)
+    """Serialise with hashes of exactly the bytes written, then write atomically.
+
+    The tensor bytes do not depend on the header, so ``sshs_model_hash`` is known before the header is
+    final; the legacy hash covers a fixed file offset, so it is computed with a same-length placeholder
+    in the header (the offsets do not move) and written over it.
+    """
+    digest = safetensors_data_hash(save(tensors))
     meta = {k: str(v) for k, v in metadata.items()}
-    meta["sshs_model_hash"] = digest
-    # kohya hashes the file as written with only its ss_* training metadata.
-    meta["sshs_legacy_hash"] = legacy_hash(save(tensors, metadata={k: v for k, v in meta.items()
-                                                                  if k.startswith("ss_")}))
-    meta["modelspec.hash_sha256"] = "0x" + digest
-    blob = save(tensors, metadata=meta)
-    if safetensors_data_hash(blob) != digest:  # the tensor bytes must not depend on the header
+    meta.update({"sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest,
+                 "sshs_legacy_hash": _LEGACY_PLACEHOLDER})
+    blob = bytearray(save(tensors, metadata=meta))
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = bytes(blob[8:8 + n]).replace(f'"{_LEGACY_PLACEHOLDER}"'.encode(), f'"{legacy_hash(bytes(blob))}"'.encode(), 1)
+    blob[8:8 + n] = header
+    if safetensors_data_hash(bytes(blob)) != digest:  # the tensor bytes must not depend on the header
         raise RuntimeError("safetensors changed the tensor bytes when metadata was added")
-    return write_atomic(path, blob)
+    return write_atomic(path, bytes(blob))

@@ -12,17 +12,16 @@ Everything here is pure except :func:`load_inputs` (reads safetensors, never pic
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from trainer import lora_files
 from trainer.lora_formats import (
     DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, arch_from_keys,
     arch_from_metadata, group_keys, kernel_from_name, kohya_module_name, module_delta,
@@ -427,28 +426,12 @@ class LoadedInput:
     handle: object = field(repr=False, default=None)
 
 
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
 def check_safetensors_file(path: str) -> None:
-    """Refuse pickles and non-safetensors early, by the first bytes (nothing is unpickled, ever)."""
+    """Refuse pickles, truncated and non-safetensors files by their header (nothing is unpickled, ever)."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        raise MergeError(f"'{path}': no such file") from None
-    except OSError as e:
-        raise MergeError(f"'{path}' cannot be read: {e.strerror}") from None
-    if head.startswith(_PICKLE_MAGIC) or head[:1] == b"\x80":
-        raise MergeError(f"'{path}' is a pickle (.ckpt/.pt) file; only .safetensors files are read "
-                         "(pickles can run code when loaded)")
-    if len(head) < 8:
-        raise MergeError(f"'{path}' is not a safetensors file (only {len(head)} bytes)")
-    (header_len,) = struct.unpack("<Q", head)
-    if header_len > size - 8:
-        raise MergeError(f"'{path}' is truncated or not a safetensors file (its header claims {header_len} "
-                         f"bytes, the file has {size})")
+        lora_files.read_header(path)
+    except lora_files.LoraFileError as e:
+        raise MergeError(f"'{path}': {e}") from None
 
 
 def load_input(spec: MergeInput) -> LoadedInput:
@@ -654,59 +637,12 @@ def merged_metadata(loaded: Sequence[LoadedInput], arch: str, policy: RankPolicy
 
 # --- writing -------------------------------------------------------------------------------------
 
-_MODEL_HASH_PLACEHOLDER = "?" * 64
-_LEGACY_HASH_PLACEHOLDER = "?" * 8
-
-
-def addnet_model_hash(file_bytes: bytes) -> str:
-    """sd-webui-additional-networks' / kohya's ``sshs_model_hash``: sha256 of the bytes after the header."""
-    (header_len,) = struct.unpack("<Q", file_bytes[:8])
-    return hashlib.sha256(file_bytes[8 + header_len:]).hexdigest()
-
-
-def addnet_legacy_hash(file_bytes: bytes) -> str:
-    """kohya's ``sshs_legacy_hash``: sha256 of 64 KiB at offset 1 MiB, first 8 hex digits."""
-    return hashlib.sha256(file_bytes[0x100000:0x110000]).hexdigest()[:8]
-
-
-def serialize_with_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """safetensors bytes whose ``sshs_*`` hashes describe exactly these bytes.
-
-    The hashes are computed with same-length placeholders in the header, then written over them:
-    the header keeps its length, so the hashed bytes do not move.
-    """
-    from safetensors.torch import save
-
-    staged = dict(metadata, sshs_model_hash=_MODEL_HASH_PLACEHOLDER, sshs_legacy_hash=_LEGACY_HASH_PLACEHOLDER)
-    data = bytearray(save(dict(tensors), staged))
-    (header_len,) = struct.unpack("<Q", data[:8])
-    model_hash = addnet_model_hash(bytes(data))
-    legacy_hash = addnet_legacy_hash(bytes(data)) if 8 + header_len <= 0x100000 else None
-    header = bytes(data[8:8 + header_len])
-    header = header.replace(f'"{_MODEL_HASH_PLACEHOLDER}"'.encode(), f'"{model_hash}"'.encode(), 1)
-    if legacy_hash is not None:
-        header = header.replace(f'"{_LEGACY_HASH_PLACEHOLDER}"'.encode(), f'"{legacy_hash}"'.encode(), 1)
-    data[8:8 + header_len] = header
-    return bytes(data)
-
-
 def save_merged(result: MergeResult, out_path: str | os.PathLike) -> Path:
-    """Write atomically: a temporary name in the same folder, then ``os.replace``."""
+    """Write atomically with hashes of the bytes written (shared with every LoRA we save)."""
     out = Path(out_path)
     if out.suffix != ".safetensors":
         raise MergeError(f"output '{out}' must end in .safetensors")
-    payload = serialize_with_hashes(result.tensors, result.metadata)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
+    return lora_files.write_lora(out, dict(result.tensors), dict(result.metadata))
 
 
 def merge_files(inputs: Sequence[MergeInput], out_path: str | os.PathLike, policy: RankPolicy,
