@@ -9,7 +9,7 @@ modules (kohya's default set: attention projections, proj_in/out, feed-forward),
 
 Also: the time from job start to the first step with a warm latent cache.
 
-    python bench/train_step.py [--steps 7]
+    python bench/train_step.py [--steps 3] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -50,76 +50,108 @@ def build_pipeline(tmp: Path):
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def ours(pipe, tmp: Path, steps: int) -> tuple[list[float], float]:
-    from PIL import Image
+class OurSide:
+    """Runs standard-mode jobs on the pipeline; times each step from the loop's start and its events."""
 
-    from trainer import jobs
-    from trainer.models.diffusers_model import DiffusersHandle
-    from trainer.modes.standard import JobContext
-    from trainer.runner import run_job
+    def __init__(self, pipe, tmp: Path):
+        from PIL import Image
 
-    data = tmp / "data"
-    data.mkdir()
-    Image.new("RGB", (256, 256), (200, 40, 40)).save(data / "a.png")
-    (data / "a.txt").write_text("a red square")
-    handle = DiffusersHandle(pipe)
-    common = dict(dataset_dir=str(data), resolution=256, min_bucket_reso=256, max_bucket_reso=256, network_dim=16,
-                  network_alpha=16.0, target_set="attn_mlp", optimizer="AdamW", lr=1e-4, batch_size=1,
-                  mixed_precision="no", output_dir=str(tmp / "out"), overwrite=True)
-    ctx = lambda events: JobContext(output_dir=tmp / "out", cache_dir=tmp / "cache", events=events, log=lambda m: None)
-    run_job(jobs.StandardJob(name="warm", steps=1, **common), handle, ctx(None))  # warms the latent cache
-    stamps: list[float] = []
-    start = time.perf_counter()
-    run_job(jobs.StandardJob(name="bench", steps=steps, **common), handle, ctx(lambda p: stamps.append(time.perf_counter())))
-    step_times = [b - a for a, b in zip(stamps, stamps[1:])]
-    to_first_step = stamps[0] - start - statistics.median(step_times)
-    return step_times, to_first_step
+        from trainer.models.diffusers_model import DiffusersHandle
+        from trainer.modes import loop
+
+        data = tmp / "data"
+        data.mkdir()
+        Image.new("RGB", (256, 256), (200, 40, 40)).save(data / "a.png")
+        (data / "a.txt").write_text("a red square")
+        self.tmp, self.handle = tmp, DiffusersHandle(pipe)
+        self.common = dict(dataset_dir=str(data), resolution=256, min_bucket_reso=256, max_bucket_reso=256,
+                           network_dim=16, network_alpha=16.0, target_set="attn_mlp", optimizer="AdamW", lr=1e-4,
+                           batch_size=1, mixed_precision="no", output_dir=str(tmp / "out"), overwrite=True)
+        self.loop_started: list[float] = []
+        original_run = loop.TrainingLoop.run
+
+        def timed_run(this, compute_loss):
+            self.loop_started.append(time.perf_counter())
+            return original_run(this, compute_loss)
+
+        loop.TrainingLoop.run = timed_run
+
+    def job(self, steps: int) -> tuple[list[float], float]:
+        """(step times, seconds from job start to the first step)."""
+        from trainer import jobs
+        from trainer.modes.standard import JobContext
+        from trainer.runner import run_job
+
+        stamps: list[float] = []
+        ctx = JobContext(output_dir=self.tmp / "out", cache_dir=self.tmp / "cache",
+                         events=lambda p: stamps.append(time.perf_counter()), log=lambda m: None)
+        start = time.perf_counter()
+        run_job(jobs.StandardJob(name="bench", steps=steps, **self.common), self.handle, ctx)
+        begin = self.loop_started[-1]
+        return [b - a for a, b in zip([begin] + stamps, stamps)], begin - start
 
 
-def reference(pipe, steps: int) -> list[float]:
-    """The plain loop: peft LoRA, fixed latents and text embedding, eps loss, AdamW."""
-    from peft import LoraConfig
+class ReferenceSide:
+    """The plain loop: peft LoRA on the same modules, fixed latents and text embedding, eps loss, AdamW.
 
-    unet = pipe.unet
-    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
-    latents = torch.randn(1, 4, 32, 32)
-    cond = torch.randn(1, 16, 768)
-    g = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, 1000, (1,), generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+    It trains a copy of the same UNet (same weights), because peft replaces the modules it wraps."""
+
+    def __init__(self, pipe):
+        import copy
+
+        from peft import LoraConfig
+
+        self.unet = copy.deepcopy(pipe.unet)
+        self.unet.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"))
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.01)
+        self.abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+        self.latents, self.cond = torch.randn(1, 4, 32, 32), torch.randn(1, 16, 768)
+        self.g = torch.Generator().manual_seed(0)
+
+    def steps(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            noise = torch.randn(self.latents.shape, generator=self.g)
+            t = torch.randint(0, 1000, (1,), generator=self.g)
+            a = self.abar[t].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * self.latents + (1 - a).sqrt() * noise
+            pred = self.unet(noisy, t, encoder_hidden_states=self.cond).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="steps per block (the first of each is not counted)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved blocks per side")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    ours_times, ref_times, to_first = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(Path(tmp))
         pipe.unet.requires_grad_(False)
-        ours_times, first = ours(pipe, Path(tmp), args.steps)
-        ref_times = reference(pipe, args.steps)
+        our_side = OurSide(pipe, Path(tmp))
+        our_side.job(1)  # warms the latent cache
+        reference_side = ReferenceSide(pipe)
+        reference_side.steps(1)  # warm-up
+        for _ in range(args.rounds):  # interleaved, so machine noise hits both sides alike
+            times, first = our_side.job(args.steps)
+            ours_times += times[1:]
+            to_first.append(first)
+            ref_times += reference_side.steps(args.steps)[1:]
     o, r = statistics.median(ours_times), statistics.median(ref_times)
-    print(f"ours      median {o:.3f} s/step over {len(ours_times)} steps: {[round(x, 3) for x in ours_times]}")
-    print(f"reference median {r:.3f} s/step over {len(ref_times)} steps: {[round(x, 3) for x in ref_times]}")
+    print(f"ours      median {o:.3f} s/step over {len(ours_times)} steps: {[round(x, 2) for x in ours_times]}")
+    print(f"reference median {r:.3f} s/step over {len(ref_times)} steps: {[round(x, 2) for x in ref_times]}")
     print(f"ratio ours/reference = {o / r:.3f}")
-    print(f"job start -> first step (warm latent cache): {first:.2f} s")
+    print(f"job start -> first step (warm latent cache): median {statistics.median(to_first):.2f} s "
+          f"{[round(x, 2) for x in to_first]}")
 
 
 if __name__ == "__main__":

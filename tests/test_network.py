@@ -231,3 +231,24 @@ def test_legacy_hash_covers_the_file_as_written(tmp_path):
     blob = path.read_bytes()
     assert len(blob) > 0x110000, "the file must reach past 1 MiB for the legacy hash to cover tensor bytes"
     assert lora_files.read_metadata(path)["sshs_legacy_hash"] == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+def test_conditioning_equals_what_the_diffusers_pipelines_feed_their_unet(tmp_path):
+    """SD1: last hidden state; SDXL: penultimate CLIP-L ++ penultimate OpenCLIP-G, pooled G, size ids."""
+    sd1 = sd1_pipeline(tmp_path)
+    ours = DiffusersHandle(sd1).encode_prompts(["a red circle", "blue"], (64, 64))
+    theirs, _ = sd1.encode_prompt(["a red circle", "blue"], "cpu", 1, False)
+    assert torch.equal(ours.crossattn, theirs)
+    xl = sdxl_pipeline(tmp_path)
+    ours = DiffusersHandle(xl).encode_prompts(["a red circle"], (64, 96))
+    embeds, _, pooled, _ = xl.encode_prompt(["a red circle"], device="cpu", do_classifier_free_guidance=False)
+    assert torch.equal(ours.crossattn, embeds) and torch.equal(ours.pooled, pooled)
+    assert ours.time_ids.tolist() == [[64.0, 96.0, 0.0, 0.0, 64.0, 96.0]]
+
+
+def test_long_prompts_are_chunked_like_the_webui(tmp_path):
+    handle = DiffusersHandle(sd1_pipeline(tmp_path))
+    cond = handle.encode_prompts([" ".join("a" * 20), "short"], (64, 64))  # 20 tokens = 2 chunks of 14
+    assert cond.crossattn.shape[1] == 2 * 16
+    first_chunk = handle.encode_prompts([" ".join("a" * 14)], (64, 64))
+    assert torch.equal(cond.crossattn[:1, :16], first_chunk.crossattn)

@@ -5,6 +5,7 @@ including inside the WebUI where the installed diffusers may be old or absent.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -67,7 +68,7 @@ def _pad_cat(a: Cond, b: Cond) -> Cond:
     if la != lb:
         n = max(la, lb)
         pad = lambda c: c.crossattn if c.crossattn.shape[1] == n else c.crossattn.repeat(1, n // c.crossattn.shape[1], 1)
-        a, b = Cond(pad(a), a.pooled, a.time_ids), Cond(pad(b), b.pooled, b.time_ids)
+        a, b = replace(a, crossattn=pad(a)), replace(b, crossattn=pad(b))
     return Cond.cat([a, b])
 
 

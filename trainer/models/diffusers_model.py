@@ -1,7 +1,6 @@
 """ModelHandle over a diffusers StableDiffusion(XL)Pipeline, and offline loading by name or path."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import torch
 
 from .. import schedules
 from . import naming
-from .handle import Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, \
+from .handle import Cond, LoraTarget, weights_fingerprint, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, \
     unet_path_in_target_set
 
 
@@ -157,13 +156,7 @@ class DiffusersHandle(ModelHandle):
     def identity(self) -> str:
         """Changes with the VAE and text-encoder weights (a cheap fingerprint, computed once)."""
         if self._identity is None:
-            h = hashlib.sha256(self.arch.encode())
-            for module in [self.pipe.vae] + [m for _, m in self.text_encoders()]:
-                for name, t in module.state_dict().items():
-                    flat = t.detach().flatten()
-                    h.update(name.encode() + str(tuple(t.shape)).encode())
-                    h.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
-            self._identity = h.hexdigest()[:16]
+            self._identity = weights_fingerprint(self.arch, [self.pipe.vae] + [m for _, m in self.text_encoders()])
         return self._identity
 
 

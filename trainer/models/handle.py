@@ -5,6 +5,7 @@ Backends (diffusers, A1111 ldm/sgm, Forge) implement it; training modes never im
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
@@ -27,12 +28,15 @@ class Cond:
     """Conditioning exactly as the host feeds its UNet.
 
     ``crossattn`` [B, T, D] for every architecture; SDXL adds ``pooled`` [B, 1280] and
-    ``time_ids`` [B, 6] (original size, crop top-left, target size, in pixels).
+    ``time_ids`` [B, 6] (original size, crop top-left, target size, in pixels). Backends that feed
+    sgm's UNet directly (A1111, Forge) give SDXL's ``vector`` [B, 2816] instead: pooled OpenCLIP-G
+    followed by the Fourier embeddings of the size ids, exactly as the host's conditioner made it.
     """
 
     crossattn: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    vector: torch.Tensor | None = None
 
     def _map(self, fn) -> "Cond":
         return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
@@ -122,6 +126,17 @@ def text_encoder_path_in_target_set(path: str, target_set: str) -> bool:
     return target_set != "attn" and re.search(_TE_MLP_RE, path) is not None
 
 
+def weights_fingerprint(arch: str, modules: list[torch.nn.Module]) -> str:
+    """A cheap fingerprint of some modules' weights (a strided sample of every tensor)."""
+    h = hashlib.sha256(arch.encode())
+    for module in modules:
+        for name, t in module.state_dict().items():
+            flat = t.detach().flatten()
+            h.update(name.encode() + str(tuple(t.shape)).encode())
+            h.update(flat[:: max(1, flat.numel() // 256)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class ModelHandle(ABC):
     """What a training mode may ask of a loaded model."""
 
@@ -187,6 +202,6 @@ class ModelHandle(ABC):
         """The unconditional conditioning classifier-free guidance uses for this architecture."""
         cond = self.encode_prompts([""] * batch, size)
         if self.empty_cond_is_zeros:
-            cond = Cond(torch.zeros_like(cond.crossattn),
-                        None if cond.pooled is None else torch.zeros_like(cond.pooled), cond.time_ids)
+            cond = replace(cond, crossattn=torch.zeros_like(cond.crossattn),
+                           pooled=None if cond.pooled is None else torch.zeros_like(cond.pooled))
         return cond

@@ -1,0 +1,399 @@
+"""WebUI backend on a real ldm ``LatentDiffusion`` (the object A1111 holds): host conditioning, kohya keys
+shared with the diffusers backend, files that load in diffusers with the same outputs, training, and the
+WebUI's merged LoRAs kept out of training.
+
+The ``ldm`` package comes from PyPI (``stable-diffusion-sdkit``, installed with ``--no-deps``).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+import types
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("pytorch_lightning", reason="the ldm package needs pytorch_lightning==1.9.4")
+pytest.importorskip("ldm", reason="pip install --no-deps stable-diffusion-sdkit")
+
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+
+from test_standard import _dataset, _job  # noqa: E402
+from tiny import _scheduler, _text_config, char_tokenizer  # noqa: E402
+from trainer.lora_metadata import TrainingFacts, lora_metadata  # noqa: E402
+from trainer.models.diffusers_model import DiffusersHandle  # noqa: E402
+from trainer.models.handle import TargetOptions  # noqa: E402
+from trainer.models.webui_model import WebUIHandle, text_encoder_lora_targets  # noqa: E402
+from trainer.modes.standard import JobContext  # noqa: E402
+from trainer.network import LoraNetwork, NetworkShape  # noqa: E402
+from trainer.runner import run_job  # noqa: E402
+
+
+def _import_ldm():
+    """ldm imports torchvision (``make_grid``, for logging) and open_clip (SD2's text encoder) at module
+    level. Where torchvision is absent (CPU torch with no matching torchvision wheel) both get an empty
+    stand-in for the import only: the tiny SD1 model below uses neither."""
+    import pytorch_lightning  # noqa: F401  (first, so that it probes the real torchvision)
+    stand_ins = {}
+    if importlib.util.find_spec("torchvision") is None:
+        stand_ins = {"torchvision": types.ModuleType("torchvision"),
+                     "torchvision.utils": types.ModuleType("torchvision.utils"),
+                     "open_clip": types.ModuleType("open_clip")}
+        stand_ins["torchvision.utils"].make_grid = None
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        from ldm.models.diffusion.ddpm import LatentDiffusion
+        import ldm.models.autoencoder  # noqa: F401
+        import ldm.modules.encoders.modules  # noqa: F401
+        from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return LatentDiffusion, UNetModel
+
+
+LatentDiffusion, LdmUNetModel = _import_ldm()
+
+#: ldm's GroupNorm uses 32 groups: 32 is the smallest channel count.
+UNET = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2, num_heads=2,
+            use_spatial_transformer=True, transformer_depth=1, context_dim=32, legacy=False)
+SD1_UNET = dict(UNET, attention_resolutions=[1], channel_mult=[1, 2])
+SD1_DIFFUSERS_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                          attention_head_dim=2, norm_num_groups=32)
+VAE = dict(double_z=True, z_channels=4, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2], num_res_blocks=1,
+           attn_resolutions=[], dropout=0.0)
+
+
+def _ldm_sd1(clip_folder, parameterization: str = "eps"):
+    """A tiny SD1 ``LatentDiffusion`` as ldm's own configs build it (``FrozenCLIPEmbedder`` from a local folder)."""
+    torch.manual_seed(0)
+    config = OmegaConf.create(dict(
+        linear_start=0.00085, linear_end=0.012, timesteps=1000, image_size=8, channels=4, scale_factor=0.18215,
+        use_ema=False, conditioning_key="crossattn", cond_stage_key="txt", first_stage_key="jpg",
+        parameterization=parameterization,
+        unet_config=dict(target="ldm.modules.diffusionmodules.openaimodel.UNetModel", params=SD1_UNET),
+        first_stage_config=dict(target="ldm.models.autoencoder.AutoencoderKL", params=dict(
+            embed_dim=4, lossconfig=dict(target="torch.nn.Identity"), ddconfig=VAE)),
+        cond_stage_config=dict(target="ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                               params=dict(version=str(clip_folder), device="cpu", max_length=16))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LatentDiffusion(**config).eval()
+    _unzero(model.model)
+    return model
+
+
+def _unzero(module: nn.Module) -> None:
+    """ldm zero-initialises the last layer of each block (and the UNet's output): a zero UNet output would
+    make every comparison vacuous."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    char_tokenizer(folder).save_pretrained(folder)
+    torch.manual_seed(1)
+    CLIPTextModel(_text_config(32)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def sd_model(clip_folder):
+    return _ldm_sd1(clip_folder)
+
+
+def _diffusers_twin(sd_model, tmp_path) -> StableDiffusionPipeline:
+    """The same UNet and text encoder as a diffusers pipeline (UNet converted by diffusers' own converter)."""
+    unet = UNet2DConditionModel(**SD1_DIFFUSERS_UNET)
+    ldm_state = {"model.diffusion_model." + k: v for k, v in sd_model.model.diffusion_model.state_dict().items()}
+    unet.load_state_dict(convert_ldm_unet_checkpoint(ldm_state, dict(unet.config)))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 64), latent_channels=4, layers_per_block=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=copy.deepcopy(sd_model.cond_stage_model.transformer),
+                                   tokenizer=char_tokenizer(tmp_path / "tok"), unet=unet, scheduler=_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _inputs(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+
+
+def _randomize(net: LoraNetwork, scale: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+# -- the host's own conditioning, latents and UNet --------------------------------------------------------
+
+def test_handle_reads_schedule_prediction_and_conditioning_from_the_host_object(sd_model, clip_folder):
+    handle = WebUIHandle(sd_model)
+    assert (handle.arch, handle.prediction, handle.vae_scale) == ("sd1", "eps", 2)
+    assert torch.equal(handle.alphas_cumprod, sd_model.alphas_cumprod.float())
+    cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))
+    assert torch.equal(cond.crossattn, sd_model.get_learned_conditioning(["a red circle", "blue"]))
+    pixels = torch.rand(2, 3, 32, 32) * 2 - 1
+    latents = handle.encode_images(pixels)
+    assert latents.shape == (2, 4, 16, 16)
+    mean = sd_model.encode_first_stage(pixels).mode()
+    assert torch.allclose(latents, mean * 0.18215)
+    x, t = _inputs()
+    with torch.no_grad():
+        ours = handle.predict(x, t, cond)
+        ldm = sd_model.apply_model(x, t, cond.crossattn)
+    assert torch.equal(ours, ldm)
+    assert handle.decode_latents(latents).shape == (2, 3, 32, 32)
+    assert WebUIHandle(_ldm_sd1(clip_folder, "v")).prediction == "v"
+
+
+# -- the same kohya keys as the diffusers backend ---------------------------------------------------------
+
+@pytest.mark.parametrize("target_set", ["attn", "attn_mlp", "all"])
+def test_sd1_keys_and_block_ids_equal_the_diffusers_backends(sd_model, tmp_path, target_set):
+    options = TargetOptions(target_set, text_encoder=True)
+    ours = {t.key: t.block_id for t in WebUIHandle(sd_model).lora_targets(options)}
+    theirs = {t.key: t.block_id for t in DiffusersHandle(_diffusers_twin(sd_model, tmp_path)).lora_targets(options)}
+    assert ours == theirs
+    # 6 transformer blocks (2 down, 1 mid, 3 up) x 8 attention projections + 2 CLIP layers x 4;
+    # attn_mlp adds 2 feed-forward Linears a block, proj_in/proj_out, 2 CLIP MLP Linears a layer;
+    # all adds 45 resnet convs/time projections/shortcuts and the 2 samplers
+    assert len(ours) == {"attn": 6 * 8 + 2 * 4, "attn_mlp": 6 * 12 + 2 * 6, "all": 6 * 12 + 2 * 6 + 45}[target_set]
+    assert ours["lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_k"] == "IN02"
+    assert ours["lora_te_text_model_encoder_layers_1_self_attn_q_proj"] == "BASE"
+    if target_set == "all":
+        assert ours["lora_unet_up_blocks_0_upsamplers_0_conv"] == "OUT02"
+        assert ours["lora_unet_down_blocks_0_downsamplers_0_conv"] == "IN03"
+        assert ours["lora_unet_mid_block_resnets_1_time_emb_proj"] == "M00"
+
+
+def _peft_layers(module: nn.Module) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def test_lora_trained_on_the_ldm_model_loads_in_diffusers_with_the_same_outputs(sd_model, tmp_path):
+    handle = WebUIHandle(sd_model)
+    pipe = _diffusers_twin(sd_model, tmp_path)
+    x, t = _inputs()
+    ids = torch.tensor([[512, 1, 2, 3, 513] + [513] * 11])
+    with torch.no_grad():
+        context = sd_model.get_learned_conditioning(["a red circle", "blue"])
+        base = sd_model.model.diffusion_model(x, t, context=context)
+        assert _rel(pipe.unet(x, t, encoder_hidden_states=context).sample, base) < 1e-5   # the twin is exact
+    net = LoraNetwork(handle.lora_targets(TargetOptions("all", text_encoder=True)),
+                      NetworkShape(4, 2.0, conv_dim=2, conv_alpha=1.0)).attach()
+    _randomize(net)
+    with torch.no_grad():
+        ours = sd_model.model.diffusion_model(x, t, context=context)
+        ours_text = sd_model.cond_stage_model.transformer(ids).last_hidden_state
+    assert _rel(ours, base) > 1e-2, "the random LoRA must change the output for the comparison to mean anything"
+    path = net.save(tmp_path / "lora.safetensors", lora_metadata(TrainingFacts(arch="sd1", dim=4, alpha=2.0)))
+    net.detach()
+
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        theirs = pipe.unet(x, t, encoder_hidden_states=context).sample
+        theirs_text = pipe.text_encoder(ids).last_hidden_state
+    assert _rel(theirs, ours) < 1e-4
+    assert _rel(theirs_text, ours_text) < 1e-4
+    # every module of the file found its place in diffusers: none dropped
+    assert _peft_layers(pipe.unet) + _peft_layers(pipe.text_encoder) == len(net.lora) == 6 * 12 + 2 * 6 + 45
+
+
+# -- training on the host object ----------------------------------------------------------------------------
+
+def test_standard_training_runs_on_the_ldm_model_with_finite_loss(sd_model, tmp_path):
+    torch.set_num_threads(1)
+    _dataset(tmp_path / "data", n=4)
+    job = _job(tmp_path, steps=3, train_text_encoder=True, text_encoder_lr=1e-4)
+    result = run_job(job, WebUIHandle(sd_model),
+                     JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None))
+    assert result.steps_done == 3 and len(result.losses) == 3
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    keys = load_file(str(result.final)).keys()
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in keys
+
+
+# -- the WebUI's own LoRAs stay out of training ------------------------------------------------------------
+
+def _emulate_a1111_lora(model: nn.Module, module: nn.Module, delta: torch.Tensor):
+    """What A1111's Lora extension leaves behind after a generation with ``<lora:x:1>``: every module named,
+    ``module`` merged with ``delta`` and backed up, and a patched forward that re-merges on demand."""
+    wanted = (("x", 1.0, 1.0, None),)
+    for name, m in model.named_modules():
+        m.network_layer_name = name.replace(".", "_")
+
+    def network_apply_weights(m, inputs):     # A1111: called at the top of the patched Linear.forward
+        if getattr(m, "network_layer_name", None) is None or getattr(m, "network_current_names", ()) == wanted:
+            return
+        with torch.no_grad():
+            m.weight.copy_(m.network_weights_backup + delta)
+        m.network_current_names = wanted
+
+    module.network_weights_backup = module.weight.detach().clone()
+    module.network_bias_backup = None if module.bias is None else module.bias.detach().clone()
+    module.register_forward_pre_hook(network_apply_weights)
+    network_apply_weights(module, None)
+
+
+def test_lora_merged_by_the_webui_is_undone_while_training_and_given_back_after(sd_model):
+    handle = WebUIHandle(sd_model)
+    unet = sd_model.model.diffusion_model
+    to_q = unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q
+    original = to_q.weight.detach().clone()
+    x, t = _inputs()
+    context = handle.encode_prompts(["a red circle", "blue"], (32, 32)).crossattn
+    with torch.no_grad():
+        clean = unet(x, t, context=context)
+        _emulate_a1111_lora(sd_model.model, to_q, torch.randn(original.shape, generator=torch.Generator().manual_seed(7)))
+        merged = unet(x, t, context=context)              # what the WebUI's generation sees
+    assert _rel(merged, clean) > 1e-3, "the emulated WebUI LoRA must change the output"
+
+    with handle.lock(), torch.no_grad():
+        assert torch.equal(to_q.weight, original)
+        during = unet(x, t, context=context)              # what training sees
+        assert to_q.network_layer_name is None
+    assert torch.equal(during, clean)
+    # handed back: names restored, weights original; the WebUI re-merges on its next forward
+    assert to_q.network_layer_name == "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    assert to_q.network_current_names == ()
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, context=context), merged)
+
+
+def test_lock_is_the_hosts_lock(sd_model):
+    import threading
+    host_lock = threading.Lock()
+    handle = WebUIHandle(sd_model, lock=host_lock)
+    with handle.lock():
+        assert host_lock.locked()
+    assert not host_lock.locked()
+
+
+# -- OpenCLIP text encoders (SD2, SDXL's second) and SDXL keys ------------------------------------------------
+
+class _OpenClipBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 2)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 2 * width), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(2 * width, width)))
+
+
+class _OpenClipEmbedder(nn.Module):
+    """The module tree of ldm's ``FrozenOpenCLIPEmbedder`` / sgm's ``FrozenOpenCLIPEmbedder2`` (text side)."""
+
+    def __init__(self, width: int, layers: int, layer_idx: int, always_return_pooled: bool):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.transformer = nn.Module()
+        self.model.transformer.resblocks = nn.ModuleList(_OpenClipBlock(width) for _ in range(layers))
+        self.layer_idx, self.always_return_pooled = layer_idx, always_return_pooled
+
+
+def test_open_clip_trains_its_mlp_under_hf_names_and_skips_fused_attention_and_unused_layers():
+    sd2_encoder = _OpenClipEmbedder(32, layers=3, layer_idx=1, always_return_pooled=False)   # penultimate layer
+    keys = {t.key for t in text_encoder_lora_targets(sd2_encoder, "lora_te_", "attn_mlp")}
+    assert keys == {f"lora_te_text_model_encoder_layers_{i}_mlp_fc{j}" for i in (0, 1) for j in (1, 2)}
+    assert text_encoder_lora_targets(sd2_encoder, "lora_te_", "attn") == []
+    sdxl_encoder = _OpenClipEmbedder(32, layers=3, layer_idx=1, always_return_pooled=True)   # pooled: every layer
+    assert len(text_encoder_lora_targets(sdxl_encoder, "lora_te2_", "attn_mlp")) == 6
+
+
+def _sdxl_stand_in(sd_model) -> nn.Module:
+    """An sgm-shaped ``DiffusionEngine``: ldm's UNetModel in SDXL's layout (sgm's UNet is its fork), CLIP-L
+    and an OpenCLIP tree in ``conditioner.embedders``. sgm itself is not on PyPI."""
+    torch.manual_seed(2)
+    engine = nn.Module()
+    engine.model = nn.Module()
+    engine.model.diffusion_model = LdmUNetModel(**dict(UNET, channel_mult=[1, 2, 2], attention_resolutions=[2, 4],
+                                                       use_linear_in_transformer=True))
+    _unzero(engine.model)
+    engine.conditioner = nn.Module()
+    engine.conditioner.embedders = nn.ModuleList([copy.deepcopy(sd_model.cond_stage_model),
+                                                  _OpenClipEmbedder(32, 2, 1, always_return_pooled=True)])
+    engine.first_stage_model = sd_model.first_stage_model
+    engine.alphas_cumprod, engine.parameterization, engine.is_sdxl = sd_model.alphas_cumprod, "eps", True
+    return engine
+
+
+def test_sdxl_unet_keys_keep_ldm_names_and_equal_the_diffusers_backends(sd_model, tmp_path):
+    engine = _sdxl_stand_in(sd_model)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    te2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
+    pipe = StableDiffusionXLPipeline(vae=AutoencoderKL(), text_encoder=engine.conditioner.embedders[0].transformer,
+                                     text_encoder_2=te2, tokenizer=char_tokenizer(tmp_path / "t1"),
+                                     tokenizer_2=char_tokenizer(tmp_path / "t2"), unet=unet, scheduler=_scheduler())
+    options = TargetOptions("all", text_encoder=True)
+    handle = WebUIHandle(engine)
+    ours = {t.key: t.block_id for t in handle.lora_targets(options)}
+    theirs = {t.key: t.block_id for t in DiffusersHandle(pipe).lora_targets(options)}
+    assert handle.arch == "sdxl"
+    te2_attention = {k for k in theirs if k.startswith("lora_te2_") and "self_attn" in k}
+    assert ours == {k: b for k, b in theirs.items() if k not in te2_attention}
+    assert len(te2_attention) == 8
+    assert ours["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == "IN04"
+    assert ours["lora_unet_output_blocks_2_2_conv"] == "OUT02"
+    assert ours["lora_unet_input_blocks_1_0_in_layers_2"] == "IN01"
+    assert not any("down_blocks" in k or "up_blocks" in k for k in ours)
+
+
+# -- Forge: models made under torch.inference_mode() ------------------------------------------------------
+
+def test_forge_model_made_under_inference_mode_trains_a_lora(clip_folder):
+    from types import SimpleNamespace
+
+    from trainer.models.forge_model import ForgeHandle
+    with torch.inference_mode():                       # as Forge loads and runs its models
+        sd_model = _ldm_sd1(clip_folder)
+    unet = sd_model.model.diffusion_model
+    assert sum(p.is_inference() for p in unet.parameters()) == len(list(unet.parameters()))
+    sd_model.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=sd_model.model),
+                                             vae=SimpleNamespace(first_stage_model=sd_model.first_stage_model),
+                                             clip=SimpleNamespace(cond_stage_model=sd_model.cond_stage_model))
+    handle = ForgeHandle(sd_model)
+    assert not any(p.is_inference() for p in unet.parameters())
+    net = LoraNetwork(handle.lora_targets(TargetOptions("attn")), NetworkShape(2, 2.0)).attach()
+    x, t = _inputs()
+    with torch.inference_mode():
+        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))   # conditioning cached by a Forge thread
+    with handle.lock():
+        loss = handle.predict(x, t, cond).square().mean()
+        loss.backward()
+    grads = [m.lora_up.weight.grad for m in net.lora.values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    with pytest.raises(Exception, match="text encoder is not available on Forge"):
+        handle.lora_targets(TargetOptions("attn", text_encoder=True))
