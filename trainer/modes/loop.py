@@ -240,6 +240,17 @@ class TrainingLoop:
         self._last_good = written
         return written
 
+    def _truncate_log(self, step: int) -> None:
+        """Keep the loss log's rows up to ``step`` (a resumed run rewrites the steps after its state)."""
+        if not self.outputs.loss_log.exists():
+            return
+        with open(self.outputs.loss_log, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        lora_files.write_atomic(self.outputs.loss_log, text.getvalue().encode())
+
     def _write_log_row(self, loss: float, smoothed: float, lr: float) -> None:
         new = not self.outputs.loss_log.exists() or self.step == 1
         with open(self.outputs.loss_log, "w" if self.step == 1 else "a", newline="") as f:
@@ -256,13 +267,23 @@ class TrainingLoop:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         smoothed = self.losses[-1] if self.losses else math.nan
         started, first_step = time.perf_counter(), self.step
+        if self.step:
+            self._truncate_log(self.step)
+        # The LoRA acts only while a step holds the model lock: a generation between steps sees the base
+        # model. The network is left disabled; enable it (under the lock) to use it after training.
+        self.network.disable()
         while self.step < s.steps:
             if self.control.cancel:
                 raise Stopped(f"cancelled at step {self.step}")
             if self.control.save_and_stop:
+                self.save_state()      # stop-and-save can be continued later with resume
                 break
             with self.handle.lock():
-                loss_value = self._one_step(compute_loss, params)
+                self.network.enable()
+                try:
+                    loss_value = self._one_step(compute_loss, params)
+                finally:
+                    self.network.disable()
             self.step += 1
             self.losses.append(loss_value)
             smoothed = loss_value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss_value

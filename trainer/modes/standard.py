@@ -101,7 +101,9 @@ def run_loop(loop: TrainingLoop, compute_loss, ctx: JobContext, restore_extra=No
         result = loop.run(compute_loss)
     finally:
         loop.network.detach()
-    loop.outputs.state.unlink(missing_ok=True)
+        loop.network.enable()   # the loop leaves it disabled (see TrainingLoop.run)
+    if not result.stopped_early:   # stop-and-save keeps the state so that resume can finish the job
+        loop.outputs.state.unlink(missing_ok=True)
     return result
 
 

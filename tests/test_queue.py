@@ -1,0 +1,351 @@
+"""The persistent queue and its worker: states, bounded progress, fast listing, crash safety and resume,
+cancel / stop-and-save within one step, generation between training steps, the CLI.
+
+Models: a "micro" SD1-architecture pipeline built here (one down/up block, 8 channels, no mid block, 16x16 latents at 64 px:
+a step costs a third of tests/tiny.py's SD1 model), random and seeded. The demo model is not used:
+its steps cost 10x more, and 200 jobs must finish in under a minute on 2 shared cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+import tiny
+from trainer import jobs, lora_files, runner
+from trainer.__main__ import main as cli
+from trainer.models.demo.shapes import draw
+from trainer.models.diffusers_model import DiffusersHandle, load_handle
+from trainer.modes.loop import Progress
+from trainer.modes.standard import JobContext
+from trainer.queue import JobQueue, QueueError, Worker, WorkerLock, kept_steps, thinning_stride
+from trainer.sampling import sample
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+def micro_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8,),
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), mid_block_type=None,
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(4, 4, 4), latent_channels=4,
+                        norm_num_groups=4, layers_per_block=1, sample_size=32)
+    return StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(tiny._text_config(16)),
+                                   tokenizer=tiny.char_tokenizer(tmp / "tok"), unet=unet,
+                                   scheduler=tiny._scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _dataset(folder: Path, n: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        draw(["red", "blue", "green"][i % 3], ["circle", "square"][i % 2], "white", 64).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def _job(tmp_path: Path, name: str = "t", **kw) -> jobs.StandardJob:
+    base = dict(name=name, dataset_dir=str(tmp_path / "data"), resolution=64, min_bucket_reso=64,
+                max_bucket_reso=128, steps=2, batch_size=1, lr=1e-3, network_dim=2, network_alpha=2.0,
+                mixed_precision="no", save_precision="fp32", seed=5)
+    base.update(kw)
+    return jobs.StandardJob(**base)
+
+
+def _worker(queue: JobQueue, handle, tmp_path: Path, **kw) -> Worker:
+    return Worker(queue, lambda job: handle,
+                  lambda row: JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None),
+                  **kw)
+
+
+def _max_difference(a: Path, b: Path) -> float:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    return max(float((ta[k] - tb[k]).abs().max()) for k in ta)
+
+
+@pytest.fixture()
+def handle(tmp_path):
+    return DiffusersHandle(micro_pipeline(tmp_path))
+
+
+@pytest.fixture()
+def queue(tmp_path):
+    q = JobQueue(tmp_path / "queue.sqlite")
+    yield q
+    q.close()
+
+
+# -- the store --------------------------------------------------------------------------------------
+
+def test_progress_thinning_keeps_the_recent_steps_and_at_most_history_rows_before():
+    assert thinning_stride(250, 250) == 1 and thinning_stride(251, 250) == 2 and thinning_stride(4000, 250) == 16
+    kept = kept_steps(range(1, 5001), latest=5000, recent=1000, history_rows=250)
+    assert [s for s in kept if s > 4000] == list(range(4001, 5001))
+    older = [s for s in kept if s <= 4000]
+    assert len(older) == 250 and all(s % 16 == 0 for s in older)
+    assert kept_steps(range(1, 601), latest=600, recent=0, history_rows=250)[-1] == 600
+
+
+def test_a_job_records_every_step_and_the_store_keeps_a_bounded_history(tmp_path):
+    q = JobQueue(tmp_path / "q.sqlite", recent_steps=100, history_rows=25)
+    _dataset(tmp_path / "data")
+    job_id = q.add(_job(tmp_path, steps=1000))
+    q.claim_next()
+    most = 0
+    for step in range(1, 1001):
+        q.record_progress(job_id, Progress(step, 1000, 1.0 / step, 1.0, 1e-3, 10.0, 0.0))
+        most = max(most, len(q.progress(job_id))) if step % 50 == 0 else most
+    assert most <= 2 * 100 + 25, "while running: at most 2 x recent_steps + history_rows rows"
+    assert [p.step for p in q.progress(job_id)][-100:] == list(range(901, 1001))
+    q.finish(job_id, "done")
+    steps = [p.step for p in q.progress(job_id)]
+    assert len(steps) <= 25 + 1 and steps[-1] == 1000, "finished: at most history_rows + the last step"
+    row = q.get(job_id)
+    assert (row.step, row.total, row.loss) == (1000, 1000, pytest.approx(1e-3))
+
+
+def test_operations_follow_the_job_states(tmp_path, queue):
+    _dataset(tmp_path / "data")
+    a, b, c = queue.add_many([_job(tmp_path, "a"), _job(tmp_path, "b"), _job(tmp_path, "c")])
+    assert [r.name for r in queue.list()] == ["a", "b", "c"]
+    queue.move(c, -2)
+    assert [r.name for r in queue.list(states=["queued"])] == ["c", "a", "b"]
+    assert queue.cancel(a) == "cancelled"
+    with pytest.raises(QueueError, match="only queued jobs can be moved"):
+        queue.move(a, 1)
+    queue.retry(a)
+    assert [r.name for r in queue.list(states=["queued"])] == ["c", "b", "a"]
+    running = queue.claim_next()
+    assert running.id == c and queue.get(c).state == "running"
+    with pytest.raises(QueueError, match="running: cancel it first"):
+        queue.delete(c)
+    with pytest.raises(QueueError, match="only interrupted, cancelled, failed jobs can be resumed"):
+        queue.resume(b)
+    assert queue.cancel(c) == "running" and queue.get(c).request == "cancel"
+    copy = queue.duplicate(b, {"network_dim": 8})
+    assert (queue.get(copy).name, queue.get(copy).job.network_dim) == ("b_2", 8)
+    queue.delete(b)
+    assert [r.name for r in queue.list()] == ["c", "a", "b_2"]
+
+
+def test_an_invalid_job_is_refused_at_add_with_the_field_named(tmp_path, queue):
+    with pytest.raises(jobs.JobError, match="not queued") as e:
+        queue.add(_job(tmp_path, dataset_dir=str(tmp_path / "nowhere")))
+    assert "dataset_dir" in e.value.errors
+    assert queue.count() == 0
+
+
+def test_relative_paths_are_stored_absolute(tmp_path, queue, monkeypatch):
+    _dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    job_id = queue.add(_job(tmp_path, dataset_dir="data"))
+    assert queue.get(job_id).job.dataset_dir == str(tmp_path / "data")
+
+
+def test_a_running_job_without_a_live_worker_is_interrupted_on_opening(tmp_path):
+    _dataset(tmp_path / "data")
+    first = JobQueue(tmp_path / "q.sqlite")
+    job_id = first.add(_job(tmp_path))
+    first.claim_next()
+    held = WorkerLock(first.worker_lock_path)
+    assert held.acquire()
+    assert JobQueue(tmp_path / "q.sqlite").get(job_id).state == "running", "a live worker keeps its job"
+    held.release()
+    row = JobQueue(tmp_path / "q.sqlite").get(job_id)
+    assert row.state == "interrupted" and "resume" in row.error
+
+
+def test_listing_10000_finished_jobs_takes_under_50_ms(tmp_path, queue, capsys):
+    _dataset(tmp_path / "data")
+    queue.add_many([_job(tmp_path, f"job{i}") for i in range(10_000)])
+    # Mark them finished as a worker would, in one statement (10,000 claim/finish transactions add nothing here).
+    with sqlite3.connect(queue.db_path) as db:
+        db.execute("UPDATE jobs SET state = 'done', step = 2, total = 2, loss = 0.1, finished = created")
+    queue.add(_job(tmp_path, "waiting"))
+
+    def median_ms(call) -> float:
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    assert median_ms(lambda: queue.list(limit=100)) < 50
+    assert median_ms(lambda: queue.list(limit=100, newest_first=True)) < 50
+    assert median_ms(lambda: queue.list(states=["queued", "running"])) < 50
+    assert [r.name for r in queue.list(states=["queued"])] == ["waiting"]
+    cli_ms = median_ms(lambda: cli(["queue", "--db", str(queue.db_path), "list"]))
+    assert cli_ms < 50, f"the CLI listing took {cli_ms:.1f} ms"
+    assert "job99 " in capsys.readouterr().out
+
+
+# -- the worker -------------------------------------------------------------------------------------
+
+def test_200_jobs_run_to_the_end_with_nothing_lost_and_a_bounded_store(tmp_path, queue, handle, monkeypatch):
+    """200 one-step jobs on the micro model (the demo model would take minutes on 2 cores)."""
+    _dataset(tmp_path / "data", n=1)
+    freed = []
+    monkeypatch.setattr(runner, "free_memory", lambda: freed.append(1))   # gc.collect costs ~0.4 s a job here
+    ids = queue.add_many([_job(tmp_path, f"j{i:03d}", steps=1) for i in range(200)])
+    ran = _worker(queue, handle, tmp_path).run_until_empty()
+    assert ran == ids
+    rows = queue.list(limit=1000)
+    assert [r.state for r in rows] == ["done"] * 200
+    assert all(Path(r.outputs[-1]).name == f"{r.name}.safetensors" and Path(r.outputs[-1]).is_file() for r in rows)
+    assert all(len(queue.progress(i)) == 1 for i in ids)
+    assert len(freed) == 200, "memory is freed after every job"
+    queue.close()                                   # the last connection folds the WAL into the file
+    size = sum(p.stat().st_size for p in tmp_path.glob("queue.sqlite*"))
+    assert size < 200 * 5_000, f"the store holds {size} bytes for 200 finished jobs (limit 5 kB a job)"
+
+
+def test_a_job_whose_dataset_vanished_fails_clearly_and_the_queue_goes_on(tmp_path, queue, handle):
+    _dataset(tmp_path / "data", n=1)
+    _dataset(tmp_path / "gone", n=1)
+    first, broken, last = queue.add_many([_job(tmp_path, "first"), _job(tmp_path, "broken",
+                                          dataset_dir=str(tmp_path / "gone")), _job(tmp_path, "last")])
+    for p in (tmp_path / "gone").iterdir():
+        p.unlink()
+    (tmp_path / "gone").rmdir()
+    _worker(queue, handle, tmp_path).run_until_empty()
+    assert [queue.get(i).state for i in (first, broken, last)] == ["done", "failed", "done"]
+    assert queue.get(broken).error == f"dataset_dir: dataset folder '{tmp_path / 'gone'}' does not exist"
+
+
+@pytest.mark.parametrize("operation,state", [("cancel", "cancelled"), ("stop_and_save", "done")])
+def test_cancel_and_stop_and_save_take_effect_within_one_step(tmp_path, queue, handle, operation, state):
+    _dataset(tmp_path / "data", n=1)
+    job_id = queue.add(_job(tmp_path, steps=50, save_every_n_steps=2))
+    worker = _worker(queue, handle, tmp_path)
+    worker.subscribe(lambda e: getattr(queue, operation)(job_id) if e.kind == "progress" and e.progress.step == 3
+                     else None)
+    worker.run_until_empty()
+    row = queue.get(job_id)
+    assert (row.state, row.step) == (state, 4), "asked after step 3: step 4 was already under way, then it ends"
+    final = tmp_path / "out" / "t.safetensors"
+    if operation == "cancel":
+        assert not final.exists()
+        return
+    assert row.outputs[-1] == str(final) and lora_files.read_metadata(final)["ss_steps"] == "4"
+    queue.resume(job_id)                                  # a stopped job can still be finished
+    worker.run_until_empty()
+    row = queue.get(job_id)
+    assert (row.state, row.step, row.error) == ("done", 50, None)
+    assert lora_files.read_metadata(final)["ss_steps"] == "50"
+
+
+def test_generation_between_training_steps_sees_the_base_model_and_leaves_training_unchanged(tmp_path, queue,
+                                                                                            handle):
+    _dataset(tmp_path / "data", n=2)
+
+    def generate():
+        return np.asarray(sample(handle, ["a red circle"], [7], steps=2, cfg=3.0, size=(64, 64))[0])
+
+    base_image = generate()
+    alone = queue.add(_job(tmp_path, "alone", steps=20, lr=2e-2))
+    worker = _worker(queue, handle, tmp_path, poll_s=0.05)
+    worker.run_until_empty()                        # the reference: nothing else uses the model
+    assert queue.get(alone).state == "done"
+    shared = queue.add(_job(tmp_path, "interleaved", steps=20, lr=2e-2))
+
+    images, during = [], []
+    worker.start()
+    try:
+        while queue.get(shared).state in ("queued", "running"):
+            images.append(generate())
+            row = queue.get(shared)
+            during.append(row.state == "running" and 0 < row.step < 20)
+    finally:
+        worker.stop()
+    assert sum(during) >= 3, "generations ran while the job was between its steps"
+    assert all(np.array_equal(image, base_image) for image in images), "the training LoRA leaked into generation"
+    assert queue.get(shared).state == "done"
+    assert _max_difference(tmp_path / "out" / "alone.safetensors", tmp_path / "out" / "interleaved.safetensors") == 0
+
+
+# -- crash safety ------------------------------------------------------------------------------------
+
+def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninterrupted_run(tmp_path):
+    pipe = micro_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "model")
+    _dataset(tmp_path / "data", n=3)
+    db = tmp_path / "queue.sqlite"
+    job = _job(tmp_path, "crash", steps=60, save_every_n_steps=5, batch_size=2)
+    job_id = JobQueue(db).add(job)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-c", "import torch, sys; torch.set_num_threads(1); "
+                               "from trainer.__main__ import main; sys.exit(main())",
+                               "queue", "--db", str(db), "run", "--until-empty", "--model", str(tmp_path / "model"),
+                               "--out", str(tmp_path / "out")],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watcher = JobQueue(db)
+    deadline = time.monotonic() + 240
+    while watcher.get(job_id).step < 8:
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the worker did not reach step 8 in 4 minutes"
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed_at = watcher.get(job_id).step
+    assert 8 <= killed_at < 60
+
+    queue = JobQueue(db)
+    row = queue.get(job_id)
+    assert row.state == "interrupted" and f"step {killed_at}" in row.error
+    out = tmp_path / "out"
+    assert not (out / "crash.safetensors").exists()
+    for written in out.glob("*.safetensors"):              # every LoRA under its real name is whole
+        lora_files.read_header(written)
+    assert (out / ".crash.state.pt").exists()
+
+    handle = load_handle(str(tmp_path / "model"))
+    worker = _worker(queue, handle, tmp_path)
+    queue.resume(job_id)
+    uninterrupted = queue.add(_job(tmp_path, "whole", steps=60, save_every_n_steps=5, batch_size=2))
+    worker.run_until_empty()
+    assert [queue.get(i).state for i in (job_id, uninterrupted)] == ["done", "done"]
+    assert _max_difference(out / "whole.safetensors", out / "crash.safetensors") <= 1e-6
+    log = (out / "crash.loss.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 61)), "the resumed loss log has each step once"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_adds_lists_shows_cancels_and_explains_refusals(tmp_path, capsys):
+    _dataset(tmp_path / "data")
+    db = str(tmp_path / "q.sqlite")
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(jobs.job_to_dict(_job(tmp_path, name))))
+    assert cli(["queue", "--db", db, "add", str(tmp_path / "one.json"), str(tmp_path / "two.json")]) == 0
+    assert capsys.readouterr().out.split() == ["1", "2"]
+    assert cli(["queue", "--db", db, "cancel", "2"]) == 0
+    assert capsys.readouterr().out == "job 2: cancelled\n"
+    assert cli(["queue", "--db", db, "list"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[1].split()[:3] == ["1", "queued", "standard"] and listing[2].split()[:2] == ["2", "cancelled"]
+    assert cli(["queue", "--db", db, "show", "1", "--spec"]) == 0
+    assert '"name": "one"' in capsys.readouterr().out
+    assert cli(["queue", "--db", db, "resume", "1"]) == 2
+    assert "job 1 (one) is queued; only interrupted, cancelled, failed jobs can be resumed" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({**jobs.job_to_dict(_job(tmp_path, "bad")), "lr": -1}))
+    assert cli(["queue", "--db", db, "add", str(tmp_path / "bad.json")]) == 2
+    assert "lr:" in capsys.readouterr().err
