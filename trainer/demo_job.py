@@ -43,7 +43,8 @@ def run_demo(out: Path, steps: int = 200) -> list[Path]:
     from .runner import run_job
     from .sampling import comparison_grid
 
-    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    # The demo model is tiny: one thread is as fast as several, and never fights other processes for cores.
+    torch.set_num_threads(1)
     out = Path(out)
     dataset = draw_dataset(out / "dataset")
     handle = load_handle("demo", device="cpu")
