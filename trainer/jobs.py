@@ -433,7 +433,8 @@ FIELDS: dict[str, Field] = _registry(
     Field("batch_size", int, 1, "batch size",
           "Images per step. " + _RATE_VS_BATCH + " Roughly: doubling the batch allows up to about 1.4-2x "
           "the learning rate, and the same number of images seen takes half the steps; memory grows with it. "
-          "Copier: batch 1 with lr 5e-5 to 1e-4, batch 4-8 with up to 1e-3.",
+          "Copier (reported on SD1.5 and SDXL): batch 1 with lr 5e-5 to 1e-4, batch 2 (the default) with up to 5e-4, "
+          "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch.",
           "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4},
           kohya="train_batch_size"),
     Field("gradient_accumulation", int, 1, "gradient accumulation",
@@ -515,8 +516,9 @@ FIELDS: dict[str, Field] = _registry(
     Field("swap_ab", bool, False, "swap A and B",
           "Learn B -> A instead of A -> B: the difference then removes the change.", "copier", modes=("copier",)),
     Field("use_mask", bool, False, "mask from alpha",
-          "Use image B's alpha channel as a mask: the loss counts only where B is opaque, which keeps the "
-          "difference local (e.g. only the eyes). Images without alpha count everywhere.",
+          "Use the images' alpha channels as masks: pass 2 counts the loss only where B (and A, if it has "
+          "alpha) is opaque, which keeps the difference local (e.g. only the eyes); pass 1 only where A is "
+          "opaque. Images without alpha count everywhere.",
           "copier", modes=("copier",)),
     Field("same_as_pass1", bool, True, "training settings as pass 1",
           "Pass 2 trains with pass 1's training settings (steps, batch, lr, optimizer, schedule, seed, "

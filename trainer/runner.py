@@ -6,10 +6,11 @@ from typing import Callable
 from . import jobs
 from .device import free_memory
 from .models.handle import ModelHandle
+from .modes.copier import train_copier
 from .modes.loop import LoopResult
 from .modes.standard import JobContext, train_standard
 
-RUNNERS: dict[str, Callable[..., LoopResult]] = {"standard": train_standard}
+RUNNERS: dict[str, Callable[..., LoopResult]] = {"standard": train_standard, "copier": train_copier}
 
 
 def check_job(job: jobs.Job, model_given: bool = False) -> None:
