@@ -195,3 +195,23 @@ def test_cli_trains_a_job_file_and_fails_readably(tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2
     assert "lr:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, handle):
+    _dataset(tmp_path / "data", n=2)
+    plain = run_job(_job(tmp_path, name="plain", steps=3, train_text_encoder=True), handle, _ctx(tmp_path))
+    import torch.utils.checkpoint as tuc
+    calls = []
+    original = tuc.checkpoint
+    tuc.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        checkpointed = run_job(_job(tmp_path, name="ckpt", steps=3, train_text_encoder=True,
+                                    gradient_checkpointing=True),
+                               handle, _ctx(tmp_path))
+    finally:
+        tuc.checkpoint = original
+    assert len(calls) >= 3, "activations were recomputed in every step"
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+    a, b = load_file(str(plain.final)), load_file(str(checkpointed.final))
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-3
+    assert not handle.pipe.unet.is_gradient_checkpointing, "the model is left as it was found"

@@ -132,6 +132,19 @@ class DiffusersHandle(ModelHandle):
             extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
         return self.pipe.unet(latents, t, encoder_hidden_states=cond.crossattn, **extra).sample
 
+    supports_gradient_checkpointing = True
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        # Non-reentrant checkpoints (diffusers, transformers) pass gradients to the LoRA hooks' parameters
+        # even though the frozen base weights and inputs need none.
+        unet = self.pipe.unet
+        unet.enable_gradient_checkpointing() if enabled else unet.disable_gradient_checkpointing()
+        for _, encoder in self.text_encoders():
+            if enabled:
+                encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                encoder.gradient_checkpointing_disable()
+
     # -- LoRA targets ----------------------------------------------------------------------------
 
     def lora_targets(self, options: TargetOptions) -> list[LoraTarget]:

@@ -187,6 +187,13 @@ class ModelHandle(ABC):
     def unet_layout(self) -> naming.UNetLayout:
         return naming.SDXL_LAYOUT if self.arch == "sdxl" else naming.SD1_LAYOUT
 
+    #: Whether ``set_gradient_checkpointing`` works on this backend.
+    supports_gradient_checkpointing: bool = False
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass (less memory, ~30 % more time)."""
+        raise ModelError(f"{type(self).__name__} cannot use gradient checkpointing")
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Held around each training step so generation and training never share the model."""

@@ -11,6 +11,7 @@ import io
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -147,6 +148,7 @@ class LoopSettings:
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     save_every_n_steps: int = 0
     save_dtype: torch.dtype = torch.float16
     seed: int = 42
@@ -272,6 +274,9 @@ class TrainingLoop:
         # The LoRA acts only while a step holds the model lock: a generation between steps sees the base
         # model. The network is left disabled; enable it (under the lock) to use it after training.
         self.network.disable()
+        checkpointing = s.gradient_checkpointing and self.handle.supports_gradient_checkpointing
+        if s.gradient_checkpointing and not checkpointing:
+            warnings.warn("this model backend cannot use gradient checkpointing; training without it")
         while self.step < s.steps:
             if self.control.cancel:
                 raise Stopped(f"cancelled at step {self.step}")
@@ -280,10 +285,14 @@ class TrainingLoop:
                 break
             with self.handle.lock():
                 self.network.enable()
+                if checkpointing:
+                    self.handle.set_gradient_checkpointing(True)
                 try:
                     loss_value = self._one_step(compute_loss, params)
                 finally:
                     self.network.disable()
+                    if checkpointing:
+                        self.handle.set_gradient_checkpointing(False)
             self.step += 1
             self.losses.append(loss_value)
             smoothed = loss_value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss_value

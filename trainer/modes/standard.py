@@ -59,7 +59,8 @@ def loop_settings(settings, job, phase: str = "") -> LoopSettings:
         lr_scheduler=settings.lr_scheduler, lr_warmup_steps=settings.lr_warmup_steps,
         lr_scheduler_num_cycles=settings.lr_scheduler_num_cycles, lr_scheduler_power=settings.lr_scheduler_power,
         gradient_accumulation=getattr(job, "gradient_accumulation", 1), max_grad_norm=job.max_grad_norm,
-        mixed_precision=job.mixed_precision, save_every_n_steps=job.save_every_n_steps,
+        mixed_precision=job.mixed_precision, gradient_checkpointing=job.gradient_checkpointing,
+        save_every_n_steps=job.save_every_n_steps,
         save_dtype=SAVE_PRECISION[job.save_precision], seed=settings.seed, phase=phase)
 
 
