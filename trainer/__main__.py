@@ -6,11 +6,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import merge_cli, queue_cli, template_cli, train_cli
+    from . import merge_cli, queue_cli, template_cli, train_cli, ui_cli
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Queue: train, queue and merge LoRAs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train_cli, queue_cli, template_cli, merge_cli):
+    for module in (train_cli, queue_cli, template_cli, merge_cli, ui_cli):
         module.add_parser(sub)
     return parser
 

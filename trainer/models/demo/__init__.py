@@ -50,8 +50,37 @@ def load_pipeline(device="cpu", dtype=None, path: Path | str = DEMO_DIR):
             "Recreate them with: python -m trainer.models.demo.train_demo")
     pipe = StableDiffusionPipeline.from_pretrained(
         str(path), torch_dtype=dtype or torch.float32, local_files_only=True,
+        text_encoder=_text_encoder(path / "text_encoder", dtype or torch.float32),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         use_safetensors=True)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _text_encoder(folder: Path, dtype):
+    """The CLIP text encoder, its weights keyed as the installed transformers names them.
+
+    transformers 5 saves CLIPTextModel without the ``text_model.`` level that 4.x (the WebUI's
+    transformers) expects; ``from_pretrained`` across that change silently starts from random weights.
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder), local_files_only=True))
+    wanted = set(model.state_dict())
+
+    def key(name: str) -> str:
+        if name not in wanted and "text_model." + name in wanted:
+            return "text_model." + name
+        if name not in wanted and name.startswith("text_model.") and name[len("text_model."):] in wanted:
+            return name[len("text_model."):]
+        return name
+
+    missing, unexpected = model.load_state_dict({key(k): v for k, v in load_file(folder / "model.safetensors").items()},
+                                                strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"demo text encoder in {folder} does not fit this transformers version: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(dtype).eval()

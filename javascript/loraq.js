@@ -1,0 +1,47 @@
+// LoRA Queue: the two things Gradio cannot do by itself.
+//  1. a click on a row of the queue table selects that job (fills #loraq_selected_job)
+//  2. a click on a LoRA name in the merge panel appends "name:1.0" to the merge text
+// Loaded by the WebUI from javascript/, and by the standalone app on page load. No framework.
+(function () {
+  if (window.loraqInstalled) return;
+  window.loraqInstalled = true;
+
+  function root() {
+    var app = document.querySelector("gradio-app");
+    return app && app.shadowRoot ? app.shadowRoot : document;
+  }
+
+  function field(elemId) {
+    var box = root().querySelector("#" + elemId);
+    return box ? box.querySelector("textarea, input") : null;
+  }
+
+  // Set a Gradio textbox as if the user typed: Gradio listens to "input" events.
+  function setText(elemId, text) {
+    var input = field(elemId);
+    if (!input) return;
+    input.value = text;
+    input.dispatchEvent(new Event("input", { bubbles: true }));
+  }
+
+  function onClick(event) {
+    var path = event.composedPath ? event.composedPath() : [event.target];
+    for (var i = 0; i < path.length; i++) {
+      var el = path[i];
+      if (!el.classList) continue;
+      if (el.classList.contains("loraq-row") && el.dataset.jobId) {
+        setText("loraq_selected_job", el.dataset.jobId);
+        return;
+      }
+      if (el.classList.contains("loraq-lora") && el.dataset.name) {
+        var input = field("loraq_merge_inputs");
+        if (!input) return;
+        var current = input.value.replace(/\s+$/, "");
+        setText("loraq_merge_inputs", (current ? current + "\n" : "") + el.dataset.name + ":1.0");
+        return;
+      }
+    }
+  }
+
+  document.addEventListener("click", onClick, true);
+})();

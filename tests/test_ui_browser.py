@@ -1,0 +1,248 @@
+"""The tab in a real browser: headless Chromium drives the standalone app on the demo model under gradio 3.41.2.
+
+One session, as a user would go: an invalid job is refused with its messages next to the fields; a
+copier job (red circle -> blue circle, two uploaded images) is queued, trains to 100 % while the
+queue answers quickly, shows its loss plot and a comparison grid; its two LoRAs are merged.
+
+pytest runs in the main environment (diffusers 0.42, no gradio); this file then runs itself as a
+script in ``.venv-gradio3`` (A1111's pins: gradio 3.41.2, fastapi 0.94.0, httpx 0.24.1), which
+serves the app and drives the browser, and writes what it measured to ``session.json``.
+Screenshots go to the test's folder and, for the README, to docs/screenshots/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv-gradio3" / "bin" / "python"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOTS = ("1_invalid_job", "2_copier_job", "3_queue_done", "4_loss_plot", "5_grid", "6_merge")
+PROMPT = "a red circle on a white background"
+ANSWER_MS = """() => { const r = performance.getEntriesByType('resource')
+  .filter(e => e.name.includes('/run/predict') || e.name.includes('/api/predict')).pop();
+  return r ? r.responseEnd - r.startTime : 1e9; }"""
+
+
+def ui_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_browser_session_on_demo_model_under_gradio_3_41(tmp_path):
+    assert VENV_PYTHON.is_file(), f"{VENV_PYTHON} is missing: run ./dev setup (it builds the gradio 3.41.2 env)"
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run ./dev setup (as root it installs Debian's chromium)"
+    started = time.perf_counter()
+    run = subprocess.run([str(VENV_PYTHON), __file__, str(tmp_path)], env=ui_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    print(run.stdout[-6000:], run.stderr[-6000:], sep="\n")
+    assert run.returncode == 0, f"browser session failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    session = json.loads((tmp_path / "session.json").read_text())
+
+    # An invalid job: both messages next to their fields, and nothing queued.
+    assert "must be >= 1 (got 0)" in session["error_next_to_network_dim"]
+    assert "dataset folder is required" in session["error_next_to_dataset_dir"]
+    assert session["jobs_after_invalid_add"] == 0
+    # The copier job ran to the end, and the page kept answering while it trained.
+    assert session["progress_text"].startswith("100%")
+    assert session["state"] == "done"
+    assert session["loss_plot_shown"]
+    assert len(session["refresh_ms"]) >= 3 and max(session["refresh_ms"]) < 200, session["refresh_ms"]
+    # The grid: 7 strengths x 3 seeds of 64 px cells, upscaled to 128 px, below a label row.
+    assert session["grid_size"][0] >= 7 * 128 and session["grid_size"][1] >= 3 * 128
+    # The merge of the difference and its copier.
+    assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
+    assert session["merged_file_bytes"] > 10_000
+    for name in SCREENSHOTS:
+        assert (tmp_path / f"{name}.png").stat().st_size > 5_000
+    assert seconds < 180, f"the browser session took {seconds:.0f} s (budget 180 s)"
+
+
+# ------------------------------------------------------------------------------------------------
+# The session itself: runs in .venv-gradio3 (python tests/test_ui_browser.py OUT)
+# ------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, app: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if app.poll() is not None:
+            raise RuntimeError(f"the app exited with {app.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def session(out: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from trainer.models.demo.shapes import draw
+
+    out.mkdir(parents=True, exist_ok=True)
+    images = out / "images"
+    images.mkdir(exist_ok=True)
+    draw("red", "circle", "white", 64).save(images / "red_circle.png")
+    draw("blue", "circle", "white", 64).save(images / "blue_circle.png")
+    data = out / "data"
+    port = free_port()
+    log = open(out / "app.log", "w")
+    app = subprocess.Popen([sys.executable, "-m", "trainer", "ui", "--model", "demo", "--port", str(port),
+                            "--data", str(data), "--threads", "1"], cwd=ROOT, env=ui_env(), stdout=log, stderr=log)
+    facts: dict = {}
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_http(url, app)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.wait_for_selector("#loraq_add")
+
+            def box(elem_id: str):
+                return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox])").first
+
+            def fill(elem_id: str, value) -> None:
+                field = box(elem_id)
+                field.fill(str(value))
+                field.press("Tab")
+
+            def el(elem_id: str):
+                return page.locator(f"#{elem_id}").first    # gradio 3 repeats a markdown's id inside it
+
+            def tab(title: str):
+                return page.locator(".tab-nav button", has_text=title).first
+
+            def shot(name: str, full: bool = True) -> None:
+                page.screenshot(path=str(out / f"{name}.png"), full_page=full)
+
+            # 1. An invalid standard job: rank 0 and no dataset folder.
+            fill("loraq_f_network_dim", 0)
+            page.click("#loraq_add")
+            error_dim = el("loraq_err_network_dim")
+            expect(error_dim).to_contain_text("must be >= 1", timeout=15_000)
+            facts["error_next_to_network_dim"] = error_dim.inner_text()
+            facts["error_next_to_dataset_dir"] = el("loraq_err_dataset_dir").inner_text()
+            el("loraq_err_network_dim").scroll_into_view_if_needed()
+            shot("1_invalid_job")
+            fill("loraq_f_network_dim", 16)
+
+            # 2. The copier job: two uploaded images, tiny passes.
+            page.locator("#loraq_mode label", has_text="copier").click()
+            expect(page.locator("#loraq_f_image_a")).to_be_visible()
+            fill("loraq_f_name", "red_to_blue")
+            fill("loraq_f_resolution", 64)
+            fill("loraq_f_prompt", PROMPT)
+            page.locator("#loraq_f_save_copier input[type=checkbox]").check()
+            page.locator("#loraq_f_image_a input[type=file]").set_input_files(str(images / "red_circle.png"))
+            page.locator("#loraq_f_image_b input[type=file]").set_input_files(str(images / "blue_circle.png"))
+            expect(page.locator("#loraq_f_image_b")).to_contain_text("blue_circle", timeout=15_000)
+            for key, value in (("steps", 40), ("network_dim", 4), ("network_alpha", 4), ("lr", 0.002),
+                               ("batch_size", 1)):
+                fill(f"loraq_f_copier_pass__{key}", value)
+            page.locator("#loraq_tab_copier_pass").scroll_into_view_if_needed()
+            tab("Pass 2: difference (A -> B)").click()
+            fill("loraq_f_difference_pass__network_dim", 4)
+            fill("loraq_f_difference_pass__network_alpha", 4)
+            tab("Pass 1: copier (learns image A)").click()
+            shot("2_copier_job")
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ queued", timeout=15_000)
+            facts["train_status"] = el("loraq_train_status").inner_text()
+
+            # 3. The queue: progress to 100 %, a refresh answering in < 200 ms while the job trains.
+            tab("Queue").click()
+            table = el("loraq_queue_table")
+            expect(table).to_contain_text("red_to_blue", timeout=15_000)
+            facts["jobs_after_invalid_add"] = table.locator("tr.loraq-row").count() - 1
+            refresh_ms = []
+            deadline = time.time() + 150
+            while time.time() < deadline:
+                text = table.inner_text()
+                if "running" in text and len(refresh_ms) < 5:
+                    # The answer time as the browser saw it: request sent -> response received.
+                    with page.expect_response(lambda r: "/run/predict" in r.url or "/api/predict" in r.url):
+                        page.click("#loraq_queue_refresh")
+                    refresh_ms.append(round(page.evaluate(ANSWER_MS), 1))
+                if "done" in text or "failed" in text:
+                    break
+                time.sleep(0.3)
+            facts["refresh_ms"] = refresh_ms
+            row = table.locator("tr.loraq-row", has_text="red_to_blue")
+            expect(row).to_contain_text("100%", timeout=10_000)
+            facts["progress_text"] = row.locator(".loraq-bar-text").inner_text()
+            facts["state"] = row.locator(".loraq-state").inner_text()
+            shot("3_queue_done")
+
+            # 4. Select the job by clicking its row: loss plot, outputs.
+            row.click()
+            expect(box("loraq_selected_job")).not_to_have_value("", timeout=10_000)
+            plot = page.locator("#loraq_loss_plot img")
+            expect(plot).to_be_visible(timeout=20_000)
+            facts["loss_plot_shown"] = plot.is_visible()
+            facts["summary"] = el("loraq_job_summary").inner_text()
+            page.locator("#loraq_loss_plot").scroll_into_view_if_needed()
+            shot("4_loss_plot")
+
+            # 5. The comparison grid on the job's own model.
+            expect(page.locator("#loraq_grid_prompt textarea, #loraq_grid_prompt input").first).to_have_value(
+                PROMPT, timeout=10_000)
+            page.click("#loraq_grid_generate")
+            grid = page.locator("#loraq_grid img")
+            expect(grid).to_be_visible(timeout=90_000)
+            facts["grid_status"] = el("loraq_grid_status").inner_text()
+            facts["grid_size"] = page.evaluate(
+                "() => { const i = document.querySelector('#loraq_grid img'); return [i.naturalWidth, i.naturalHeight]; }")
+            page.locator("#loraq_grid").scroll_into_view_if_needed()
+            shot("5_grid")
+
+            # 6. Merge the difference with its copier (clicks on the list add name:1.0).
+            tab("Merge").click()
+            page.click("#loraq_lora_refresh")
+            page.locator(".loraq-lora[data-name='red_to_blue']").click()
+            page.locator(".loraq-lora[data-name='red_to_blue_copier']").click()
+            expect(box("loraq_merge_inputs")).to_have_value("red_to_blue:1.0\nred_to_blue_copier:1.0")
+            fill("loraq_merge_output", "red_to_blue_merged")
+            page.click("#loraq_merge_run")
+            report = box("loraq_merge_report")
+            expect(report).to_have_value(__import__("re").compile("total:"), timeout=60_000)
+            facts["merge_report"] = report.input_value()
+            merged = data / "loras" / "red_to_blue_merged.safetensors"
+            facts["merged_file_bytes"] = merged.stat().st_size if merged.exists() else 0
+            shot("6_merge")
+            browser.close()
+    finally:
+        (out / "session.json").write_text(json.dumps(facts, indent=1))
+        app.terminate()
+        try:
+            app.wait(15)
+        except subprocess.TimeoutExpired:
+            app.kill()
+        log.close()
+    shots = ROOT / "docs" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    for name in SCREENSHOTS:
+        shutil.copyfile(out / f"{name}.png", shots / f"{name}.png")
+
+
+if __name__ == "__main__":
+    session(Path(sys.argv[1]))

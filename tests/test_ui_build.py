@@ -1,0 +1,221 @@
+"""The tab's construction under both WebUI gradio versions, and the UI's pure parts.
+
+The pure parts (the form generated from the job fields, presets, the queue table, the LoRA list)
+run here, in the main environment. The Blocks are built and served under gradio 3.41.2 (A1111 1.10)
+and gradio 4.40.0 (Forge) by running this file as a script in ``.venv-gradio3`` / ``.venv-gradio4``;
+the script prints what it found as JSON and the tests below assert on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer import jobs
+from trainer.merge import MergeError
+from trainer.models.demo.shapes import draw
+from trainer.ui import form, loras, queue_view, results
+from trainer.ui.presets import PresetError, PresetStore
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_ENVS = {"3.41.2": ROOT / ".venv-gradio3" / "bin" / "python", "4.40.0": ROOT / ".venv-gradio4" / "bin" / "python"}
+
+
+# -- the form: one control per declared field, values <-> job dicts ---------------------------------
+
+def test_every_job_field_has_exactly_one_control_per_place_it_lives():
+    keys = [c.key for c in form.controls()]
+    assert len(keys) == len(set(keys))
+    for mode in jobs.MODES:
+        top_level = {c.key for c in form.controls() if mode in c.modes and not c.part}
+        assert top_level == {f.name for f in jobs.fields_for(mode)}
+    for part in form.PASSES:
+        assert {c.field.name for c in form.controls() if c.part == part} == {f.name for f in jobs.fields_for(part)}
+
+
+def test_form_defaults_give_each_modes_template():
+    for mode in jobs.MODES:
+        values = {c.key: c.default(mode) for c in form.controls() if mode in c.modes}
+        assert form.job_dict(mode, values) == jobs.template(mode)
+
+
+def test_a_preset_job_fills_the_form_and_comes_back_unchanged():
+    job = jobs.template("copier")
+    job.update(name="eyes", image_a=["a.png"], image_b=["b.png"], sample_prompts=["one", "two"])
+    job["difference_pass"].update(same_as_pass1=False, lr=3e-5, blocks=["OUT03", "OUT04"])
+    values = form.ui_values(job)
+    assert values["sample_prompts"] == "one\ntwo" and values["difference_pass.lr"] == 3e-5
+    assert form.job_dict("copier", values) == job
+
+
+def test_numbers_from_the_browser_become_whole_numbers_where_the_field_is_int():
+    c = next(c for c in form.controls() if c.key == "copier_pass.steps")
+    assert form.from_ui(c.field, 40.0) == 40 and isinstance(form.from_ui(c.field, 40.0), int)
+
+
+def test_errors_land_on_the_control_with_the_same_key():
+    with pytest.raises(jobs.JobError) as e:
+        jobs.job_from_dict({"mode": "copier", "copier_pass": {"network_dim": 0}, "resolution": 100})
+    placed, unplaced = form.place_errors(e.value.errors, "copier")
+    assert set(placed) == {"copier_pass.network_dim", "resolution"} and unplaced == {}
+    assert "must be >= 1 (got 0)" in placed["copier_pass.network_dim"]
+    assert form.place_errors({"schema": "too new"}, "standard") == ({}, {"schema": "too new"})
+
+
+def test_dataset_check_counts_images_and_captions(tmp_path):
+    for i in range(3):
+        draw("red", "circle", "white", 64).save(tmp_path / f"{i}.png")
+    for i in range(2):
+        (tmp_path / f"{i}.txt").write_text("a red circle")
+    summary = form.dataset_summary(str(tmp_path))
+    assert summary.startswith("3 images found, 2 captions")
+    assert "1 of 3 image(s) have no caption file" in summary
+    assert "does not exist" in form.dataset_summary(str(tmp_path / "missing"))
+    assert form.dataset_summary("") == ""
+
+
+# -- presets ------------------------------------------------------------------------------------------
+
+def test_presets_save_load_delete_by_name(tmp_path):
+    store = PresetStore(tmp_path / "presets")
+    job = jobs.template("lcm")
+    store.save("lcm fast", job)
+    assert store.names() == ["lcm fast"]
+    assert store.load("lcm fast") == job
+    store.delete("lcm fast")
+    assert store.names() == []
+    with pytest.raises(PresetError, match="there is no preset named 'lcm fast'"):
+        store.load("lcm fast")
+    with pytest.raises(PresetError, match="preset name must be a file name"):
+        store.save("../escape", job)
+    with pytest.raises(jobs.JobError, match="rank"):
+        store.save("bad", {**job, "network_dim": 0})
+    assert store.names() == []
+
+
+# -- the queue table ------------------------------------------------------------------------------------
+
+def _row(**changes):
+    from trainer.queue import JobRow
+    base = dict(id=7, position=1, name="style<1>", mode="standard", state="running", created=0.0, started=0.0,
+                finished=None, error=None, outputs=[], resume=False, request=None, step=250, total=1000, loss=0.1,
+                smoothed_loss=0.12345, lr=1e-4, it_per_s=2.0, eta_s=375.0, phase="")
+    return JobRow(**{**base, **changes})
+
+
+def test_queue_table_shows_progress_loss_and_eta_of_each_job():
+    assert queue_view.format_eta(375) == "6:15" and queue_view.format_eta(3725) == "1:02:05"
+    assert queue_view.format_eta(None) == "-"
+    assert queue_view.percent_done(_row()) == 25
+    assert queue_view.percent_done(_row(state="done", step=1000)) == 100
+    assert queue_view.percent_done(_row(state="done", step=400)) == 40      # stopped and saved early
+    table = queue_view.queue_table_html([_row()], selected=7)
+    assert 'data-job-id="7"' in table and "loraq-selected" in table
+    assert 'aria-valuenow="25"' in table and "0.1235" in table and "6:15" in table
+    assert "style&lt;1&gt;" in table                                          # names are escaped
+
+
+# -- the LoRA list and merge inputs ------------------------------------------------------------------------
+
+def test_lora_list_filters_by_words_and_resolves_names(tmp_path):
+    for name in ("red_to_blue", "red_to_blue_copier", "styles/ink"):
+        (tmp_path / f"{name}.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"{name}.safetensors").write_bytes(b"x")
+    assert loras.list_loras(tmp_path) == ["red_to_blue", "red_to_blue_copier", "styles/ink"]
+    assert loras.list_loras(tmp_path, "BLUE cop") == ["red_to_blue_copier"]
+    assert 'data-name="styles/ink"' in loras.lora_list_html(loras.list_loras(tmp_path))
+    inputs = loras.resolve_inputs("red_to_blue:1.0\n\nstyles/ink:0.5:OUTD\n", tmp_path)
+    assert [(Path(i.path).name, i.ratio, i.blocks) for i in inputs] == [
+        ("red_to_blue.safetensors", 1.0, None), ("ink.safetensors", 0.5, "OUTD")]
+    with pytest.raises(MergeError, match="'nothere': no such LoRA"):
+        loras.resolve_inputs("nothere:1", tmp_path)
+
+
+def test_results_list_final_then_checkpoints_by_step(tmp_path):
+    job = jobs.StandardJob(name="style", output_dir=str(tmp_path))
+    for name in ("style", "style-000200", "style-000100", "style_other"):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"x")
+    files = results.checkpoints([str(tmp_path / "style.safetensors")], job, tmp_path)
+    assert [Path(f).name for f in files] == ["style.safetensors", "style-000100.safetensors",
+                                             "style-000200.safetensors"]
+    assert results.parse_seeds("1, 2 3") == [1, 2, 3]
+    with pytest.raises(ValueError, match="'x'"):
+        results.parse_seeds("1, x")
+
+
+# -- the Blocks under both gradio versions ------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", sorted(UI_ENVS))
+def test_tab_builds_and_serves_under_webui_gradio(version, tmp_path):
+    python = UI_ENVS[version]
+    assert python.is_file(), f"{python} is missing: run ./dev setup (it builds the gradio {version} env)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    run = subprocess.run([str(python), __file__, str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+
+    assert found["gradio"] == version
+    assert found["missing_elem_ids"] == []               # every field's control and error line is on the page
+    assert found["field_controls"] == len(form.controls())
+    assert found["unprefixed_elem_ids"] == []
+    assert "The queue is empty" in found["queue_table_answer"]
+    assert found["loss_plot_lines"] == 2 * 3             # two phases x (raw loss, smoothed loss, lr)
+    assert found["build_seconds"] < 60
+
+
+def build_and_serve(out: Path) -> dict:
+    """Runs under .venv-gradio3 / .venv-gradio4: build the standalone app, serve it, ask it for the table."""
+    import urllib.request
+
+    import gradio as gr
+
+    from trainer.queue import ProgressRow
+    from trainer.ui.app import standalone_app
+    from trainer.ui.services import standalone_services
+
+    started = time.perf_counter()
+    services = standalone_services("demo", out / "data", start_worker=False)   # no model is loaded to build
+    app = standalone_app(services)
+    build_seconds = time.perf_counter() - started
+    config = app.get_config_file()
+    ids = [c.get("props", {}).get("elem_id") for c in config["components"]]
+    ids = [i for i in ids if i]
+    wanted = [c.elem_id for c in form.controls()] + ["loraq_err_" + c.key.replace(".", "__") for c in form.controls()]
+    wanted += ["loraq_mode", "loraq_add", "loraq_queue_table", "loraq_loss_plot", "loraq_grid", "loraq_merge_inputs",
+               "loraq_merge_report", "loraq_lora_list", "loraq_dataset_check"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        answer = None
+        for path in ("/run/queue_table", "/api/queue_table"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b'{"data": [""]}',
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    answer = json.loads(r.read())["data"][0]
+                    break
+            except OSError:
+                continue
+    finally:
+        app.close()
+    figure = queue_view.loss_figure([ProgressRow(phase, step, 0.1, 0.1, 1e-4, float(step))
+                                     for phase in ("pass 1 of 2", "pass 2 of 2") for step in range(1, 5)])
+    return {"gradio": gr.__version__, "build_seconds": round(build_seconds, 2),
+            "missing_elem_ids": sorted(set(wanted) - set(ids)),
+            "unprefixed_elem_ids": sorted(i for i in ids if not i.startswith("loraq_")),
+            "field_controls": sum(1 for c in form.controls() if c.elem_id in ids),
+            "queue_table_answer": answer if isinstance(answer, str) else json.dumps(answer),
+            "loss_plot_lines": sum(len(ax.get_lines()) for ax in figure.axes)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(build_and_serve(Path(sys.argv[1]))))

@@ -1,0 +1,39 @@
+"""The one Gradio ``Blocks`` of LoRA Queue: the WebUI's tab and the standalone app.
+
+    from trainer.ui.app import build_ui
+    blocks = build_ui(services)        # WebUI: services with the host's model, LoRA folder, data folder
+
+The standalone app (:func:`standalone_app`, ``python -m trainer ui``) wraps the same builder with
+our CSS, the page script and a theme that needs no web fonts; the WebUI loads ``style.css`` and
+``javascript/`` itself.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from .compat import asset_text, blocks_kwargs, enable_queue, run_js_on_load
+from .merge_panel import MergePanel
+from .queue_panel import QueuePanel
+from .services import UiServices
+from .train_panel import TrainPanel
+
+
+def build_ui(services: UiServices, *, standalone: bool = False) -> gr.Blocks:
+    """Train, Queue (with results) and Merge tabs over ``services``."""
+    kwargs = blocks_kwargs(asset_text("style.css"), theme_fonts=True) if standalone else {"analytics_enabled": False}
+    with gr.Blocks(**kwargs) as blocks:
+        with gr.Tabs(elem_id="loraq_tabs"):
+            with gr.Tab("Train", elem_id="loraq_tab_train"):
+                blocks.loraq_train = TrainPanel(services)
+            with gr.Tab("Queue", elem_id="loraq_tab_queue"):
+                blocks.loraq_queue = QueuePanel(services, blocks)
+            with gr.Tab("Merge", elem_id="loraq_tab_merge"):
+                blocks.loraq_merge = MergePanel(services)
+        if standalone:
+            run_js_on_load(blocks, asset_text("javascript/loraq.js"))
+    return blocks
+
+
+def standalone_app(services: UiServices) -> gr.Blocks:
+    """The page ``python -m trainer ui`` serves, with the request queue that polling needs."""
+    return enable_queue(build_ui(services, standalone=True))

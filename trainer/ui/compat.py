@@ -1,0 +1,88 @@
+"""The few places where gradio 3.41 (AUTOMATIC1111 1.10) and gradio 4.x (Forge) differ.
+
+Everything else in the UI uses what both versions share: ``gr.update``, plain string dropdown
+choices, ``every=`` on ``Blocks.load`` for polling, no ``.style()`` and no ``gr.Timer``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # offline: no calls home
+
+import gradio as gr  # noqa: E402
+
+GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+
+
+def file_paths(value: Any) -> list[str]:
+    """Paths of what a ``gr.File`` hands a callback: 3.41 gives temp-file objects, 4.x strings or dicts."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            out.append(str(item))
+        elif isinstance(item, dict):
+            out.append(str(item.get("path") or item.get("name")))
+        elif hasattr(item, "name"):
+            out.append(str(item.name))
+    return out
+
+
+def file_input(label: str, elem_id: str, multiple: bool = True, visible: bool = True) -> gr.File:
+    kwargs = dict(label=label, elem_id=elem_id, file_count="multiple" if multiple else "single",
+                  file_types=["image"], visible=visible)
+    if GRADIO_MAJOR >= 4:
+        kwargs["type"] = "filepath"
+    return gr.File(**kwargs)
+
+
+def run_js_on_load(blocks: gr.Blocks, script: str) -> None:
+    """Run ``script`` (the text of javascript/loraq.js) once the page has loaded (standalone app only:
+    the WebUI loads javascript/ by itself)."""
+    body = "() => {\n" + script + "\n}"
+    if GRADIO_MAJOR >= 4:
+        blocks.load(None, None, None, js=body)
+    else:
+        blocks.load(None, None, None, _js=body)
+
+
+def poll(blocks: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, every: float) -> None:
+    """Call ``fn`` every ``every`` seconds while the page is open (needs the gradio queue)."""
+    blocks.load(fn, list(inputs), list(outputs), every=every, show_progress=_no_progress())
+
+
+def _no_progress():
+    return "hidden" if GRADIO_MAJOR >= 4 else False
+
+
+def no_progress() -> dict:
+    """Keyword for an event that must not grey out its outputs (polling, quick refreshes)."""
+    return {"show_progress": _no_progress()}
+
+
+def enable_queue(blocks: gr.Blocks, workers: int = 4) -> gr.Blocks:
+    """The request queue (``every=`` needs it) with several workers: a slow grid never blocks polling."""
+    if GRADIO_MAJOR >= 4:
+        return blocks.queue(default_concurrency_limit=workers)
+    return blocks.queue(concurrency_count=workers)
+
+
+def blocks_kwargs(css: str | None, theme_fonts: bool) -> dict:
+    """Keywords for ``gr.Blocks`` of the standalone app: our CSS and a theme with local fonts only
+    (the default theme asks Google Fonts, which an offline machine cannot reach)."""
+    kwargs: dict[str, Any] = {"analytics_enabled": False, "title": "LoRA Queue"}
+    if css:
+        kwargs["css"] = css
+    if theme_fonts:
+        kwargs["theme"] = gr.themes.Default(font=("ui-sans-serif", "system-ui", "sans-serif"),
+                                            font_mono=("ui-monospace", "monospace"))
+    return kwargs
+
+
+def asset_text(relative: str) -> str:
+    """A file of the extension's root (style.css, javascript/loraq.js) as text."""
+    return (Path(__file__).resolve().parents[2] / relative).read_text(encoding="utf-8")

@@ -1,0 +1,46 @@
+"""The LoRA folder as the merge panel sees it: list, filter, and resolve ``name:ratio`` entries."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from ..merge import MergeError, MergeInput, parse_input_spec
+
+
+def list_loras(folder: Path, filter_text: str = "") -> list[str]:
+    """Names (relative to ``folder``, without .safetensors) of the LoRAs under it whose name contains every
+    word of ``filter_text`` (case-insensitive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    words = filter_text.lower().split()
+    names = sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.safetensors")
+                   if not p.name.startswith("."))
+    return [n for n in names if all(w in n.lower() for w in words)]
+
+
+def lora_list_html(names: list[str]) -> str:
+    """Clickable names; javascript/loraq.js appends ``name:1.0`` to the merge text on a click."""
+    if not names:
+        return '<div class="loraq-empty">No LoRA found.</div>'
+    items = "".join(f'<button type="button" class="loraq-lora" data-name="{html.escape(n, quote=True)}">'
+                    f"{html.escape(n)}</button>" for n in names)
+    return f'<div class="loraq-lora-list">{items}</div>'
+
+
+def resolve_inputs(text: str, folder: Path) -> list[MergeInput]:
+    """One ``name:ratio[:blocks]`` per line; a name is a path, or a LoRA of ``folder`` with or without
+    .safetensors."""
+    entries = [line.strip() for line in text.splitlines() if line.strip()]
+    if not entries:
+        raise MergeError("add LoRAs to merge: click names in the list or type name:ratio, one per line")
+    out = []
+    for entry in entries:
+        spec = parse_input_spec(entry)
+        path = Path(spec.path).expanduser()
+        candidates = [path] if path.is_absolute() else [Path(folder) / path, Path(folder) / f"{spec.path}.safetensors"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise MergeError(f"{spec.path!r}: no such LoRA in {folder} (give a name from the list or a full path)")
+        out.append(MergeInput(str(found), spec.ratio, spec.blocks))
+    return out

@@ -1,0 +1,86 @@
+"""Merge panel: pick LoRAs from the LoRA folder, choose the rank policy, merge, read the report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from .. import jobs
+from ..merge import MergeError, RankPolicy, format_report, merge_files
+from . import loras
+from .services import UiServices
+
+RANK_MODES = ("rank", "auto", "concat")
+
+
+def rank_policy(mode: str, rank, conv_rank, energy) -> RankPolicy:
+    """The policy the panel's controls describe; conv rank 0 = same as rank."""
+    as_int = lambda v: int(v) if v not in (None, "") and float(v).is_integer() else v
+    conv = as_int(conv_rank) or None
+    if mode == "concat":
+        return RankPolicy(rank=None, conv_rank=None, concat=True)
+    if mode == "auto":
+        return RankPolicy(rank=as_int(rank) or None, conv_rank=conv, energy=float(energy))
+    return RankPolicy(rank=as_int(rank), conv_rank=conv)
+
+
+class MergePanel:
+    def __init__(self, services: UiServices):
+        self.services = services
+        folder = services.lora_dir
+        with gr.Row():
+            with gr.Column(scale=2):
+                with gr.Row():
+                    self.filter = gr.Textbox(label="filter", placeholder="part of a name", elem_id="loraq_lora_filter",
+                                             max_lines=1, scale=3)
+                    self.refresh = gr.Button("Refresh", elem_id="loraq_lora_refresh", size="sm", scale=0)
+                self.listing = gr.HTML(loras.lora_list_html(loras.list_loras(folder)), elem_id="loraq_lora_list")
+                gr.Markdown(f"LoRAs in `{folder}` — click one to add `name:1.0` to the merge.")
+            with gr.Column(scale=3):
+                self.inputs = gr.Textbox(label="LoRAs to merge (name:ratio[:blocks], one per line)", lines=5,
+                                         elem_id="loraq_merge_inputs",
+                                         placeholder="style_a:1.0\nstyle_b:0.5:OUTD")
+                with gr.Row():
+                    self.mode = gr.Radio(list(RANK_MODES), value="rank", label="target rank", elem_id="loraq_merge_mode",
+                                         info="rank: fixed; auto: smallest rank keeping the energy fraction "
+                                              "(rank caps it); concat: lossless, rank = sum of the inputs")
+                    self.rank = gr.Number(8, label="rank", precision=0, elem_id="loraq_merge_rank")
+                    self.conv_rank = gr.Number(0, label="conv rank (0 = as rank)", precision=0,
+                                               elem_id="loraq_merge_conv_rank")
+                    self.energy = gr.Number(0.99, label="auto: energy kept", elem_id="loraq_merge_energy")
+                with gr.Row():
+                    self.output = gr.Textbox(label="output name", value="merged", elem_id="loraq_merge_output",
+                                             max_lines=1)
+                    self.precision = gr.Dropdown(["fp16", "bf16", "fp32"], value="fp16", label="save precision",
+                                                 elem_id="loraq_merge_dtype")
+                    self.overwrite = gr.Checkbox(False, label="overwrite", elem_id="loraq_merge_overwrite")
+                self.run = gr.Button("Merge", variant="primary", elem_id="loraq_merge_run")
+                self.report = gr.Textbox(label="report", lines=12, interactive=False, elem_id="loraq_merge_report",
+                                         elem_classes=["loraq-mono"])
+        listing = lambda text: loras.lora_list_html(loras.list_loras(self.services.lora_dir, text or ""))
+        self.filter.change(listing, [self.filter], [self.listing], show_progress=False)
+        self.refresh.click(listing, [self.filter], [self.listing], show_progress=False)
+        self.run.click(self.merge, [self.inputs, self.mode, self.rank, self.conv_rank, self.energy, self.output,
+                                    self.precision, self.overwrite], [self.report, self.listing])
+
+    def merge(self, text, mode, rank, conv_rank, energy, output, precision, overwrite):
+        folder = self.services.lora_dir
+        try:
+            name = (output or "").strip()
+            problem = jobs.output_name_problem(name)
+            if problem:
+                raise MergeError(problem)
+            out = folder / f"{name}.safetensors"
+            if out.exists() and not overwrite:
+                raise MergeError(f"{out} already exists: choose another output name or tick overwrite")
+            inputs = loras.resolve_inputs(text or "", folder)
+            policy = rank_policy(mode, rank, conv_rank, energy)
+            policy.validate()
+            started = time.perf_counter()
+            result = merge_files(inputs, out, policy, dtype=precision)
+        except (MergeError, ValueError, OSError) as e:
+            return f"error: {e}", gr.update()
+        head = (f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {policy.describe()}) -> {out} "
+                f"in {time.perf_counter() - started:.1f} s")
+        return head + "\n" + format_report(result), loras.lora_list_html(loras.list_loras(folder))

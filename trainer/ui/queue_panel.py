@@ -1,0 +1,165 @@
+"""Queue panel: the live table, the operations on the selected job, its loss plot, error and results."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from .. import jobs
+from ..queue import QueueError
+from . import queue_view, results
+from .compat import no_progress, poll
+from .services import UiServices
+
+OPERATIONS = (  # (label, queue method, elem id)
+    ("Cancel", "cancel", "loraq_op_cancel"),
+    ("Stop and save", "stop_and_save", "loraq_op_stop"),
+    ("Move up", "move_up", "loraq_op_up"),
+    ("Move down", "move_down", "loraq_op_down"),
+    ("Duplicate", "duplicate", "loraq_op_duplicate"),
+    ("Retry", "retry", "loraq_op_retry"),
+    ("Resume", "resume", "loraq_op_resume"),
+    ("Delete", "delete", "loraq_op_delete"),
+)
+TABLE_EVERY_S = 1.0
+DETAILS_EVERY_S = 2.0
+
+
+def selected_id(text: str | float | None) -> int | None:
+    try:
+        return int(str(text).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+class QueuePanel:
+    def __init__(self, services: UiServices, blocks: gr.Blocks):
+        self.services, self.queue = services, services.queue
+        self._build(blocks)
+
+    def table(self, selected: str | None = None) -> str:
+        return queue_view.queue_table_html(self.queue.list(limit=200), selected_id(selected))
+
+    def _build(self, blocks: gr.Blocks) -> None:
+        self.table_html = gr.HTML(self.table(), elem_id="loraq_queue_table")
+        with gr.Row():
+            self.selected = gr.Textbox(label="selected job", placeholder="click a row of the table",
+                                       elem_id="loraq_selected_job", max_lines=1, scale=1)
+            self.refresh = gr.Button("Refresh", elem_id="loraq_queue_refresh", size="sm", scale=0)
+        with gr.Row(elem_id="loraq_queue_ops"):
+            self.ops = {method: gr.Button(label, elem_id=elem, size="sm") for label, method, elem in OPERATIONS}
+        self.status = gr.Markdown("", elem_id="loraq_queue_status")
+        self.summary = gr.Markdown("", elem_id="loraq_job_summary")
+        self.error = gr.Textbox(label="error", visible=False, lines=3, interactive=False, elem_id="loraq_job_error")
+        self.plot = gr.Plot(label="loss and learning rate", elem_id="loraq_loss_plot")
+        self.plot_key = gr.State(None)
+        with gr.Accordion("Results: LoRA strength x seed grid", open=True, elem_id="loraq_results"):
+            with gr.Row():
+                self.checkpoint = gr.Dropdown([], label="LoRA file (final or checkpoint)", elem_id="loraq_checkpoint",
+                                              scale=2)
+                self.prompt = gr.Textbox(label="prompt", elem_id="loraq_grid_prompt", scale=3)
+            with gr.Row():
+                self.seeds = gr.Textbox(", ".join(map(str, results.SEEDS)), label="seeds (rows)",
+                                        elem_id="loraq_grid_seeds")
+                self.steps = gr.Number(20, label="sampling steps", precision=0, elem_id="loraq_grid_steps")
+                self.cfg = gr.Number(5.0, label="CFG scale", elem_id="loraq_grid_cfg")
+                self.generate = gr.Button("Generate comparison grid", variant="primary", elem_id="loraq_grid_generate")
+            gr.Markdown("Columns: LoRA strength " + ", ".join(f"{s:g}" for s in results.STRENGTHS)
+                        + " (negative = what the LoRA removes).")
+            self.grid = gr.Image(label="comparison grid", type="pil", interactive=False, elem_id="loraq_grid")
+            self.grid_status = gr.Markdown("", elem_id="loraq_grid_status")
+        self._wire(blocks)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _wire(self, blocks: gr.Blocks) -> None:
+        poll(blocks, self.table, [self.selected], [self.table_html], TABLE_EVERY_S)
+        self.refresh.click(self.table, [self.selected], [self.table_html], queue=False, api_name="queue_table",
+                           **no_progress())
+        details_out = [self.summary, self.error, self.plot, self.plot_key]
+        poll(blocks, self.details, [self.selected, self.plot_key], details_out, DETAILS_EVERY_S)
+        self.selected.change(self.details, [self.selected, gr.State(None)], details_out, **no_progress())
+        self.selected.change(self.results_choices, [self.selected], [self.checkpoint, self.prompt], **no_progress())
+        self.selected.change(self.table, [self.selected], [self.table_html], **no_progress())
+        for method, button in self.ops.items():
+            button.click(self._operation(method), [self.selected], [self.status, self.table_html, self.selected])
+        self.generate.click(self.make_grid, [self.selected, self.checkpoint, self.prompt, self.seeds, self.steps,
+                                             self.cfg], [self.grid, self.grid_status])
+
+    def details(self, selected: str, last_key):
+        job_id = selected_id(selected)
+        if job_id is None:
+            return "", gr.update(visible=False), gr.update(), None
+        try:
+            row = self.queue.get(job_id)
+        except QueueError as e:
+            return f"⚠ {e}", gr.update(visible=False), gr.update(), None
+        key = [row.id, row.state, row.step, row.phase]
+        done = f"{queue_view.percent_done(row)}%"
+        speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
+        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {row.state}, step {row.step}/{row.total} "
+                   f"({done}{speed})" + "".join(f"\n- output: `{p}`" for p in row.outputs))
+        error = gr.update(visible=bool(row.error), value=(row.error or "") + (
+            "\n\n" + row.error_detail if row.error_detail else ""))
+        if key == last_key:
+            return summary, error, gr.update(), key
+        figure = queue_view.loss_figure(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
+        return summary, error, figure, key
+
+    def results_choices(self, selected: str):
+        job_id = selected_id(selected)
+        if job_id is None:
+            return gr.update(choices=[], value=None), gr.update()
+        try:
+            row = self.queue.get(job_id)
+            job = row.job
+        except (QueueError, jobs.JobError):
+            return gr.update(choices=[], value=None), gr.update()
+        files = results.checkpoints(row.outputs, job, self.services.lora_dir)
+        return gr.update(choices=files, value=files[0] if files else None), gr.update(value=results.default_prompt(job))
+
+    def _operation(self, method: str):
+        def run(selected: str):
+            job_id = selected_id(selected)
+            new_selection = gr.update()
+            if job_id is None:
+                message = "⚠ select a job first: click a row of the table"
+            else:
+                try:
+                    if method in ("move_up", "move_down"):
+                        self.queue.move(job_id, -1 if method == "move_up" else 1)
+                        message = f"moved job {job_id}"
+                    elif method == "duplicate":
+                        copy = self.queue.duplicate(job_id)
+                        message, new_selection = f"✔ job {job_id} duplicated as job {copy}", gr.update(value=str(copy))
+                    elif method == "delete":
+                        self.queue.delete(job_id)
+                        message, new_selection = f"✔ job {job_id} deleted", gr.update(value="")
+                    else:
+                        result = getattr(self.queue, method)(job_id)
+                        message = f"✔ job {job_id}: {method.replace('_', ' ')}" + (f" ({result})" if result else "")
+                    if self.services.worker is not None:
+                        self.services.worker.wake()
+                except (QueueError, jobs.JobError) as e:
+                    message = f"⚠ {getattr(e, 'message', e)}"
+            return message, self.table(selected), new_selection
+        return run
+
+    def make_grid(self, selected, checkpoint, prompt, seeds_text, steps, cfg):
+        job_id = selected_id(selected)
+        if job_id is None or not checkpoint:
+            return None, "⚠ select a finished job and one of its LoRA files first"
+        try:
+            seeds = results.parse_seeds(seeds_text or "")
+            job = self.queue.get(job_id).job
+            handle = self.services.handle_for(job)
+            started = time.perf_counter()
+            grid = results.strength_grid(handle, checkpoint, prompt or "", seeds=seeds, steps=int(steps or 20),
+                                         cfg=float(cfg if cfg is not None else 5.0),
+                                         size=(job.resolution, job.resolution))
+        except (ValueError, OSError, RuntimeError, QueueError, jobs.JobError) as e:
+            return None, f"⚠ {getattr(e, 'message', e)}"
+        out = Path(checkpoint).with_name(Path(checkpoint).stem + "_grid.png")
+        grid.save(out)
+        return grid, f"✔ {len(seeds)} x {len(results.STRENGTHS)} images in {time.perf_counter() - started:.1f} s; saved `{out}`"

@@ -1,0 +1,81 @@
+"""What the UI needs from its host: the WebUI and the standalone app each build one :class:`UiServices`.
+
+The UI never loads a model or opens a store by itself: the host decides which model a job trains
+on (``handle_for``: the WebUI's loaded model, or the standalone app's ``--model``), where LoRAs and
+the data folder live, and whether a worker runs in this process. The lock that keeps generation and
+training apart is the handle's own (``ModelHandle.lock()``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import jobs, paths
+from ..models.handle import ModelHandle
+from ..modes.standard import JobContext
+from ..queue import JobQueue, JobRow, ModelCache, Worker
+
+
+@dataclass
+class UiServices:
+    queue: JobQueue
+    handle_for: Callable[[jobs.Job], ModelHandle]   # the model a job trains on and its results render with
+    lora_dir: Path                                   # where jobs write by default; the merge panel lists it
+    data_dir: Path                                   # presets, uploads
+    cache_dir: Path                                  # latent cache
+    worker: Worker | None = None                     # None when the host runs the worker elsewhere
+    model_label: str = ""                            # shown in the header: which model jobs train on
+    root: Path = field(default_factory=Path.cwd)     # relative paths in a job are taken from here
+
+    @property
+    def presets_dir(self) -> Path:
+        return self.data_dir / "presets"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    def job_context(self, row: JobRow) -> JobContext:
+        return JobContext(output_dir=self.lora_dir, cache_dir=self.cache_dir)
+
+    def keep_upload(self, path: str) -> str:
+        """Copy an uploaded file (gradio's temp folder may be emptied) into the data folder, named by content."""
+        source = Path(path)
+        if self.uploads_dir in source.parents:
+            return str(source)
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        target = self.uploads_dir / f"{digest}_{source.name}"
+        if not target.exists():
+            self.uploads_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return str(target)
+
+
+def standalone_services(model: str = "demo", data_dir: str | os.PathLike | None = None,
+                        lora_dir: str | os.PathLike | None = None, start_worker: bool = True) -> UiServices:
+    """The standalone app's services: a store in the data folder, every job on ``model``, a worker thread."""
+    data = Path(data_dir) if data_dir is not None else paths.data_dir()
+    queue = JobQueue(data / "queue.sqlite")
+    models = _one_at_a_time(ModelCache(override=model))
+    services = UiServices(queue=queue, handle_for=models, lora_dir=Path(lora_dir) if lora_dir else data / "loras",
+                          data_dir=data, cache_dir=data / "cache", model_label=model)
+    services.lora_dir.mkdir(parents=True, exist_ok=True)
+    if start_worker:
+        services.worker = Worker(queue, models, services.job_context)
+        services.worker.start()
+    return services
+
+
+def _one_at_a_time(provider: Callable[[jobs.Job], ModelHandle]) -> Callable[[jobs.Job], ModelHandle]:
+    """The worker and the results panel may ask at once: load a model only once."""
+    lock = threading.Lock()
+
+    def handle_for(job: jobs.Job) -> ModelHandle:
+        with lock:
+            return provider(job)
+    return handle_for
