@@ -397,3 +397,42 @@ def test_forge_model_made_under_inference_mode_trains_a_lora(clip_folder):
     assert sum(float(g.abs().sum()) for g in grads) > 0
     with pytest.raises(Exception, match="text encoder is not available on Forge"):
         handle.lora_targets(TargetOptions("attn", text_encoder=True))
+
+
+def test_webui_host_trains_queued_jobs_on_the_loaded_model_and_refreshes_the_lora_list(sd_model, tmp_path):
+    """The WebUI glue's logic: the worker starts once, jobs train on shared.sd_model under the host's lock,
+    outputs land in the LoRA folder, the WebUI's LoRA list is refreshed, and the x/y/z axis lists them."""
+    import threading
+
+    from PIL import Image
+
+    from trainer import jobs
+    from trainer.webui_host import WebUIHost
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "data" / "a.png")
+    refreshed = []
+    lock = threading.Lock()
+    host = WebUIHost(get_sd_model=lambda: sd_model, queue_lock=lock, lora_dir=tmp_path / "Lora",
+                     data_dir=tmp_path / "ext-data", refresh_loras=lambda: refreshed.append(1),
+                     output_subdir="lora_queue")
+    try:
+        worker = host.start()
+        assert host.start() is worker, "a UI reload must not start a second worker"
+        assert host.handle_for() is host.handle_for(), "one handle per loaded model"
+        job_id = worker.queue.add(jobs.StandardJob(name="mine", dataset_dir=str(tmp_path / "data"), resolution=64,
+                                                   min_bucket_reso=64, max_bucket_reso=64, steps=2,
+                                                   network_dim=2, network_alpha=2.0, mixed_precision="no"))
+        worker.wake()
+        for _ in range(600):
+            if worker.queue.get(job_id).state in ("done", "failed"):
+                break
+            threading.Event().wait(0.1)
+        row = worker.queue.get(job_id)
+        assert row.state == "done", row.error
+        assert (tmp_path / "Lora" / "lora_queue" / "mine.safetensors").is_file()
+        assert refreshed, "the WebUI's LoRA list is refreshed after a job"
+        assert host.list_loras() == ["mine"]
+        assert not lock.locked(), "the host's lock is free between jobs"
+    finally:
+        host.stop()

@@ -1,0 +1,73 @@
+"""WebUI entry point (AUTOMATIC1111 1.10, Forge): the tab, the worker, the x/y/z axes and settings.
+
+Thin on purpose: this file only fetches the WebUI's objects and hands them to trainer/ (webui_host,
+ui.app, xyz_axes), where every decision lives and is tested.
+"""
+import sys
+from pathlib import Path
+
+EXTENSION_DIR = Path(__file__).resolve().parents[1]
+if str(EXTENSION_DIR) not in sys.path:
+    sys.path.insert(0, str(EXTENSION_DIR))
+
+from modules import call_queue, script_callbacks, scripts, shared  # noqa: E402  (the WebUI's)
+
+from trainer import xyz_axes  # noqa: E402
+from trainer.webui_host import WebUIHost  # noqa: E402
+
+SECTION = ("lora_queue", "LoRA Queue")
+_host = None
+
+
+def _lora_dir() -> Path:
+    return Path(getattr(shared.cmd_opts, "lora_dir", None) or Path(shared.models_path) / "Lora")
+
+
+def _refresh_loras() -> None:
+    try:
+        import networks  # A1111's / Forge's built-in Lora extension
+        networks.list_available_networks()
+    except Exception as e:  # the list refreshes on the next start anyway
+        print(f"LoRA Queue: could not refresh the LoRA list ({e})", file=sys.stderr)
+
+
+def host() -> WebUIHost:
+    global _host
+    if _host is None:
+        data = shared.opts.data.get("loraq_data_dir") or str(EXTENSION_DIR / "data")
+        _host = WebUIHost(get_sd_model=lambda: shared.sd_model, queue_lock=call_queue.queue_lock,
+                          lora_dir=_lora_dir(), data_dir=Path(data), refresh_loras=_refresh_loras,
+                          output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"))
+    return _host
+
+
+def on_ui_tabs():
+    from trainer.ui.app import build_ui
+
+    blocks = build_ui(host().services())
+    return [(blocks, "LoRA Queue", "loraq")]
+
+
+def on_ui_settings():
+    shared.opts.add_option("loraq_data_dir", shared.OptionInfo(
+        "", "LoRA Queue data folder (queue, presets, caches); empty = the extension's data folder",
+        section=SECTION).needs_reload_ui())
+    shared.opts.add_option("loraq_output_subdir", shared.OptionInfo(
+        "lora_queue", "Folder inside the LoRA folder where trained LoRAs go", section=SECTION).needs_reload_ui())
+
+
+def on_app_started(demo, app):
+    host().start()  # idempotent: a UI reload does not start a second worker
+
+
+def on_before_ui():
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") and hasattr(data, "module"):
+            xyz_axes.register(data.module, lambda: host().list_loras())
+            return
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_before_ui(on_before_ui)

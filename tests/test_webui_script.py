@@ -1,0 +1,67 @@
+"""scripts/lora_queue.py wires the WebUI's callbacks to trainer/ (with stand-ins for the WebUI's modules)."""
+from __future__ import annotations
+
+import runpy
+import sys
+import threading
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_webui(tmp_path, monkeypatch):
+    registered = {}
+    callbacks = types.ModuleType("modules.script_callbacks")
+    for name in ("on_ui_settings", "on_ui_tabs", "on_app_started", "on_before_ui"):
+        setattr(callbacks, name, lambda fn, _n=name: registered.setdefault(_n, fn))
+    xyz_module = types.SimpleNamespace(axis_options=[], AxisOption=lambda label, type, apply, choices=None:
+                                       types.SimpleNamespace(label=label, apply=apply, choices=choices))
+    scripts = types.ModuleType("modules.scripts")
+    scripts.scripts_data = [types.SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}),
+                                                  module=xyz_module)]
+    options = []
+    shared = types.ModuleType("modules.shared")
+    shared.cmd_opts = types.SimpleNamespace(lora_dir=str(tmp_path / "Lora"))
+    shared.models_path = str(tmp_path / "models")
+    shared.sd_model = None
+
+    class OptionInfo:
+        def __init__(self, default, label, section=None):
+            self.default, self.label, self.section = default, label, section
+
+        def needs_reload_ui(self):
+            return self
+
+    shared.OptionInfo = OptionInfo
+    shared.opts = types.SimpleNamespace(data={"loraq_data_dir": str(tmp_path / "data")},
+                                        add_option=lambda key, info: options.append(key))
+    call_queue = types.ModuleType("modules.call_queue")
+    call_queue.queue_lock = threading.Lock()
+    package = types.ModuleType("modules")
+    for name, module in (("script_callbacks", callbacks), ("scripts", scripts), ("shared", shared),
+                         ("call_queue", call_queue)):
+        setattr(package, name, module)
+        monkeypatch.setitem(sys.modules, f"modules.{name}", module)
+    monkeypatch.setitem(sys.modules, "modules", package)
+    return registered, options, xyz_module
+
+
+def test_script_registers_tab_settings_worker_and_xyz_axes(tmp_path, monkeypatch):
+    registered, options, xyz_module = _fake_webui(tmp_path, monkeypatch)
+    glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
+    assert set(registered) == {"on_ui_settings", "on_ui_tabs", "on_app_started", "on_before_ui"}
+    registered["on_ui_settings"]()
+    assert options == ["loraq_data_dir", "loraq_output_subdir"]
+    registered["on_before_ui"]()
+    registered["on_before_ui"]()
+    assert [o.label for o in xyz_module.axis_options] == ["[LoRA Queue] LoRA", "[LoRA Queue] Strength"]
+    host = glue["host"]()
+    try:
+        registered["on_app_started"](None, None)
+        registered["on_app_started"](None, None)
+        assert host.output_dir == tmp_path / "Lora" / "lora_queue"
+        assert (tmp_path / "data" / "queue.sqlite").exists()
+        assert xyz_module.axis_options[0].choices() == []
+    finally:
+        host.stop()
