@@ -8,9 +8,10 @@ from .device import free_memory
 from .models.handle import ModelHandle
 from .modes.copier import train_copier
 from .modes.loop import LoopResult
+from .modes.lcm import train_lcm
 from .modes.standard import JobContext, train_standard
 
-RUNNERS: dict[str, Callable[..., LoopResult]] = {"standard": train_standard, "copier": train_copier}
+RUNNERS: dict[str, Callable[..., LoopResult]] = {"standard": train_standard, "copier": train_copier, "lcm": train_lcm}
 
 
 def check_job(job: jobs.Job, model_given: bool = False) -> None:
