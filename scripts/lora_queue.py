@@ -60,7 +60,18 @@ def on_app_started(demo, app):
     host().start()  # idempotent: a UI reload does not start a second worker
 
 
+def _register_lcm_samplers():
+    try:
+        from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
+
+        from trainer.lcm_sampling import register_webui_samplers
+        register_webui_samplers(sd_samplers, sd_samplers_common, sd_samplers_kdiffusion)
+    except Exception as e:  # a sampler list we cannot extend must not take the tab down
+        print(f"LoRA Queue: LCM samplers not registered ({e})", file=sys.stderr)
+
+
 def on_before_ui():
+    _register_lcm_samplers()
     for data in scripts.scripts_data:
         if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") and hasattr(data, "module"):
             xyz_axes.register(data.module, lambda: host().list_loras())

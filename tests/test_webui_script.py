@@ -38,17 +38,25 @@ def _fake_webui(tmp_path, monkeypatch):
                                         add_option=lambda key, info: options.append(key))
     call_queue = types.ModuleType("modules.call_queue")
     call_queue.queue_lock = threading.Lock()
+    samplers = types.ModuleType("modules.sd_samplers")
+    samplers.all_samplers, samplers.all_samplers_map = [], {}
+    samplers.set_samplers = lambda: None
+    common = types.ModuleType("modules.sd_samplers_common")
+    common.SamplerData = lambda name, constructor, aliases, options: types.SimpleNamespace(name=name)
+    kdiffusion = types.ModuleType("modules.sd_samplers_kdiffusion")
+    kdiffusion.KDiffusionSampler = object
     package = types.ModuleType("modules")
     for name, module in (("script_callbacks", callbacks), ("scripts", scripts), ("shared", shared),
-                         ("call_queue", call_queue)):
+                         ("call_queue", call_queue), ("sd_samplers", samplers), ("sd_samplers_common", common),
+                         ("sd_samplers_kdiffusion", kdiffusion)):
         setattr(package, name, module)
         monkeypatch.setitem(sys.modules, f"modules.{name}", module)
     monkeypatch.setitem(sys.modules, "modules", package)
-    return registered, options, xyz_module
+    return registered, options, xyz_module, samplers
 
 
 def test_script_registers_tab_settings_worker_and_xyz_axes(tmp_path, monkeypatch):
-    registered, options, xyz_module = _fake_webui(tmp_path, monkeypatch)
+    registered, options, xyz_module, samplers = _fake_webui(tmp_path, monkeypatch)
     glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
     assert set(registered) == {"on_ui_settings", "on_ui_tabs", "on_app_started", "on_before_ui"}
     registered["on_ui_settings"]()
@@ -56,6 +64,8 @@ def test_script_registers_tab_settings_worker_and_xyz_axes(tmp_path, monkeypatch
     registered["on_before_ui"]()
     registered["on_before_ui"]()
     assert [o.label for o in xyz_module.axis_options] == ["[LoRA Queue] LoRA", "[LoRA Queue] Strength"]
+    assert any("LCM" in name for name in samplers.all_samplers_map), "the LCM samplers join the WebUI's list"
+    assert len(samplers.all_samplers) == len(samplers.all_samplers_map), "registered once"
     host = glue["host"]()
     try:
         registered["on_app_started"](None, None)
