@@ -1,0 +1,127 @@
+"""Tests for the built-in demo model (trainer/models/demo)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from trainer.models import demo
+from trainer.models.demo import score
+from trainer.models.demo.shapes import (BACKGROUNDS, COLOURS, SHAPES, all_combinations,
+                                        caption, draw)
+
+STEPS = 30
+GUIDANCE = 5.0
+MAX_SECONDS_PER_IMAGE = 1.0   # one 64 px image, 30 steps, one CPU thread (best of 3)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return demo.load_pipeline()
+
+
+def test_pipeline_loads_offline(pipe):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == demo.SIZE
+    assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length
+    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id
+    assert pipe.text_encoder.config.bos_token_id == pipe.tokenizer.bos_token_id
+    index = json.loads((demo.DEMO_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert not list(demo.DEMO_DIR.rglob("*.bin")), "weights must be safetensors"
+    total = sum(p.stat().st_size for p in demo.DEMO_DIR.rglob("*") if p.is_file())
+    assert total <= 20 * 1024 * 1024, f"weights are {total / 1e6:.1f} MB"
+
+
+def test_missing_weights_give_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_demo"):
+        demo.load_pipeline(path=tmp_path)
+
+
+def test_samples_follow_prompt(pipe):
+    """All 45 prompts (seed = prompt index), 30 DDIM steps, CFG 5. The numbers state the model's
+    measured quality (33 / 36 / 29 of 45 for colour / shape / background); it is not yet the
+    every-prompt-right model the core issue asks for."""
+    combos = all_combinations()
+    images = []
+    for i in range(0, len(combos), 15):
+        gens = [torch.Generator().manual_seed(j) for j in range(i, min(i + 15, len(combos)))]
+        images += pipe([caption(*p) for p in combos[i:i + 15]], num_inference_steps=STEPS,
+                       guidance_scale=GUIDANCE, height=64, width=64, generator=gens).images
+    colour_ok = shape_ok = bg_ok = 0
+    for (c, s, b), img in zip(combos, images):
+        colour_ok += score.dominant_colour(img) == c
+        shape_ok += score.shape_of(img) == s
+        bg_ok += score.background_colour(img) == b
+    chance = (len(combos) / 5, len(combos) / 3, len(combos) / 3)
+    assert colour_ok >= 30, f"colour right in {colour_ok}/45 (chance {chance[0]:.0f})"
+    assert shape_ok >= 32, f"shape right in {shape_ok}/45 (chance {chance[1]:.0f})"
+    assert bg_ok >= 26, f"background right in {bg_ok}/45 (chance {chance[2]:.0f})"
+
+
+def test_sampling_is_fast(pipe):
+    torch.set_num_threads(1)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=64)
+    pipe("a red circle on a white background", generator=torch.Generator().manual_seed(0), **kw)
+    times = []
+    for i in range(3):
+        t0 = time.perf_counter()
+        pipe("a blue square on a gray background",
+             generator=torch.Generator().manual_seed(i), **kw)
+        times.append(time.perf_counter() - t0)
+    assert min(times) < MAX_SECONDS_PER_IMAGE, f"seconds per image: {times}"
+
+
+def test_tokenizer_one_token_per_word(pipe):
+    tok = pipe.tokenizer
+    words = sorted({w for combo in all_combinations() for w in caption(*combo).split()})
+    for w in words:
+        ids = tok(w, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (w, ids)
+        assert tok.convert_ids_to_tokens(ids) == [w + "</w>"]
+    ids = tok(caption("red", "circle", "white"), padding="max_length",
+              max_length=tok.model_max_length).input_ids
+    assert len(ids) == tok.model_max_length == 16
+    assert ids[0] == tok.bos_token_id and ids[8:] == [tok.eos_token_id] * 8
+
+
+def test_tokenizer_files_work_for_slow_bpe():
+    """vocab.json + merges.txt alone (what older, slow CLIPTokenizers read)
+    also give one token per word."""
+    from trainer.models.demo.train_demo import _bpe
+
+    tdir = demo.DEMO_DIR / "tokenizer"
+    vocab = json.loads((tdir / "vocab.json").read_text())
+    lines = (tdir / "merges.txt").read_text().strip().split("\n")
+    assert lines[0].startswith("#version")
+    ranks = {tuple(m.split()): i for i, m in enumerate(lines[1:])}
+    for w in {w for combo in all_combinations() for w in caption(*combo).split()}:
+        assert _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks) == [w + "</w>"]
+        assert w + "</w>" in vocab
+
+
+def test_score_helpers_on_training_images():
+    rng = random.Random(7)
+    n = wrong = 0
+    for k in range(4):
+        for c, s, b in all_combinations():
+            img = draw(c, s, b, jitter=rng if k else None)
+            n += 1
+            got = (score.dominant_colour(img), score.shape_of(img), score.background_colour(img))
+            wrong += got != (c, s, b)
+            assert score.colour_distance(img, COLOURS[c]) < 0.05
+    assert wrong == 0, f"{wrong}/{n} training images misclassified"
+    assert len(COLOURS) == 5 and len(SHAPES) == 3 and len(BACKGROUNDS) == 3
+    assert not set(map(tuple, BACKGROUNDS.values())) & set(map(tuple, COLOURS.values()))
