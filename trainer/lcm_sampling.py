@@ -7,15 +7,14 @@ k-diffusion form works in sigma space: x = x0 + sigma eps).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
 from .models.handle import Cond, ModelHandle
-from .network import LoraNetwork
+from .network import LoraNetwork, applied
 from .modes.lcm import boundary_scalings, consistency_function, guided
 from .sampling import _pad_cat, ddim_step, ddim_timesteps, predict_x0_eps, to_pil
 
@@ -129,26 +128,13 @@ def sample_lcm(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int]
     sampling (under the model lock) and restored afterwards."""
     f = handle.vae_scale
     noise = seeded_noise(seeds, (4, size[0] // f, size[1] // f), handle.device)
-    with handle.lock(), lora_on(network):
+    with handle.lock(), applied(network):
         cond = handle.encode_prompts(list(prompts), size)
         uncond = handle.uncond(len(prompts), size) if cfg != 1.0 else None
         latents = lcm_latents(handle, noise, cond, uncond, steps=steps, cfg=cfg, sampler=sampler,
                               euler_steps=euler_steps, ancestral=ancestral, seed=int(seeds[0]) if seeds else 0)
         pixels = handle.decode_latents(latents)
     return [to_pil(p) for p in pixels]
-
-
-@contextlib.contextmanager
-def lora_on(network: LoraNetwork | None) -> Iterator[None]:
-    if network is None:
-        yield
-        return
-    was_enabled = network.enabled
-    network.enable()
-    try:
-        yield
-    finally:
-        network.enabled = was_enabled
 
 
 @torch.no_grad()

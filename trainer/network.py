@@ -6,8 +6,10 @@ writes the delta into the weight and keeps the original bytes so that unmerge re
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,3 +217,17 @@ class LoraNetwork(nn.Module):
             lora.lora_down.weight.copy_((down * fold).reshape(lora.lora_down.weight.shape))
             lora.lora_up.weight.copy_((up * fold).reshape(lora.lora_up.weight.shape))
         return sorted(set(self.lora) - set(factors))
+
+
+@contextlib.contextmanager
+def applied(network: "LoraNetwork | None") -> Iterator[None]:
+    """The network enabled for the duration (its hooks act during forward passes only); None: no-op."""
+    if network is None:
+        yield
+        return
+    was_enabled = network.enabled
+    network.enable()
+    try:
+        yield
+    finally:
+        network.enabled = was_enabled

@@ -44,7 +44,6 @@ removed at the end unless ``save_copier``) and counts pass 1 as done.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -58,7 +57,7 @@ from PIL import Image, ImageOps
 from .. import data, jobs, lora_files
 from ..lora_metadata import TrainingFacts
 from ..models.handle import Cond, ModelHandle, TargetOptions
-from ..network import LoraNetwork, NetworkShape
+from ..network import LoraNetwork, NetworkShape, applied
 from ..sampling import predict_x0_eps
 from ..schedules import add_noise
 from .loop import LoopResult, Outputs, Progress, TrainingLoop, diffusion_loss
@@ -329,20 +328,6 @@ def freeze(network: LoraNetwork) -> LoraNetwork:
     network.attach()
     network.disable()
     return network
-
-
-@contextlib.contextmanager
-def applied(network: LoraNetwork | None):
-    """The network enabled for the duration (the forward hooks act during the forward pass only)."""
-    if network is None:
-        yield
-        return
-    was_enabled = network.enabled
-    network.enable()
-    try:
-        yield
-    finally:
-        network.enabled = was_enabled
 
 
 # ---------------------------------------------------------------------------------------------
