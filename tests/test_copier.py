@@ -297,7 +297,7 @@ AWAY_FROM_BLUE = 0.01
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     if not demo.weights_available():
-        pytest.skip("demo model weights are not built (python -m trainer.models.demo.train_demo)")
+        pytest.fail("demo model weights are not built (python -m trainer.models.demo.train_demo)")
     tmp = tmp_path_factory.mktemp("demo")
     handle = load_handle("demo", device="cpu")
     draw("red", "circle", "white").save(tmp / "a.png")     # the same layout: centred, 44% of the side
