@@ -158,16 +158,12 @@ class KohyaLoRA:
         if not group.has("lora_down.weight", "lora_up.weight"):
             return None
         up, down = group.tensor("lora_up.weight"), group.tensor("lora_down.weight")
-        rank = down.shape[0]
-        if up.shape[1] != rank:
-            raise LoraFormatError(f"{group.where()}: lora_up has rank {up.shape[1]}, lora_down {rank}")
         mid = group.optional("lora_mid.weight")
-        if mid is not None:
+        if mid is not None and up.shape[1] == down.shape[0]:
             # LyCORIS Tucker LoCon: down is 1x1 [r, in, 1, 1], mid [r, r, k, k]; fold mid into down,
             # which keeps it a rank-r factor of size r x in*k*k.
             down = torch.einsum("ijkl,jc->ickl", mid.float(), down.float().flatten(1))
-        geometry = _geometry_of_factors(up, down, group)
-        return LowRankDelta(up.flatten(1), down.flatten(1), _alpha_over_rank(group, rank), geometry, self.name)
+        return _low_rank_delta(up, down, group, self.name, "lora_up", "lora_down")
 
 
 class PeftLoRA:
@@ -179,12 +175,18 @@ class PeftLoRA:
     def create(self, group: KeyGroup) -> ModuleDelta | None:
         if not group.has("lora_A.weight", "lora_B.weight"):
             return None
-        up, down = group.tensor("lora_B.weight"), group.tensor("lora_A.weight")
-        rank = down.shape[0]
-        if up.shape[1] != rank:
-            raise LoraFormatError(f"{group.where()}: lora_B has rank {up.shape[1]}, lora_A {rank}")
-        geometry = _geometry_of_factors(up, down, group)
-        return LowRankDelta(up.flatten(1), down.flatten(1), _alpha_over_rank(group, rank), geometry, self.name)
+        return _low_rank_delta(group.tensor("lora_B.weight"), group.tensor("lora_A.weight"), group, self.name,
+                               "lora_B", "lora_A")
+
+
+def _low_rank_delta(up: torch.Tensor, down: torch.Tensor, group: KeyGroup, kind: str, up_name: str,
+                    down_name: str) -> LowRankDelta:
+    """A checked rank-r factor pair (the shared part of every up/down format)."""
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        raise LoraFormatError(f"{group.where()}: {up_name} has rank {up.shape[1]}, {down_name} {rank}")
+    geometry = _geometry_of_factors(up, down, group)
+    return LowRankDelta(up.flatten(1), down.flatten(1), _alpha_over_rank(group, rank), geometry, kind)
 
 
 def _cp_weight(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:

@@ -404,7 +404,14 @@ def continue_training(args) -> int:
     for f in ("vocab.json", "merges.txt"):
         (tok_dir / f).write_bytes((args.continue_from / "tokenizer" / f).read_bytes())
     sample_check(pipe)
+    return train_check_save(pipe, args, tok_dir, t_start)
+
+
+def train_check_save(pipe, args, tok_dir: Path, t_start: float) -> int:
+    """Train the UNet (its EMA becomes the model's), check the samples, save the pipeline."""
+    t0 = time.time()
     ema = train_unet(pipe, args.unet_steps, batch=args.unet_batch, lr=args.unet_lr)
+    log(f"UNet trained in {(time.time() - t0) / 60:.1f} min")
     pipe.unet = ema
     pipe.register_modules(unet=ema)
     sample_check(pipe, grid=args.grid)
@@ -460,15 +467,7 @@ def main(argv=None) -> int:
 
     pipe = make_pipeline(tok, te, vae, unet)
     pipe.set_progress_bar_config(disable=True)
-    t0 = time.time()
-    ema = train_unet(pipe, args.unet_steps, batch=args.unet_batch)
-    log(f"UNet trained in {(time.time() - t0) / 60:.1f} min")
-    pipe.unet = ema
-    pipe.register_modules(unet=ema)
-    sample_check(pipe, grid=args.grid)
-    save(pipe, args.out, tmp)
-    log(f"total {(time.time() - t_start) / 60:.1f} min")
-    return 0
+    return train_check_save(pipe, args, tmp, t_start)
 
 
 if __name__ == "__main__":
