@@ -31,13 +31,23 @@ def _refresh_loras() -> None:
         print(f"LoRA Queue: could not refresh the LoRA list ({e})", file=sys.stderr)
 
 
+def _forge_load_model_gpu():
+    """Forge's model placement (None on A1111): a training step loads the UNet as sampling does."""
+    try:
+        from backend import memory_management
+    except ImportError:
+        return None
+    return memory_management.load_model_gpu
+
+
 def host() -> WebUIHost:
     global _host
     if _host is None:
         data = shared.opts.data.get("loraq_data_dir") or str(EXTENSION_DIR / "data")
         _host = WebUIHost(get_sd_model=lambda: shared.sd_model, queue_lock=call_queue.queue_lock,
                           lora_dir=_lora_dir(), data_dir=Path(data), refresh_loras=_refresh_loras,
-                          output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"))
+                          output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"),
+                          forge_load_model_gpu=_forge_load_model_gpu())
     return _host
 
 

@@ -370,35 +370,6 @@ def test_sdxl_unet_keys_keep_ldm_names_and_equal_the_diffusers_backends(sd_model
     assert not any("down_blocks" in k or "up_blocks" in k for k in ours)
 
 
-# -- Forge: models made under torch.inference_mode() ------------------------------------------------------
-
-def test_forge_model_made_under_inference_mode_trains_a_lora(clip_folder):
-    from types import SimpleNamespace
-
-    from trainer.models.forge_model import ForgeHandle
-    with torch.inference_mode():                       # as Forge loads and runs its models
-        sd_model = _ldm_sd1(clip_folder)
-    unet = sd_model.model.diffusion_model
-    assert sum(p.is_inference() for p in unet.parameters()) == len(list(unet.parameters()))
-    sd_model.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=sd_model.model),
-                                             vae=SimpleNamespace(first_stage_model=sd_model.first_stage_model),
-                                             clip=SimpleNamespace(cond_stage_model=sd_model.cond_stage_model))
-    handle = ForgeHandle(sd_model)
-    assert not any(p.is_inference() for p in unet.parameters())
-    net = LoraNetwork(handle.lora_targets(TargetOptions("attn")), NetworkShape(2, 2.0)).attach()
-    x, t = _inputs()
-    with torch.inference_mode():
-        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))   # conditioning cached by a Forge thread
-    with handle.lock():
-        loss = handle.predict(x, t, cond).square().mean()
-        loss.backward()
-    grads = [m.lora_up.weight.grad for m in net.lora.values()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert sum(float(g.abs().sum()) for g in grads) > 0
-    with pytest.raises(Exception, match="text encoder is not available on Forge"):
-        handle.lora_targets(TargetOptions("attn", text_encoder=True))
-
-
 def test_webui_host_trains_queued_jobs_on_the_loaded_model_and_refreshes_the_lora_list(sd_model, tmp_path):
     """The WebUI glue's logic: the worker starts once, jobs train on shared.sd_model under the host's lock,
     outputs land in the LoRA folder, the WebUI's LoRA list is refreshed, and the x/y/z axis lists them."""

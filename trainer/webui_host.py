@@ -27,6 +27,7 @@ class WebUIHost:
     data_dir: Path                       # our data folder (queue, presets, uploads)
     refresh_loras: Callable[[], None] = lambda: None   # re-list the WebUI's LoRAs after a job
     output_subdir: str = ""              # default output folder inside the LoRA folder
+    forge_load_model_gpu: Callable[[Any], None] | None = None   # Forge: backend.memory_management.load_model_gpu
     _worker: Worker | None = field(default=None, init=False, repr=False)
     _handles: dict = field(default_factory=dict, init=False, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -43,10 +44,12 @@ class WebUIHost:
         handle = self._handles.get(id(sd_model))
         if handle is None or handle.sd_model is not sd_model:
             if hasattr(sd_model, "forge_objects"):
-                from .models.forge_model import ForgeHandle as cls
+                from .models.forge_model import ForgeHandle
+                handle = ForgeHandle(sd_model, lock=self.queue_lock, load_model_gpu=self.forge_load_model_gpu)
             else:
-                from .models.webui_model import WebUIHandle as cls
-            self._handles = {id(sd_model): cls(sd_model, lock=self.queue_lock)}  # keep no stale model alive
+                from .models.webui_model import WebUIHandle
+                handle = WebUIHandle(sd_model, lock=self.queue_lock)
+            self._handles = {id(sd_model): handle}  # keep no stale model alive
             handle = self._handles[id(sd_model)]
         return handle
 

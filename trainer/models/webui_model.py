@@ -212,21 +212,27 @@ class WebUIHandle(ModelHandle):
         self.sd_model = sd_model
         self._host_lock = lock if lock is not None else threading.Lock()
         self.arch = arch_of_model(sd_model)
-        parameterization = getattr(sd_model, "parameterization", "eps")
-        if parameterization not in ("eps", "v"):
-            raise ModelError(f"the loaded model predicts {parameterization!r}; training supports eps and v models")
-        self.prediction = parameterization
-        alphas_cumprod = getattr(sd_model, "alphas_cumprod", None)
-        if alphas_cumprod is None:
-            raise ModelError("the loaded model has no alphas_cumprod (A1111 sets it for every SD model)")
+        self.prediction, alphas_cumprod = self._schedule()
+        if self.prediction not in ("eps", "v"):
+            raise ModelError(f"the loaded model predicts {self.prediction!r}; training supports eps and v models")
         self.alphas_cumprod = alphas_cumprod.detach().float().cpu()
-        weight = next(self.unet.parameters())
-        self.device, self.dtype = weight.device, weight.dtype
+        self.device, self.dtype = self._device_and_dtype()
         self._layout = unet_layout_of(self.unet)
         encoder = getattr(self._first_stage, "encoder", None)
         self.vae_scale = 2 ** (encoder.num_resolutions - 1) if encoder is not None else 8
         self._identity: str | None = None
         self._suspended = False
+
+    def _schedule(self) -> tuple[str, torch.Tensor]:
+        """(prediction type, alphas_cumprod) as the host samples with them."""
+        alphas_cumprod = getattr(self.sd_model, "alphas_cumprod", None)
+        if alphas_cumprod is None:
+            raise ModelError("the loaded model has no alphas_cumprod (A1111 sets it for every SD model)")
+        return getattr(self.sd_model, "parameterization", "eps"), alphas_cumprod
+
+    def _device_and_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = next(self.unet.parameters())
+        return weight.device, weight.dtype
 
     # -- parts -------------------------------------------------------------------------------------
 
@@ -244,7 +250,10 @@ class WebUIHandle(ModelHandle):
 
     def text_encoders(self) -> list[tuple[str, nn.Module]]:
         return [(prefix, e.transformer if not _is_open_clip(e) else e.model.transformer)
-                for prefix, e in text_embedders(self.sd_model, self.arch)]
+                for prefix, e in self._text_embedders()]
+
+    def _text_embedders(self) -> list[tuple[str, nn.Module]]:
+        return text_embedders(self.sd_model, self.arch)
 
     def _host_modules(self) -> list[nn.Module]:
         conditioner = self.sd_model.conditioner if self.arch == "sdxl" else self.sd_model.cond_stage_model
@@ -323,20 +332,24 @@ class WebUIHandle(ModelHandle):
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         context = cond.crossattn.to(self.device, self.dtype)
+        kwargs = self._unet_kwargs()
+        if self.arch == "sdxl":
+            if cond.vector is None:
+                raise ModelError("SDXL conditioning without its vector: encode prompts with this handle")
+            kwargs["y"] = cond.vector.to(self.device, self.dtype)
         with self.host_networks_suspended():
-            if self.arch == "sdxl":
-                if cond.vector is None:
-                    raise ModelError("SDXL conditioning without its vector: encode prompts with this handle")
-                return self.unet(latents.to(self.device, self.dtype), timesteps=t.to(self.device), context=context,
-                                 y=cond.vector.to(self.device, self.dtype))
-            return self.unet(latents.to(self.device, self.dtype), timesteps=t.to(self.device), context=context)
+            return self.unet(latents.to(self.device, self.dtype), timesteps=t.to(self.device), context=context,
+                             **kwargs)
+
+    def _unet_kwargs(self) -> dict:
+        return {}
 
     # -- LoRA targets ------------------------------------------------------------------------------------
 
     def lora_targets(self, options: TargetOptions) -> list[LoraTarget]:
         targets = unet_lora_targets(self.unet, self.arch, self._layout, options)
         if options.text_encoder:
-            for prefix, embedder in text_embedders(self.sd_model, self.arch):
+            for prefix, embedder in self._text_embedders():
                 targets += text_encoder_lora_targets(embedder, prefix, options.target_set)
         return targets
 

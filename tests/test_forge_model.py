@@ -1,0 +1,226 @@
+"""Forge backend, on a stand-in shaped like Forge's own objects around a real tiny ldm model.
+
+The stand-in copies the behaviour LoRA Queue depends on, as read in lllyasviel/stable-diffusion-webui-forge
+(``backend/diffusion_engine/sd15.py``, ``backend/patcher/{base,lora,clip}.py``, ``backend/modules/k_model.py``,
+``extensions-builtin/sd_forge_lora/networks.py``): every model made and moved under ``torch.inference_mode()``,
+methods decorated with it, the predictor holding the schedule, the UNet computing in ``computation_dtype``,
+HF CLIP text encoders in ``clip.cond_stage_model``, and LoRAs merged into the weights by a ``LoraLoader``
+that keeps a backup of the originals.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from test_webui_model import _inputs, _ldm_sd1, clip_folder  # noqa: F401  (clip_folder is a fixture)
+from trainer.models.forge_model import ForgeHandle
+from trainer.models.handle import TargetOptions
+from trainer.models.webui_model import WebUIHandle
+from trainer.network import LoraNetwork, NetworkShape
+
+
+def _set_parameter(model: nn.Module, key: str, value: nn.Parameter) -> None:
+    owner, _, name = key.rpartition(".")
+    setattr(model.get_submodule(owner), name, value)
+
+
+class LoraLoader:
+    """Forge's ``LoraLoader.refresh``: restore the backup, merge the new patches, all under inference mode."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.backup, self.loaded_hash = model, {}, str([])
+
+    @torch.inference_mode()
+    def refresh(self, lora_patches, offload_device=torch.device("cpu"), force_refresh=False):
+        hashes = str(list(lora_patches.keys()))
+        if hashes == self.loaded_hash and not force_refresh:
+            return
+        for key, weight in self.backup.items():
+            _set_parameter(self.model, key, weight if isinstance(weight, nn.Parameter)
+                           else nn.Parameter(weight, requires_grad=False))
+        self.backup = {}
+        for patches in lora_patches.values():
+            for key, delta in patches.items():
+                weight = self.model.get_parameter(key)
+                self.backup.setdefault(key, weight.to(offload_device))
+                _set_parameter(self.model, key, nn.Parameter(weight + delta, requires_grad=False))
+        self.loaded_hash = hashes
+
+
+class ModelPatcher:
+    def __init__(self, model: nn.Module):
+        self.model, self.offload_device, self.lora_patches = model, torch.device("cpu"), {}
+        if not hasattr(model, "lora_loader"):
+            model.lora_loader = LoraLoader(model)
+
+    def clone(self) -> "ModelPatcher":
+        twin = ModelPatcher(self.model)
+        twin.lora_patches = dict(self.lora_patches)
+        return twin
+
+    def refresh_loras(self) -> None:
+        self.model.lora_loader.refresh(self.lora_patches, self.offload_device)
+
+
+class ForgeObjects(SimpleNamespace):
+    def shallow_copy(self) -> "ForgeObjects":
+        return ForgeObjects(**vars(self))
+
+
+class IntegratedCLIP(nn.Module):
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+
+class ForgeSD15:
+    """``backend/diffusion_engine/sd15.py``: the parts LoRA Queue uses."""
+
+    def __init__(self, ldm, prediction_type: str = "epsilon"):
+        self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
+        self._ldm = ldm
+        unet = ldm.model.diffusion_model
+        unet.computation_dtype = torch.float32
+        kmodel = nn.Module()
+        kmodel.diffusion_model = unet
+        kmodel.predictor = nn.Module()
+        kmodel.predictor.register_buffer("alphas_cumprod", ldm.alphas_cumprod.clone())
+        kmodel.predictor.prediction_type = prediction_type
+        text = nn.ModuleDict({"clip_l": IntegratedCLIP(ldm.cond_stage_model.transformer)})
+        clip = SimpleNamespace(cond_stage_model=text, patcher=ModelPatcher(text))
+        self.forge_objects = ForgeObjects(unet=ModelPatcher(kmodel), clip=clip,
+                                          vae=SimpleNamespace(first_stage_model=ldm.first_stage_model))
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+
+    @torch.inference_mode()
+    def get_learned_conditioning(self, prompts):
+        return self._ldm.get_learned_conditioning(list(prompts))
+
+    @torch.inference_mode()
+    def encode_first_stage(self, x):
+        return self._ldm.get_first_stage_encoding(self._ldm.encode_first_stage(x))
+
+    def get_first_stage_encoding(self, x):
+        return x
+
+    @torch.inference_mode()
+    def decode_first_stage(self, z):
+        return self._ldm.decode_first_stage(z)
+
+    def generate_with_lora(self, unet_patches: dict) -> None:
+        """``networks.load_networks`` (new patcher clones when the LoRA set changes), then sampling loading the
+        patcher, which merges its patches (``LoadedModel.model_load`` -> ``refresh_loras``)."""
+        target = str([["some.safetensors", 1.0, 1.0, False]])
+        if self.current_lora_hash != target:
+            self.current_lora_hash = target
+            self.forge_objects.unet = self.forge_objects_original.unet.clone()
+            self.forge_objects.unet.lora_patches[("some.safetensors", 1.0, 1.0, False)] = unet_patches
+            self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+            self.forge_objects.unet.refresh_loras()
+
+    @torch.inference_mode()
+    def move_weights(self) -> None:
+        """Forge moving the UNet between devices under inference mode: new (inference) weight tensors."""
+        unet = self.forge_objects.unet.model.diffusion_model
+        for key, p in list(unet.named_parameters()):
+            _set_parameter(unet, key, nn.Parameter(p.clone(), requires_grad=False))
+
+
+@pytest.fixture()
+def forge(clip_folder):  # noqa: F811
+    with torch.inference_mode():                       # as Forge loads its models
+        return ForgeSD15(_ldm_sd1(clip_folder))
+
+
+def _unet(engine):
+    return engine.forge_objects.unet.model.diffusion_model
+
+
+def test_schedule_dtype_and_text_encoders_come_from_forges_objects(clip_folder):  # noqa: F811
+    with torch.inference_mode():
+        engine = ForgeSD15(_ldm_sd1(clip_folder, "v"), prediction_type="v_prediction")
+    assert not hasattr(engine, "alphas_cumprod") and not hasattr(engine, "cond_stage_model")
+    handle = ForgeHandle(engine)
+    assert handle.arch == "sd1" and handle.prediction == "v" and handle.dtype == torch.float32
+    assert torch.equal(handle.alphas_cumprod, engine.forge_objects.unet.model.predictor.alphas_cumprod)
+    assert handle.text_encoders() == [("lora_te_", engine.forge_objects.clip.cond_stage_model.clip_l.transformer)]
+    assert not any(p.is_inference() for p in _unet(engine).parameters())
+
+
+def test_unet_and_text_encoder_lora_train_with_the_keys_a1111_uses(forge, clip_folder):  # noqa: F811
+    handle = ForgeHandle(forge)
+    options = TargetOptions("attn_mlp", text_encoder=True)
+    targets = handle.lora_targets(options)
+    a1111 = WebUIHandle(_ldm_sd1(clip_folder)).lora_targets(options)
+    assert [(t.key, t.block_id) for t in targets] == [(t.key, t.block_id) for t in a1111]
+    assert any(t.key == "lora_te_text_model_encoder_layers_0_self_attn_q_proj" for t in targets)
+    net = LoraNetwork(targets, NetworkShape(2, 2.0)).attach()
+    x, t = _inputs()
+    with handle.lock():
+        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))   # with the graph: Forge's undecorated code
+        loss = handle.predict(x, t, cond).square().mean()
+        loss.backward()
+    grads = {k: m.lora_up.weight.grad for k, m in net.lora.items()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    text = [float(g.abs().sum()) for k, g in grads.items() if k.startswith("lora_te_")]
+    unet = [float(g.abs().sum()) for k, g in grads.items() if k.startswith("lora_unet_")]
+    assert text and min(text) >= 0 and sum(text) > 0, "the text-encoder LoRA gets gradients through Forge's code"
+    assert sum(unet) > 0
+    with torch.no_grad():
+        cached = handle.encode_prompts(["a red circle"], (32, 32))           # no graph: Forge's decorated call
+    assert not cached.crossattn.requires_grad and not cached.crossattn.is_inference()
+
+
+def test_merged_forge_lora_is_undone_while_training_and_forge_reapplies_it_next_time(forge):
+    handle = ForgeHandle(forge)
+    x, t = _inputs()
+    with torch.no_grad():
+        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))
+        with handle.lock():
+            clean = handle.predict(x, t, cond)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    delta = 0.5 * torch.ones_like(forge.forge_objects.unet.model.get_parameter(key))
+    forge.generate_with_lora({key: delta})
+    with torch.no_grad():
+        assert torch.equal(handle.predict(x, t, cond), clean), "predict undoes the merge before it runs"
+    loader = forge.forge_objects.unet.model.lora_loader
+    assert loader.loaded_hash == str([]) and not loader.backup
+    assert forge.current_lora_hash == str([]), "Forge's next load_networks rebuilds its patchers"
+    assert forge.forge_objects.unet is forge.forge_objects_original.unet
+    assert forge.forge_objects_after_applying_lora.unet is forge.forge_objects_original.unet
+    forge.generate_with_lora({key: delta})         # the next generation merges its LoRA again
+    assert loader.loaded_hash != str([])
+    weight = forge.forge_objects.unet.model.get_parameter(key)
+    assert torch.allclose(weight, loader.backup[key] + delta)
+    with torch.no_grad(), handle.lock():
+        assert torch.equal(handle.predict(x, t, cond), clean)
+
+
+def test_a_step_trains_after_forge_made_new_inference_weights(forge):
+    handle = ForgeHandle(forge)
+    net = LoraNetwork(handle.lora_targets(TargetOptions("attn")), NetworkShape(2, 2.0)).attach()
+    x, t = _inputs()
+    with torch.no_grad():
+        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))
+    for _ in range(2):
+        forge.move_weights()
+        assert all(p.is_inference() for p in _unet(forge).parameters())
+        with handle.lock():
+            handle.predict(x, t, cond).square().mean().backward()
+    assert sum(float(m.lora_up.weight.grad.abs().sum()) for m in net.lora.values()) > 0
+
+
+def test_predict_loads_the_unet_with_forges_memory_manager(forge):
+    loaded = []
+    handle = ForgeHandle(forge, load_model_gpu=loaded.append)
+    x, t = _inputs()
+    with torch.no_grad():
+        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))
+        with handle.lock():
+            handle.predict(x, t, cond)
+    assert loaded == [forge.forge_objects.unet]
