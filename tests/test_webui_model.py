@@ -299,12 +299,19 @@ def test_lock_is_the_hosts_lock(sd_model):
 # -- OpenCLIP text encoders (SD2, SDXL's second) and SDXL keys ------------------------------------------------
 
 class _OpenClipBlock(nn.Module):
+    """open_clip's ``ResidualAttentionBlock`` (sequence-first, pre-LN, fused ``nn.MultiheadAttention``)."""
+
     def __init__(self, width: int):
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, 2)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 2 * width), gelu=nn.GELU(),
                                              c_proj=nn.Linear(2 * width, width)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
 
 
 class _OpenClipEmbedder(nn.Module):
@@ -317,14 +324,85 @@ class _OpenClipEmbedder(nn.Module):
         self.model.transformer.resblocks = nn.ModuleList(_OpenClipBlock(width) for _ in range(layers))
         self.layer_idx, self.always_return_pooled = layer_idx, always_return_pooled
 
+    def hidden_states(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Every resblock over token + position embeddings [batch, tokens, width], causal as OpenCLIP."""
+        n = embeddings.shape[1]
+        mask = torch.full((n, n), float("-inf")).triu(1)
+        x = embeddings.transpose(0, 1)
+        for block in self.model.transformer.resblocks:
+            x = block(x, mask)
+        return x.transpose(0, 1)
 
-def test_open_clip_trains_its_mlp_under_hf_names_and_skips_fused_attention_and_unused_layers():
+
+def test_open_clip_trains_attention_and_mlp_under_hf_names_and_skips_unused_layers():
     sd2_encoder = _OpenClipEmbedder(32, layers=3, layer_idx=1, always_return_pooled=False)   # penultimate layer
-    keys = {t.key for t in text_encoder_lora_targets(sd2_encoder, "lora_te_", "attn_mlp")}
-    assert keys == {f"lora_te_text_model_encoder_layers_{i}_mlp_fc{j}" for i in (0, 1) for j in (1, 2)}
-    assert text_encoder_lora_targets(sd2_encoder, "lora_te_", "attn") == []
+    targets = text_encoder_lora_targets(sd2_encoder, "lora_te_", "attn_mlp")
+    keys = {t.key for t in targets}
+    assert keys == {f"lora_te_text_model_encoder_layers_{i}_{m}" for i in (0, 1)
+                    for m in ("mlp_fc1", "mlp_fc2", "self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
+                              "self_attn_out_proj")}
+    assert {t.fused for t in targets if "self_attn" in t.key} == {"q", "k", "v", "out"}
+    assert {t.key for t in text_encoder_lora_targets(sd2_encoder, "lora_te_", "attn")} == {
+        k for k in keys if "self_attn" in k}
     sdxl_encoder = _OpenClipEmbedder(32, layers=3, layer_idx=1, always_return_pooled=True)   # pooled: every layer
-    assert len(text_encoder_lora_targets(sdxl_encoder, "lora_te2_", "attn_mlp")) == 6
+    assert len(text_encoder_lora_targets(sdxl_encoder, "lora_te2_", "attn_mlp")) == 18
+
+
+def _tiny_sdxl_pipeline(text_encoder, tmp_path):
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+    torch.manual_seed(2)
+    te2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32, hidden_act="gelu"))
+    return StableDiffusionXLPipeline(vae=AutoencoderKL(), text_encoder=text_encoder, text_encoder_2=te2,
+                                     tokenizer=char_tokenizer(tmp_path / "t1"), tokenizer_2=char_tokenizer(tmp_path / "t2"),
+                                     unet=unet, scheduler=_scheduler())
+
+
+def test_open_clip_attention_lora_loads_in_diffusers_with_the_same_outputs(sd_model, tmp_path):
+    """A LoRA on OpenCLIP's fused attention and MLP (as A1111's SDXL te2), saved, then loaded by diffusers into
+    the HF CLIP with the same weights: same hidden states (1e-4). Merge + unmerge and detach are exact."""
+    from ldm_convert import open_clip_to_ldm
+
+    pipe = _tiny_sdxl_pipeline(sd_model.cond_stage_model.transformer, tmp_path)
+    hf = pipe.text_encoder_2
+    embedder = _OpenClipEmbedder(32, layers=2, layer_idx=0, always_return_pooled=True)
+    state = {k[len("transformer."):]: v for k, v in open_clip_to_ldm(hf, "").items() if k.startswith("transformer.")}
+    embedder.model.transformer.load_state_dict(state)
+    ids = torch.tensor([[512, 5, 9, 40, 513, 513], [512, 7, 513, 513, 513, 513]])
+    with torch.no_grad():
+        embeddings = hf.text_model.embeddings(input_ids=ids)
+        ours_before = embedder.hidden_states(embeddings)
+        theirs_before = hf(ids, output_hidden_states=True).hidden_states[-1]
+    assert _rel(ours_before, theirs_before) < 1e-5, "the two encoders agree before any LoRA"
+
+    net = LoraNetwork(text_encoder_lora_targets(embedder, "lora_te2_", "attn_mlp"), NetworkShape(4, 2.0)).attach()
+    _randomize(net, 0.3)
+    with torch.no_grad():
+        ours = embedder.hidden_states(embeddings)
+    assert _rel(ours, ours_before) > 1e-2, "the LoRA changes the output"
+    path = net.save(tmp_path / "te2.safetensors")
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        theirs = hf(ids, output_hidden_states=True).hidden_states[-1]
+    assert _rel(ours, theirs) < 1e-4
+
+    loss = embedder.hidden_states(embeddings).square().mean()
+    loss.backward()
+    attention = [m for k, m in net.lora.items() if "self_attn" in k]
+    assert len(attention) == 8 and all(float(m.lora_up.weight.grad.abs().sum()) > 0 for m in attention)
+    net.merge()
+    with torch.no_grad():
+        assert _rel(embedder.hidden_states(embeddings), ours) < 1e-5
+    net.unmerge()
+    net.attach()
+    net.detach()
+    with torch.no_grad():
+        assert torch.equal(embedder.hidden_states(embeddings), ours_before)
+    assert set(dict(embedder.model.transformer.named_parameters())) == set(state), "every parameter is back in place"
 
 
 def _sdxl_stand_in(sd_model) -> nn.Module:
@@ -361,9 +439,7 @@ def test_sdxl_unet_keys_keep_ldm_names_and_equal_the_diffusers_backends(sd_model
     ours = {t.key: t.block_id for t in handle.lora_targets(options)}
     theirs = {t.key: t.block_id for t in DiffusersHandle(pipe).lora_targets(options)}
     assert handle.arch == "sdxl"
-    te2_attention = {k for k in theirs if k.startswith("lora_te2_") and "self_attn" in k}
-    assert ours == {k: b for k, b in theirs.items() if k not in te2_attention}
-    assert len(te2_attention) == 8
+    assert ours == theirs
     assert ours["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == "IN04"
     assert ours["lora_unet_output_blocks_2_2_conv"] == "OUT02"
     assert ours["lora_unet_input_blocks_1_0_in_layers_2"] == "IN01"

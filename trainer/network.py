@@ -56,9 +56,10 @@ class LoraModule(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
-        if isinstance(base, nn.Linear):
-            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, (nn.Linear, nn.MultiheadAttention)):
+            features = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else (base.embed_dim,) * 2
+            self.lora_down = nn.Linear(features[0], rank, bias=False)
+            self.lora_up = nn.Linear(rank, features[1], bias=False)
         elif isinstance(base, nn.Conv2d):
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                        dilation=base.dilation, bias=False)
@@ -90,6 +91,70 @@ class LoraModule(nn.Module):
             return self.scale * (up @ down)
         delta = up.flatten(1) @ down.flatten(1)
         return self.scale * delta.reshape(up.shape[0], *down.shape[1:])
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, name: str, value: torch.Tensor | None) -> Iterator[None]:
+    """``module.<name>`` reads ``value`` instead of the parameter for the duration (None: no swap)."""
+    if value is None:
+        yield
+        return
+    param = module._parameters.pop(name)
+    module.__dict__[name] = value
+    try:
+        yield
+    finally:
+        del module.__dict__[name]
+        module._parameters[name] = param
+
+
+def fused_weight(target: LoraTarget) -> torch.Tensor:
+    """The weight (or the slice of the fused weight) a target's LoRA changes; a view, so in-place
+    updates reach the module."""
+    if target.fused is None:
+        return target.module.weight
+    mha = target.module
+    if target.fused == "out":
+        return mha.out_proj.weight
+    e = mha.embed_dim
+    i = "qkv".index(target.fused)
+    return mha.in_proj_weight[i * e:(i + 1) * e]
+
+
+class _FusedAttention:
+    """LoRA on the projections ``nn.MultiheadAttention`` passes as bare weights to
+    ``F.multi_head_attention_forward`` (fused q/k/v ``in_proj_weight``, ``out_proj.weight``): a forward
+    hook on them would never run, so the attention's forward runs with weight + delta swapped in, and the
+    parameters are always put back."""
+
+    def __init__(self, network: "LoraNetwork", mha: nn.MultiheadAttention, parts: dict[str, "LoraModule"]):
+        if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
+            raise NetworkError("LoRA on nn.MultiheadAttention needs its fused in_proj_weight (kdim = vdim = embed_dim)")
+        self.network, self.mha, self.parts = network, mha, parts
+        self.original = mha.forward
+
+    def install(self) -> None:
+        self.mha.forward = self.forward
+
+    def remove(self) -> None:
+        if self.mha.__dict__.get("forward") == self.forward:
+            del self.mha.forward
+
+    def forward(self, *args, **kwargs):
+        net = self.network
+        if not net.enabled or net.multiplier == 0:
+            return self.original(*args, **kwargs)
+        mha, e = self.mha, self.mha.embed_dim
+        in_proj = out_proj = None
+        if any(p in self.parts for p in "qkv"):
+            w = mha.in_proj_weight
+            deltas = [self.parts[p].delta_weight() if p in self.parts else w.new_zeros(e, e) for p in "qkv"]
+            in_proj = w + (net.multiplier * torch.cat(deltas).to(w.device)).to(w.dtype)
+        if "out" in self.parts:
+            w = mha.out_proj.weight
+            out_proj = w + (net.multiplier * self.parts["out"].delta_weight().to(w.device)).to(w.dtype)
+        with _swapped(mha, "in_proj_weight", in_proj), _swapped(mha.out_proj, "weight", out_proj):
+            return self.original(*args, **kwargs)
 
 
 class LoraNetwork(nn.Module):
@@ -130,8 +195,18 @@ class LoraNetwork(nn.Module):
             return self
         if self._merged:
             raise NetworkError("unmerge the network before attaching it")
+        fused: dict[int, dict[str, LoraModule]] = {}
+        modules: dict[int, nn.Module] = {}
         for key, target in self._targets.items():
-            self._hooks.append(target.module.register_forward_hook(self._hook_for(self.lora[key])))
+            if target.fused is None:
+                self._hooks.append(target.module.register_forward_hook(self._hook_for(self.lora[key])))
+            else:
+                fused.setdefault(id(target.module), {})[target.fused] = self.lora[key]
+                modules[id(target.module)] = target.module
+        for ident, parts in fused.items():
+            wrapper = _FusedAttention(self, modules[ident], parts)
+            wrapper.install()
+            self._hooks.append(wrapper)
         return self
 
     def _hook_for(self, lora: LoraModule):
@@ -161,7 +236,7 @@ class LoraNetwork(nn.Module):
             return
         self.detach()
         for key, target in self._targets.items():
-            weight = target.module.weight
+            weight = fused_weight(target)
             self._merged[key] = weight.detach().to("cpu", copy=True)
             delta = self.lora[key].delta_weight().to(device=weight.device, dtype=torch.float32)
             weight.copy_((weight.float() + self.multiplier * delta).to(weight.dtype))
@@ -169,7 +244,7 @@ class LoraNetwork(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         for key, original in self._merged.items():
-            weight = self._targets[key].module.weight
+            weight = fused_weight(self._targets[key])
             weight.copy_(original.to(weight.device))
         self._merged.clear()
 

@@ -96,8 +96,9 @@ class TargetOptions:
 @dataclass(frozen=True)
 class LoraTarget:
     key: str                   # kohya key, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
-    module: torch.nn.Module    # nn.Linear or nn.Conv2d
+    module: torch.nn.Module    # nn.Linear or nn.Conv2d; nn.MultiheadAttention when ``fused`` is set
     block_id: str | None       # BASE, IN00..OUT11, None outside the blocks
+    fused: str | None = None   # "q" / "k" / "v" / "out": a projection nn.MultiheadAttention uses as a bare weight
 
 
 _ATTN_RE = r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"

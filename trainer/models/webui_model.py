@@ -16,8 +16,9 @@ names; text encoders get the HF CLIP names with ``text_model_``.
 
 OpenCLIP text encoders (SD2, SDXL's second encoder) compute attention with ``nn.MultiheadAttention``,
 whose fused q/k/v projection and ``out_proj`` are used as bare weights inside
-``F.multi_head_attention_forward`` — a LoRA hook on them would never run. We train their MLP
-(``mlp_fc1``/``mlp_fc2`` keys) and leave their attention alone.
+``F.multi_head_attention_forward`` — a LoRA hook on them would never run. Their attention LoRAs are
+"fused" targets: the network runs the attention with weight + delta swapped in (``network._FusedAttention``),
+under the HF names kohya writes (``self_attn_q_proj`` ... ``out_proj``).
 
 A1111's built-in Lora extension merges the LoRAs of the last generation into the weights and
 re-merges lazily in each Linear/Conv forward (``network_apply_weights``). While we own the model
@@ -121,15 +122,18 @@ def text_embedders(sd_model, arch: str) -> list[tuple[str, nn.Module]]:
 
 
 def open_clip_path_to_hf(path: str, layers_used: int) -> str | None:
-    """``resblocks.3.mlp.c_fc`` -> ``encoder.layers.3.mlp.fc1`` (HF CLIP name, as kohya keys it).
+    """``resblocks.3.mlp.c_fc`` -> ``encoder.layers.3.mlp.fc1``, ``resblocks.3.attn`` ->
+    ``encoder.layers.3.self_attn`` (HF CLIP names, as kohya keys them).
 
-    None for modules a hook cannot reach (``attn``: fused q/k/v in ``nn.MultiheadAttention``) and for
-    resblocks at or past ``layers_used`` (SD2 stops at the penultimate layer).
+    None for other modules and for resblocks at or past ``layers_used`` (SD2 stops at the penultimate
+    layer, so the last one never affects the conditioning).
     """
     parts = path.split(".")
-    if len(parts) != 4 or parts[0] != "resblocks" or parts[2] != "mlp" or int(parts[1]) >= layers_used:
+    if len(parts) < 3 or parts[0] != "resblocks" or int(parts[1]) >= layers_used:
         return None
-    name = {"c_fc": "fc1", "c_proj": "fc2"}.get(parts[3])
+    if parts[2:] == ["attn"]:
+        return f"encoder.layers.{parts[1]}.self_attn"
+    name = {"c_fc": "fc1", "c_proj": "fc2"}.get(parts[3]) if len(parts) == 4 and parts[2] == "mlp" else None
     return None if name is None else f"encoder.layers.{parts[1]}.mlp.{name}"
 
 
@@ -146,7 +150,16 @@ def text_encoder_lora_targets(embedder: nn.Module, prefix: str, target_set: str)
     layers_used = layers if returns_pooled else layers - int(getattr(embedder, "layer_idx", 0))
     for path, module in transformer.named_modules():
         hf_path = open_clip_path_to_hf(path, layers_used)
-        if hf_path and isinstance(module, nn.Linear) and text_encoder_path_in_target_set(hf_path, target_set):
+        if hf_path is None:
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            # q/k/v live fused in in_proj_weight and out_proj is used as a bare weight: fused targets
+            for part in ("q", "k", "v", "out"):
+                projection = f"{hf_path}.{part}_proj"
+                if text_encoder_path_in_target_set(projection, target_set):
+                    targets.append(LoraTarget(naming.text_encoder_kohya_key(projection, prefix), module, "BASE",
+                                              fused=part))
+        elif isinstance(module, nn.Linear) and text_encoder_path_in_target_set(hf_path, target_set):
             targets.append(LoraTarget(naming.text_encoder_kohya_key(hf_path, prefix), module, "BASE"))
     return targets
 
