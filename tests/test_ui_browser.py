@@ -7,7 +7,7 @@ queue answers quickly, shows its loss plot and a comparison grid; its two LoRAs 
 pytest runs in the main environment (diffusers 0.42, no gradio); this file then runs itself as a
 script in ``.venv-gradio3`` (A1111's pins: gradio 3.41.2, fastapi 0.94.0, httpx 0.24.1), which
 serves the app and drives the browser, and writes what it measured to ``session.json``.
-Screenshots go to the test's folder and, for the README, to docs/screenshots/.
+Screenshots go to the test's folder and, with LORAQ_UPDATE_SCREENSHOTS=1, to docs/screenshots/ for the README.
 """
 from __future__ import annotations
 
@@ -240,10 +240,13 @@ def session(out: Path) -> None:
         except subprocess.TimeoutExpired:
             app.kill()
         log.close()
-    shots = ROOT / "docs" / "screenshots"
-    shots.mkdir(parents=True, exist_ok=True)
-    for name in SCREENSHOTS:
-        shutil.copyfile(out / f"{name}.png", shots / f"{name}.png")
+    # The README's pictures are refreshed on request only, so a test run leaves the work tree alone:
+    # LORAQ_UPDATE_SCREENSHOTS=1 ./dev test tests/test_ui_browser.py
+    if os.environ.get("LORAQ_UPDATE_SCREENSHOTS") == "1":
+        shots = ROOT / "docs" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        for name in SCREENSHOTS:
+            shutil.copyfile(out / f"{name}.png", shots / f"{name}.png")
 
 
 if __name__ == "__main__":
