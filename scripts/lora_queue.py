@@ -47,7 +47,8 @@ def host() -> WebUIHost:
         _host = WebUIHost(get_sd_model=lambda: shared.sd_model, queue_lock=call_queue.queue_lock,
                           lora_dir=_lora_dir(), data_dir=Path(data), refresh_loras=_refresh_loras,
                           output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"),
-                          forge_load_model_gpu=_forge_load_model_gpu())
+                          forge_load_model_gpu=_forge_load_model_gpu(),
+                          resume_interrupted=bool(shared.opts.data.get("loraq_resume_interrupted", False)))
     return _host
 
 
@@ -64,6 +65,9 @@ def on_ui_settings():
         section=SECTION).needs_reload_ui())
     shared.opts.add_option("loraq_output_subdir", shared.OptionInfo(
         "lora_queue", "Folder inside the LoRA folder where trained LoRAs go", section=SECTION).needs_reload_ui())
+    shared.opts.add_option("loraq_resume_interrupted", shared.OptionInfo(
+        False, "When the WebUI starts, resume jobs that a crash or restart interrupted (from their last save)",
+        section=SECTION))
 
 
 def on_app_started(demo, app):

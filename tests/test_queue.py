@@ -349,3 +349,18 @@ def test_cli_adds_lists_shows_cancels_and_explains_refusals(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({**jobs.job_to_dict(_job(tmp_path, "bad")), "lr": -1}))
     assert cli(["queue", "--db", db, "add", str(tmp_path / "bad.json")]) == 2
     assert "lr:" in capsys.readouterr().err
+
+
+def test_resume_interrupted_requeues_crashed_jobs_at_the_front_in_their_order(tmp_path):
+    _dataset(tmp_path / "data")
+    first = JobQueue(tmp_path / "q.sqlite")
+    a, b, c = (first.add(_job(tmp_path, name)) for name in ("a", "b", "c"))
+    for _ in range(2):
+        first.claim_next()                          # a and b were running when the process died
+    first.close()
+    queue = JobQueue(tmp_path / "q.sqlite")         # no worker holds the lock: a and b are interrupted
+    assert [queue.get(i).state for i in (a, b, c)] == ["interrupted", "interrupted", "queued"]
+    assert queue.resume_interrupted() == [a, b]
+    rows = queue.list(states=["queued"])
+    assert [r.id for r in rows] == [a, b, c] and rows[0].resume and rows[1].resume and not rows[2].resume
+    assert queue.resume_interrupted() == []

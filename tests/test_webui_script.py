@@ -60,7 +60,7 @@ def test_script_registers_tab_settings_worker_and_xyz_axes(tmp_path, monkeypatch
     glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
     assert set(registered) == {"on_ui_settings", "on_ui_tabs", "on_app_started", "on_before_ui"}
     registered["on_ui_settings"]()
-    assert options == ["loraq_data_dir", "loraq_output_subdir"]
+    assert options == ["loraq_data_dir", "loraq_output_subdir", "loraq_resume_interrupted"]
     registered["on_before_ui"]()
     registered["on_before_ui"]()
     assert [o.label for o in xyz_module.axis_options] == ["[LoRA Queue] LoRA", "[LoRA Queue] Strength"]

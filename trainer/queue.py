@@ -411,6 +411,15 @@ class JobQueue:
         self._requeue(job_id, RESUMABLE + (("done",) if stopped_early else ()), resume=True, front=True,
                       verb="resumed")
 
+    def resume_interrupted(self) -> list[int]:
+        """Resume every interrupted job (a crash or kill ended it), keeping their order at the front of the
+        queue; for a worker that starts after a crash. Returns their ids, in the order they will run."""
+        ids = [r[0] for r in self._db().execute(
+            "SELECT id FROM jobs WHERE state = 'interrupted' ORDER BY position, id").fetchall()]
+        for job_id in reversed(ids):       # each resume goes to the front
+            self.resume(job_id)
+        return ids
+
     def _requeue(self, job_id: int, allowed: Sequence[str], resume: bool, front: bool, verb: str) -> None:
         with self._write() as db:
             state, name = self._require(db, job_id)

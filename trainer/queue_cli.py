@@ -105,6 +105,10 @@ def cmd_run(args) -> int:
                 failed.append(event.job_id)
             print(f"job {event.job_id}: {event.state}" + (f": {event.error}" if event.error else ""), file=sys.stderr)
 
+    if args.resume_interrupted:
+        resumed = queue.resume_interrupted()
+        if resumed:
+            print(f"resuming interrupted job(s) {', '.join(map(str, resumed))}", file=sys.stderr)
     worker = Worker(queue, ModelCache(args.model),
                     lambda row: JobContext(output_dir=out, cache_dir=paths.cache_dir()), poll_s=args.poll)
     worker.subscribe(report)
@@ -171,5 +175,7 @@ def add_parser(subparsers) -> None:
     runner.add_argument("--model", help="'demo', a diffusers folder or a checkpoint (overrides the jobs' model)")
     runner.add_argument("--out", help=f"output folder for jobs without one (default {paths.default_output_dir()})")
     runner.add_argument("--poll", type=float, default=2.0, help="seconds between looks at an empty queue")
+    runner.add_argument("--resume-interrupted", action="store_true",
+                        help="first resume the jobs a crash or kill interrupted, from their last saved state")
     runner.set_defaults(queue_func=cmd_run)
     queue.set_defaults(func=run)

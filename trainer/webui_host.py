@@ -28,6 +28,7 @@ class WebUIHost:
     refresh_loras: Callable[[], None] = lambda: None   # re-list the WebUI's LoRAs after a job
     output_subdir: str = ""              # default output folder inside the LoRA folder
     forge_load_model_gpu: Callable[[Any], None] | None = None   # Forge: backend.memory_management.load_model_gpu
+    resume_interrupted: bool = False     # at start, resume jobs a crash or kill of the WebUI interrupted
     _worker: Worker | None = field(default=None, init=False, repr=False)
     _handles: dict = field(default_factory=dict, init=False, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -68,7 +69,10 @@ class WebUIHost:
         with self._start_lock:
             if self._worker is None:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
-                worker = Worker(JobQueue(self.data_dir / "queue.sqlite"), self.handle_for, self.job_context)
+                queue = JobQueue(self.data_dir / "queue.sqlite")
+                if self.resume_interrupted:
+                    queue.resume_interrupted()
+                worker = Worker(queue, self.handle_for, self.job_context)
                 worker.subscribe(self._on_event)
                 worker.start()
                 self._worker = worker
