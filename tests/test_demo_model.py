@@ -18,9 +18,11 @@ from trainer.models.demo.shapes import (BACKGROUNDS, COLOURS, SHAPES, all_combin
 
 STEPS = 30
 GUIDANCE = 5.0
-MAX_SECONDS_PER_IMAGE = 2.0   # one 64 px image, 30 steps, one CPU thread (best of 3); measured 1.2 s
-# with the diffusers pipeline (0.9 s with trainer.sampling): not yet the "well under a second" the core
-# issue asks for, so this guards against getting slower rather than claiming the target.
+MAX_SECONDS_PER_IMAGE = 0.8   # one 64 px image, 30 steps with CFG, one CPU thread, best of 3; measured
+# 0.50 s on a shared 2-core machine with another job running (the issue: "well under a second")
+#: Every 5th of the 45 (colour, shape, background) combinations: 9 prompts that cover each colour, shape
+#: and background; chosen by rule, not by result.
+FEW = all_combinations()[::5]
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +54,39 @@ def test_missing_weights_give_clear_error(tmp_path):
         demo.load_pipeline(path=tmp_path)
 
 
-def test_samples_follow_prompt(pipe):
-    """All 45 prompts (seed = prompt index), 30 DDIM steps, CFG 5. The numbers state the model's
-    measured quality (33 / 36 / 29 of 45 for colour / shape / background); it is not yet the
-    every-prompt-right model the core issue asks for."""
-    combos = all_combinations()
+def _sample(pipe, combos, seeds):
     images = []
     for i in range(0, len(combos), 15):
-        gens = [torch.Generator().manual_seed(j) for j in range(i, min(i + 15, len(combos)))]
+        gens = [torch.Generator().manual_seed(seed) for seed in seeds[i:i + 15]]
         images += pipe([caption(*p) for p in combos[i:i + 15]], num_inference_steps=STEPS,
                        guidance_scale=GUIDANCE, height=64, width=64, generator=gens).images
-    colour_ok = shape_ok = bg_ok = 0
-    for (c, s, b), img in zip(combos, images):
-        colour_ok += score.dominant_colour(img) == c
-        shape_ok += score.shape_of(img) == s
-        bg_ok += score.background_colour(img) == b
-    chance = (len(combos) / 5, len(combos) / 3, len(combos) / 3)
-    assert colour_ok >= 30, f"colour right in {colour_ok}/45 (chance {chance[0]:.0f})"
-    assert shape_ok >= 32, f"shape right in {shape_ok}/45 (chance {chance[1]:.0f})"
-    assert bg_ok >= 26, f"background right in {bg_ok}/45 (chance {chance[2]:.0f})"
+    return images
+
+
+def _read(img) -> tuple[str, str, str]:
+    return score.dominant_colour(img), score.shape_of(img), score.background_colour(img)
+
+
+def test_each_prompt_is_drawn_with_its_colour_shape_and_background(pipe):
+    assert {c for c, _, _ in FEW} == set(COLOURS) and {s for _, s, _ in FEW} == set(SHAPES)
+    assert {b for _, _, b in FEW} == set(BACKGROUNDS)
+    for seed in (0, 1):
+        images = _sample(pipe, FEW, [seed] * len(FEW))
+        wrong = [(caption(*combo), _read(img)) for combo, img in zip(FEW, images) if _read(img) != combo]
+        assert not wrong, f"seed {seed}: drawn wrong (asked, read as colour/shape/background): {wrong}"
+
+
+def test_samples_follow_prompt(pipe):
+    """All 45 prompts (seed = prompt index), 30 DDIM steps, CFG 5. Measured: 45 / 45 / 45 for colour /
+    shape / background (also with seeds 100+ and 1000+); one miss each is tolerated so that a different
+    CPU's rounding cannot fail the suite."""
+    combos = all_combinations()
+    images = _sample(pipe, combos, list(range(len(combos))))
+    read = [_read(img) for img in images]
+    colour_ok = sum(r[0] == c[0] for r, c in zip(read, combos))
+    shape_ok = sum(r[1] == c[1] for r, c in zip(read, combos))
+    bg_ok = sum(r[2] == c[2] for r, c in zip(read, combos))
+    assert min(colour_ok, shape_ok, bg_ok) >= 44, f"colour {colour_ok}, shape {shape_ok}, background {bg_ok} of 45"
 
 
 def test_sampling_is_fast(pipe):
