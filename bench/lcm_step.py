@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                         "in its own process, so that one's freed memory cannot hide the other's peak)")
     args = parser.parse_args(argv)
     if args.variant is None:
-        return compare(argv or [])
+        return compare(sys.argv[1:] if argv is None else argv)   # the variants get the same options
     torch.set_num_threads(1)
 
     handle = load_handle(args.model, device="cpu")
