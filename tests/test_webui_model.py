@@ -424,16 +424,7 @@ def _sdxl_stand_in(sd_model) -> nn.Module:
 
 def test_sdxl_unet_keys_keep_ldm_names_and_equal_the_diffusers_backends(sd_model, tmp_path):
     engine = _sdxl_stand_in(sd_model)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=2, norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
-    te2 = CLIPTextModelWithProjection(_text_config(32, projection_dim=32))
-    pipe = StableDiffusionXLPipeline(vae=AutoencoderKL(), text_encoder=engine.conditioner.embedders[0].transformer,
-                                     text_encoder_2=te2, tokenizer=char_tokenizer(tmp_path / "t1"),
-                                     tokenizer_2=char_tokenizer(tmp_path / "t2"), unet=unet, scheduler=_scheduler())
+    pipe = _tiny_sdxl_pipeline(engine.conditioner.embedders[0].transformer, tmp_path)
     options = TargetOptions("all", text_encoder=True)
     handle = WebUIHandle(engine)
     ours = {t.key: t.block_id for t in handle.lora_targets(options)}
