@@ -224,3 +224,30 @@ def test_predict_loads_the_unet_with_forges_memory_manager(forge):
         with handle.lock():
             handle.predict(x, t, cond)
     assert loaded == [forge.forge_objects.unet]
+
+
+def test_sdxl_keys_equal_the_diffusers_backends_with_every_layer_of_both_text_encoders(clip_folder, tmp_path):  # noqa: F811
+    """Forge's SDXL: the ldm-layout UNet keeps ldm names, and both HF CLIP encoders (clip_l, clip_g) train every
+    layer (A1111's OpenCLIP te2 gets the same keys through fused targets)."""
+    from test_webui_model import _sdxl_stand_in, _tiny_sdxl_pipeline
+
+    from trainer.models.diffusers_model import DiffusersHandle
+
+    ldm = _ldm_sd1(clip_folder)
+    sgm = _sdxl_stand_in(ldm)
+    pipe = _tiny_sdxl_pipeline(sgm.conditioner.embedders[0].transformer, tmp_path)
+    kmodel = nn.Module()
+    kmodel.diffusion_model = sgm.model.diffusion_model
+    kmodel.predictor = nn.Module()
+    kmodel.predictor.register_buffer("alphas_cumprod", ldm.alphas_cumprod.clone())
+    kmodel.predictor.prediction_type = "epsilon"
+    text = nn.ModuleDict({"clip_l": IntegratedCLIP(pipe.text_encoder), "clip_g": IntegratedCLIP(pipe.text_encoder_2)})
+    engine = SimpleNamespace(is_sdxl=True, forge_objects=ForgeObjects(
+        unet=ModelPatcher(kmodel), clip=SimpleNamespace(cond_stage_model=text, patcher=ModelPatcher(text)),
+        vae=SimpleNamespace(first_stage_model=ldm.first_stage_model)))
+    options = TargetOptions("all", text_encoder=True)
+    ours = {t.key: t.block_id for t in ForgeHandle(engine).lora_targets(options)}
+    theirs = {t.key: t.block_id for t in DiffusersHandle(pipe).lora_targets(options)}
+    assert ours == theirs
+    assert "lora_te2_text_model_encoder_layers_1_self_attn_k_proj" in ours
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in ours
