@@ -76,6 +76,16 @@ class IntegratedCLIP(nn.Module):
         self.transformer = transformer
 
 
+def k_model(unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> nn.Module:
+    """``backend/modules/k_model.py`` KModel: the UNet and the predictor holding the schedule."""
+    kmodel = nn.Module()
+    kmodel.diffusion_model = unet
+    kmodel.predictor = nn.Module()
+    kmodel.predictor.register_buffer("alphas_cumprod", alphas_cumprod.clone())
+    kmodel.predictor.prediction_type = prediction_type
+    return kmodel
+
+
 class ForgeSD15:
     """``backend/diffusion_engine/sd15.py``: the parts LoRA Queue uses."""
 
@@ -84,11 +94,7 @@ class ForgeSD15:
         self._ldm = ldm
         unet = ldm.model.diffusion_model
         unet.computation_dtype = torch.float32
-        kmodel = nn.Module()
-        kmodel.diffusion_model = unet
-        kmodel.predictor = nn.Module()
-        kmodel.predictor.register_buffer("alphas_cumprod", ldm.alphas_cumprod.clone())
-        kmodel.predictor.prediction_type = prediction_type
+        kmodel = k_model(unet, ldm.alphas_cumprod, prediction_type)
         text = nn.ModuleDict({"clip_l": IntegratedCLIP(ldm.cond_stage_model.transformer)})
         clip = SimpleNamespace(cond_stage_model=text, patcher=ModelPatcher(text))
         self.forge_objects = ForgeObjects(unet=ModelPatcher(kmodel), clip=clip,
@@ -236,11 +242,7 @@ def test_sdxl_keys_equal_the_diffusers_backends_with_every_layer_of_both_text_en
     ldm = _ldm_sd1(clip_folder)
     sgm = _sdxl_stand_in(ldm)
     pipe = _tiny_sdxl_pipeline(sgm.conditioner.embedders[0].transformer, tmp_path)
-    kmodel = nn.Module()
-    kmodel.diffusion_model = sgm.model.diffusion_model
-    kmodel.predictor = nn.Module()
-    kmodel.predictor.register_buffer("alphas_cumprod", ldm.alphas_cumprod.clone())
-    kmodel.predictor.prediction_type = "epsilon"
+    kmodel = k_model(sgm.model.diffusion_model, ldm.alphas_cumprod)
     text = nn.ModuleDict({"clip_l": IntegratedCLIP(pipe.text_encoder), "clip_g": IntegratedCLIP(pipe.text_encoder_2)})
     engine = SimpleNamespace(is_sdxl=True, forge_objects=ForgeObjects(
         unet=ModelPatcher(kmodel), clip=SimpleNamespace(cond_stage_model=text, patcher=ModelPatcher(text)),

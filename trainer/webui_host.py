@@ -51,7 +51,6 @@ class WebUIHost:
                 from .models.webui_model import WebUIHandle
                 handle = WebUIHandle(sd_model, lock=self.queue_lock)
             self._handles = {id(sd_model): handle}  # keep no stale model alive
-            handle = self._handles[id(sd_model)]
         return handle
 
     def job_context(self, row) -> JobContext:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .handle import Cond, ModelError
-from .webui_model import WebUIHandle, weights_fingerprint
+from .webui_model import WebUIHandle
 
 #: Forge's predictor names -> ours.
 _PREDICTIONS = {"epsilon": "eps", "eps": "eps", "v_prediction": "v", "v": "v"}
@@ -200,9 +200,3 @@ class ForgeHandle(WebUIHandle):
     def _unet_kwargs(self) -> dict:
         # Forge's UNet writes into its transformer_options; its default is a shared mutable dict.
         return {"transformer_options": {}}
-
-    @property
-    def identity(self) -> str:
-        if self._identity is None:
-            self._identity = weights_fingerprint(self.arch, [self._first_stage] + [e for _, e in self._text_embedders()])
-        return self._identity

@@ -314,12 +314,12 @@ def teacher_latents(handle: ModelHandle, prompts: list[str], count: int, w: floa
     for start in range(0, count, batch_size):
         end = min(count, start + batch_size)
         log(f"teacher: generating training images {start + 1}-{end} of {count}")
-        noise = torch.stack([torch.randn((4, size[0] // f, size[1] // f), generator=torch.Generator().manual_seed(seed + i))
-                             for i in range(start, end)])
+        noise = lcm_sampling.seeded_noise(range(seed + start, seed + end), (4, size[0] // f, size[1] // f),
+                                          handle.device)
         with torch.no_grad(), handle.lock():
             cond = handle.encode_prompts(captions[start:end], size)
             uncond = handle.uncond(end - start, size)
-            chunks.append(lcm_sampling.ddim_latents(handle, noise.to(handle.device), cond, uncond,
+            chunks.append(lcm_sampling.ddim_latents(handle, noise, cond, uncond,
                                                     steps=TEACHER_SAMPLING_STEPS, cfg=w + 1).cpu())
     latents = torch.cat(chunks).contiguous()
     write_atomic(path, save({"latents": latents}, metadata={"prompts": json.dumps(captions)}))
