@@ -2,7 +2,7 @@
 
 Reference (``examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py``, as the script does it):
 a separate teacher UNet (a deep copy of the base), the student = the base UNet with the LoRA, the
-conditional and unconditional teacher passes as two separate calls. Ours (``trainer.modes.lcm``): one
+conditional and unconditional teacher passes as two separate calls. Ours (``trainer.train.modes.lcm``): one
 UNet, the teacher = the LoRA switched off, cond + uncond batched in one forward.
 
 Same model, batch, draws and LoRA weights; one run each after a warm-up. Time is wall clock of forward +
@@ -29,8 +29,8 @@ import torch
 
 from trainer.models.diffusers_model import load_handle
 from trainer.models.handle import TargetOptions
-from trainer.modes import lcm
-from trainer.network import LoraNetwork, NetworkShape
+from trainer.train.modes import lcm
+from trainer.lora.network import LoraNetwork, NetworkShape
 
 
 def rss_bytes() -> int:

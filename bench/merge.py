@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.merge import MergeInput, RankPolicy, merge_loras  # noqa: E402
+from trainer.merge.svd_merge import MergeInput, RankPolicy, merge_loras
 from trainer.models.naming import SDXL_LAYOUT, text_encoder_kohya_key, unet_kohya_key  # noqa: E402
 
 RANK, ALPHA, TARGET = 32, 16.0, 8

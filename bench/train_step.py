@@ -57,7 +57,7 @@ class OurSide:
         from PIL import Image
 
         from trainer.models.diffusers_model import DiffusersHandle
-        from trainer.modes import loop
+        from trainer.train.modes import loop
 
         data = tmp / "data"
         data.mkdir()
@@ -79,8 +79,8 @@ class OurSide:
     def job(self, steps: int) -> tuple[list[float], float]:
         """(step times, seconds from job start to the first step)."""
         from trainer import jobs
-        from trainer.modes.standard import JobContext
-        from trainer.runner import run_job
+        from trainer.train.modes.standard import JobContext
+        from trainer.train.runner import run_job
 
         stamps: list[float] = []
         ctx = JobContext(output_dir=self.tmp / "out", cache_dir=self.tmp / "cache",

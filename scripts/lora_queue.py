@@ -12,8 +12,8 @@ if str(EXTENSION_DIR) not in sys.path:
 
 from modules import call_queue, script_callbacks, scripts, shared  # noqa: E402  (the WebUI's)
 
-from trainer import xyz_axes  # noqa: E402
-from trainer.webui_host import WebUIHost  # noqa: E402
+from trainer.host import xyz_axes
+from trainer.host.webui import WebUIHost
 
 SECTION = ("lora_queue", "LoRA Queue")
 _host = None
@@ -78,7 +78,7 @@ def _register_lcm_samplers():
     try:
         from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
 
-        from trainer.lcm_sampling import register_webui_samplers
+        from trainer.sampling.lcm import register_webui_samplers
         register_webui_samplers(sd_samplers, sd_samplers_common, sd_samplers_kdiffusion)
     except Exception as e:  # a sampler list we cannot extend must not take the tab down
         print(f"LoRA Queue: LCM samplers not registered ({e})", file=sys.stderr)

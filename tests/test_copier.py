@@ -14,18 +14,19 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tiny import sd1_pipeline, sdxl_pipeline
-from trainer import jobs, lora_files
+from trainer import jobs
+from trainer.lora import files as lora_files
 from trainer.models import demo
 from trainer.models.demo import score
 from trainer.models.demo.shapes import COLOURS, caption, draw
 from trainer.models.diffusers_model import DiffusersHandle, load_handle
 from trainer.models.handle import TargetOptions
-from trainer.modes import copier
-from trainer.modes.loop import Progress
-from trainer.modes.standard import JobContext
-from trainer.network import LoraNetwork, NetworkShape
-from trainer.runner import run_job
-from trainer.sampling import sample
+from trainer.train.modes import copier
+from trainer.train.loop import Progress
+from trainer.train.modes.standard import JobContext
+from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.train.runner import run_job
+from trainer.sampling.ddim import sample
 
 
 @pytest.fixture(autouse=True)
@@ -194,7 +195,7 @@ def test_a_saved_copier_replaces_pass_1_and_gives_the_same_difference(tmp_path, 
 
 
 def test_a_job_cancelled_in_pass_2_resumes_there_with_its_copier_and_ends_as_if_uninterrupted(tmp_path, sd1):
-    from trainer.modes.loop import Stopped
+    from trainer.train.loop import Stopped
     full = run_job(_job(tmp_path, name="full", save_precision="fp32"), sd1, _ctx(tmp_path))
     ctx = _ctx(tmp_path)
 

@@ -8,9 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import (Batch, BatchSampler, DatasetError, DatasetOptions, LatentCache, TextEmbeddingCache,
-                          assign_buckets, bucket_for, collate, latent_key, load_image_tensor, make_buckets,
-                          process_caption, resize_and_crop, scan_dataset)
+from trainer.data import Batch, BatchSampler, DatasetError, DatasetOptions, LatentCache, TextEmbeddingCache, assign_buckets, bucket_for, collate, latent_key, load_image_tensor, make_buckets, process_caption, resize_and_crop, scan_dataset
 from trainer.models.handle import Cond
 
 

@@ -19,7 +19,7 @@ from test_webui_model import _inputs, _ldm_sd1, clip_folder  # noqa: F401  (clip
 from trainer.models.forge_model import ForgeHandle
 from trainer.models.handle import TargetOptions
 from trainer.models.webui_model import WebUIHandle
-from trainer.network import LoraNetwork, NetworkShape
+from trainer.lora.network import LoraNetwork, NetworkShape
 
 
 def _set_parameter(model: nn.Module, key: str, value: nn.Parameter) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from trainer import jobs, optim
-from trainer.jobs import (FIELDS, JOB_TYPES, MODES, CopierJob, DifferencePass, Field, JobError, LcmJob,
-                          PassSettings, StandardJob, job_from_dict, job_from_json, job_to_dict, job_to_json,
-                          json_schema, parameter_table_markdown, parse_optimizer_args, template, validate_paths)
-from trainer.models.handle import TARGET_SETS
-from trainer.models.naming import BLOCK_IDS
+from trainer import jobs
+from trainer.jobs import codegen
+from trainer.jobs import fields as job_fields
+from trainer.train import optim
+from trainer.jobs import FIELDS, JOB_TYPES, MODES, CopierJob, DifferencePass, Field, JobError, LcmJob, PassSettings, StandardJob, job_from_dict, job_from_json, job_to_dict, job_to_json, json_schema, parameter_table_markdown, parse_optimizer_args, template, validate_paths
+from trainer.jobs.vocabulary import BLOCK_IDS, TARGET_SETS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,13 @@ def errors_of(make, **kwargs) -> dict[str, str]:
 # --- one source of truth ---------------------------------------------------------------------
 
 def test_each_field_declared_once():
-    source = (REPO / "trainer" / "jobs.py").read_text(encoding="utf-8")
+    source = (REPO / "trainer" / "jobs" / "fields.py").read_text(encoding="utf-8")
     declared = [node.args[0].value for node in ast.walk(ast.parse(source))
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Field"]
     assert sorted(declared) == sorted(FIELDS)
     assert len(declared) == len(set(declared))
     with pytest.raises(ValueError, match="declared twice"):
-        jobs._registry(FIELDS["lr"], FIELDS["lr"])
+        job_fields._registry(FIELDS["lr"], FIELDS["lr"])
 
 
 def test_every_job_attribute_is_a_registry_field_and_appears_once_per_job():
@@ -43,17 +43,27 @@ def test_every_job_attribute_is_a_registry_field_and_appears_once_per_job():
         for f in dataclasses.fields(spec_type):
             if f.name in spec_type.parts:
                 continue
-            assert f.metadata["field"] is FIELDS[f.name], (spec_type.__name__, f.name)
+            assert f.name in FIELDS, (spec_type.__name__, f.name)
+        assert [f.name for f in dataclasses.fields(spec_type) if f.name not in spec_type.parts] == \
+            [f.name for f in spec_type.spec_fields]
     copier_top = {f.name for f in dataclasses.fields(CopierJob)}
     pass_names = {f.name for f in dataclasses.fields(DifferencePass)}
     assert not copier_top & pass_names          # a copier setting lives either on the job or in the passes
+
+
+def test_job_classes_are_generated_from_the_current_declarations():
+    # job_types.py is what type checkers read; a field changed in fields.py without regenerating fails here
+    assert codegen.TARGET.read_text(encoding="utf-8") == codegen.source(), "run python -m trainer.jobs.codegen"
+    hints = {"lr": "float", "optimizer": "OptimizerName", "blocks": "list[str]", "overwrite": "bool"}
+    for name, hint in hints.items():
+        assert StandardJob.__annotations__[name] == hint
 
 
 def test_choices_come_from_the_modules_that_implement_them():
     assert FIELDS["target_set"].choices == TARGET_SETS
     assert FIELDS["blocks"].choices == BLOCK_IDS
     assert FIELDS["optimizer"].choices == optim.OPTIMIZERS
-    assert FIELDS["lr_scheduler"].choices == optim.SCHEDULES
+    assert FIELDS["lr_scheduler"].choices == optim.LR_SCHEDULES
 
 
 def test_every_field_has_help_a_group_and_a_valid_default_in_each_scope():
@@ -286,7 +296,7 @@ def test_validate_paths_reports_missing_and_wrong_kind(tmp_path):
 
 
 def test_template_cli_prints_a_copier_job():
-    result = subprocess.run([sys.executable, "-m", "trainer.template_cli", "copier"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "trainer.cli.template", "copier"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -297,7 +307,7 @@ def test_template_cli_prints_a_copier_job():
 def test_template_cli_registers_as_a_subcommand(tmp_path, capsys):
     import argparse
 
-    from trainer import template_cli
+    from trainer.cli import template as template_cli
 
     parser = argparse.ArgumentParser(prog="trainer")
     template_cli.add_parser(parser.add_subparsers(dest="command"))
@@ -311,4 +321,4 @@ def test_template_cli_registers_as_a_subcommand(tmp_path, capsys):
 
 def test_field_declaration_rejects_unknown_modes_and_groups():
     with pytest.raises(ValueError, match="unknown"):
-        jobs._registry(Field("x", int, 0, "x", "an example field that has enough help text", "nope"))
+        job_fields._registry(Field("x", int, 0, "x", "an example field that has enough help text", "nope"))

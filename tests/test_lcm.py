@@ -14,15 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 from tiny import sd1_pipeline, sdxl_pipeline
-from trainer import jobs, lcm_sampling
-from trainer.lora_files import LoraFileError, read_metadata
+from trainer import jobs
+from trainer.sampling import lcm as lcm_sampling
+from trainer.lora.files import LoraFileError, read_metadata
 from trainer.models.diffusers_model import DiffusersHandle
 from trainer.models.handle import TargetOptions
-from trainer.modes import lcm
-from trainer.modes.standard import JobContext, build_network
-from trainer.network import LoraNetwork, NetworkShape
-from trainer.runner import run_job
-from trainer.sampling import predict_x0_eps
+from trainer.train.modes import lcm
+from trainer.train.modes.standard import JobContext, build_network
+from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.train.runner import run_job
+from trainer.sampling.ddim import predict_x0_eps
 
 torch.set_num_threads(1)
 

@@ -15,11 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.lora_formats import Geometry, LowRankDelta
-from trainer.merge import (
-    MergeError, MergeInput, RankPolicy, block_weights, builtin_presets, merge_files, merge_loras,
-    merge_module, parse_input_spec,
-)
+from trainer.lora.formats import Geometry, LowRankDelta
+from trainer.merge.svd_merge import MergeError, MergeInput, RankPolicy, block_weights, builtin_presets, merge_files, merge_loras, merge_module, parse_input_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -401,11 +398,11 @@ def test_cli_prints_the_report_and_exits_0_or_names_the_error_and_exits_2(three_
     paths, _ = three_loras
     out = tmp_path / "cli.safetensors"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    ok = subprocess.run([sys.executable, "-m", "trainer.merge_cli", f"{paths[0]}:0.6", f"{paths[1]}:-0.3:OUTD",
+    ok = subprocess.run([sys.executable, "-m", "trainer.cli.merge", f"{paths[0]}:0.6", f"{paths[1]}:-0.3:OUTD",
                          "--out", str(out), "--rank", "4", "--conv-rank", "2"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "total: 4 modules, energy kept" in ok.stdout and out.exists()
-    from trainer.merge_cli import main
+    from trainer.cli.merge import main
 
     assert main([f"{paths[0]}:0.6:NOPE", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "unknown block preset 'NOPE'" in capsys.readouterr().err

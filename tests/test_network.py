@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tiny import sd1_pipeline, sdxl_pipeline
-from trainer import lora_files
-from trainer.lora_metadata import TrainingFacts, lora_metadata
+from trainer.lora import files as lora_files
+from trainer.lora.metadata import TrainingFacts, lora_metadata
 from trainer.models.diffusers_model import DiffusersHandle
 from trainer.models.handle import TargetOptions
-from trainer.network import LoraNetwork, NetworkError, NetworkShape
+from trainer.lora.network import LoraNetwork, NetworkError, NetworkShape
 
 
 def _randomize(net: LoraNetwork, seed: int = 1, scale: float = 0.2) -> None:

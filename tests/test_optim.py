@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import optim
+from trainer.train import optim
 
 
 def _params():
     return [torch.nn.Parameter(torch.ones(3))]
 
 
-@pytest.mark.parametrize("name", optim.SCHEDULES)
+@pytest.mark.parametrize("name", optim.LR_SCHEDULES)
 def test_schedules_match_diffusers_formulas(name):
     from diffusers.optimization import get_scheduler
 

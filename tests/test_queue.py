@@ -25,14 +25,16 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 import tiny
-from trainer import jobs, lora_files, runner
+from trainer import jobs
+from trainer.lora import files as lora_files
+from trainer.train import runner
 from trainer.__main__ import main as cli
 from trainer.models.demo.shapes import draw
 from trainer.models.diffusers_model import DiffusersHandle, load_handle
-from trainer.modes.loop import Progress
-from trainer.modes.standard import JobContext
-from trainer.queue import JobQueue, QueueError, Worker, WorkerLock, kept_steps, thinning_stride
-from trainer.sampling import sample
+from trainer.train.loop import Progress
+from trainer.train.modes.standard import JobContext
+from trainer.queue.store import JobQueue, QueueError, Worker, WorkerLock, kept_steps, thinning_stride
+from trainer.sampling.ddim import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)

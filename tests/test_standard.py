@@ -16,9 +16,9 @@ from tiny import sd1_pipeline
 from trainer import jobs
 from trainer.models.diffusers_model import DiffusersHandle
 from trainer.models.demo.shapes import draw
-from trainer.modes.loop import NonFiniteLoss
-from trainer.modes.standard import JobContext
-from trainer.runner import run_job
+from trainer.train.loop import NonFiniteLoss
+from trainer.train.modes.standard import JobContext
+from trainer.train.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, handle):
             ctx.control.cancel = True
 
     ctx.events = stop_after_four
-    from trainer.modes.loop import Stopped
+    from trainer.train.loop import Stopped
     with pytest.raises(Stopped):
         run_job(_job(tmp_path, name="cut", steps=6, seed=3, save_every_n_steps=2), handle, ctx)
     assert (tmp_path / "out" / ".cut.state.pt").exists()

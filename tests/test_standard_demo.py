@@ -10,10 +10,10 @@ from trainer.data import load_image_tensor
 from trainer.models.demo.shapes import draw
 from trainer.models.diffusers_model import load_handle
 from trainer.models.handle import TargetOptions
-from trainer.modes.standard import JobContext
-from trainer.network import LoraNetwork, NetworkShape
-from trainer.runner import run_job
-from trainer.sampling import sample
+from trainer.train.modes.standard import JobContext
+from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.train.runner import run_job
+from trainer.sampling.ddim import sample
 
 CAPTION = "a red circle on a white background"
 SEEDS = (1, 2, 3)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from trainer import jobs
-from trainer.merge import MergeError
+from trainer.merge.svd_merge import MergeError
 from trainer.models.demo.shapes import draw
 from trainer.ui import form, loras, queue_view, results
 from trainer.ui.presets import PresetError, PresetStore
@@ -102,7 +102,7 @@ def test_presets_save_load_delete_by_name(tmp_path):
 # -- the queue table ------------------------------------------------------------------------------------
 
 def _row(**changes):
-    from trainer.queue import JobRow
+    from trainer.queue.store import JobRow
     base = dict(id=7, position=1, name="style<1>", mode="standard", state="running", created=0.0, started=0.0,
                 finished=None, error=None, outputs=[], resume=False, request=None, step=250, total=1000, loss=0.1,
                 smoothed_loss=0.12345, lr=1e-4, it_per_s=2.0, eta_s=375.0, phase="")
@@ -176,7 +176,7 @@ def build_and_serve(out: Path) -> dict:
 
     import gradio as gr
 
-    from trainer.queue import ProgressRow
+    from trainer.queue.store import ProgressRow
     from trainer.ui.app import standalone_app
     from trainer.ui.services import standalone_services
 

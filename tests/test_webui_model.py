@@ -28,13 +28,13 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection  # noqa: E40
 
 from test_standard import _dataset, _job  # noqa: E402
 from tiny import _scheduler, _text_config, char_tokenizer  # noqa: E402
-from trainer.lora_metadata import TrainingFacts, lora_metadata  # noqa: E402
+from trainer.lora.metadata import TrainingFacts, lora_metadata
 from trainer.models.diffusers_model import DiffusersHandle  # noqa: E402
 from trainer.models.handle import TargetOptions  # noqa: E402
 from trainer.models.webui_model import WebUIHandle, text_encoder_lora_targets  # noqa: E402
-from trainer.modes.standard import JobContext  # noqa: E402
-from trainer.network import LoraNetwork, NetworkShape  # noqa: E402
-from trainer.runner import run_job  # noqa: E402
+from trainer.train.modes.standard import JobContext
+from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.train.runner import run_job
 
 
 def _import_ldm():
@@ -445,7 +445,7 @@ def test_webui_host_trains_queued_jobs_on_the_loaded_model_and_refreshes_the_lor
     from PIL import Image
 
     from trainer import jobs
-    from trainer.webui_host import WebUIHost
+    from trainer.host.webui import WebUIHost
 
     (tmp_path / "data").mkdir()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "data" / "a.png")

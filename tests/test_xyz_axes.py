@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import types
 
-from trainer import xyz_axes
+from trainer.host import xyz_axes
 
 
 def test_lora_axis_adds_one_tag_and_strength_sets_it():

@@ -6,7 +6,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import merge_cli, queue_cli, template_cli, train_cli, ui_cli
+    from trainer.cli import merge as merge_cli
+    from trainer.cli import queue as queue_cli
+    from trainer.cli import template as template_cli
+    from trainer.cli import train as train_cli
+    from trainer.cli import ui as ui_cli
 
     parser = argparse.ArgumentParser(prog="python -m trainer", description="LoRA Queue: train, queue and merge LoRAs")
     sub = parser.add_subparsers(dest="command", required=True)

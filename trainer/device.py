@@ -10,7 +10,8 @@ import gc
 
 import torch
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
+from trainer.jobs.vocabulary import MIXED_PRECISIONS
+
 SAVE_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -20,8 +21,8 @@ def default_device() -> torch.device:
 
 def effective_precision(mixed_precision: str, device: torch.device) -> str:
     """Mixed precision only where it helps: CUDA. On CPU everything is fp32."""
-    if mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed precision must be one of {', '.join(MIXED_PRECISIONS)}, got {mixed_precision!r}")
     if torch.device(device).type != "cuda":
         return "no"
     if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():

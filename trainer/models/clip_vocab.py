@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .handle import ModelError
+from trainer.models.handle import ModelError
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -63,7 +63,7 @@ def find_bpe_file() -> Path:
 
 
 def default_cache_dir() -> Path:
-    from ..paths import cache_dir
+    from trainer.paths import cache_dir
     return cache_dir() / "clip_tokenizer"
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .. import schedules
-from . import naming
-from .handle import Cond, LoraTarget, weights_fingerprint, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, \
-    unet_path_in_target_set
+from trainer.diffusion import schedules
+from trainer.models import naming
+from trainer.models.handle import Cond, LoraTarget, weights_fingerprint, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, unet_path_in_target_set
 
 
 def arch_of_pipeline(pipe) -> str:
@@ -190,7 +189,7 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
     """``demo``, a diffusers folder or a single-file ``.safetensors`` checkpoint -> pipeline, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if model == "demo":
-        from .demo import load_pipeline as load_demo
+        from trainer.models.demo import load_pipeline as load_demo
         return load_demo(device=device, dtype=dtype)
     path = Path(model).expanduser()
     if path.is_dir():
@@ -208,12 +207,12 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
             raise ModelError(f"{path}: cannot load the diffusers model offline ({e})") from None
         return pipe.to(device)
     if path.is_file():
-        from .single_file import load_single_file
+        from trainer.models.single_file import load_single_file
         return load_single_file(path, dtype=dtype, device=device)
     raise ModelError(f"model {model!r} not found: give 'demo', a diffusers folder or a .safetensors checkpoint")
 
 
 def load_handle(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                 prediction: str | None = None) -> DiffusersHandle:
-    from ..device import default_device
+    from trainer.device import default_device
     return DiffusersHandle(load_pipeline(model, device=device or default_device(), dtype=dtype), prediction)

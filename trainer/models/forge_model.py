@@ -35,8 +35,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .handle import Cond, ModelError
-from .webui_model import WebUIHandle
+from trainer.models.handle import Cond, ModelError
+from trainer.models.webui_model import WebUIHandle
 
 #: Forge's predictor names -> ours.
 _PREDICTIONS = {"epsilon": "eps", "eps": "eps", "v_prediction": "v", "v": "v"}

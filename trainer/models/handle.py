@@ -13,7 +13,8 @@ from typing import Iterator
 
 import torch
 
-from . import naming
+from trainer.jobs.vocabulary import TARGET_SETS
+from trainer.models import naming
 
 ARCHES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("eps", "v")
@@ -75,7 +76,7 @@ class Cond:
 #: Named target sets (kohya's conventions). "attn": attention projections only;
 #: "attn_mlp": every Linear / 1x1 conv inside the transformer blocks (kohya's default LoRA);
 #: "all": that plus the resnets and down/up-samplers (LoCon).
-TARGET_SETS = ("attn", "attn_mlp", "all")
+
 
 
 @dataclass(frozen=True)

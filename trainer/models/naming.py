@@ -13,13 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from trainer.jobs.vocabulary import BLOCK_IDS
+
 UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 
-#: The 26 block slots of the LoRA Block Weight convention.
-BLOCK_IDS: tuple[str, ...] = (
-    ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
-)
 
 #: Which slots a weight list of a given length addresses, per architecture family.
 #: SD1/SD2: 17 = blocks that hold attention (plain LoRA), 26 = all (LoCon/LyCORIS).

@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .handle import ModelError
+from trainer.models.handle import ModelError
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
 
@@ -368,7 +368,7 @@ def load_single_file(path: str | os.PathLike, *, prediction: str = "auto", confi
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from .clip_vocab import PAD_CLIP_L, PAD_OPEN_CLIP, clip_tokenizer
+    from trainer.models.clip_vocab import PAD_CLIP_L, PAD_OPEN_CLIP, clip_tokenizer
 
     if prediction not in ("auto", "eps", "v"):
         raise ModelError(f"prediction must be auto, eps or v, got {prediction!r}")

@@ -34,10 +34,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from . import naming
-from .handle import Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, \
-    weights_fingerprint, \
-    unet_path_in_target_set
+from trainer.models import naming
+from trainer.models.handle import Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, weights_fingerprint, unet_path_in_target_set
 
 
 class Prompts(list):

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from .compat import asset_text, blocks_kwargs, enable_queue, run_js_on_load
-from .merge_panel import MergePanel
-from .queue_panel import QueuePanel
-from .services import UiServices
-from .train_panel import TrainPanel
+from trainer.ui.compat import asset_text, blocks_kwargs, enable_queue, run_js_on_load
+from trainer.ui.merge_panel import MergePanel
+from trainer.ui.queue_panel import QueuePanel
+from trainer.ui.services import UiServices
+from trainer.ui.train_panel import TrainPanel
 
 
 def build_ui(services: UiServices, *, standalone: bool = False) -> gr.Blocks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .. import jobs
+from trainer import jobs
 
 PASSES = ("copier_pass", "difference_pass")
 PASS_TITLES = {"copier_pass": "Pass 1: copier (learns image A)", "difference_pass": "Pass 2: difference (A -> B)"}
@@ -121,7 +121,7 @@ def place_errors(errors: Mapping[str, str], mode: str) -> tuple[dict[str, str], 
 
 def dataset_summary(folder: str, caption_extension: str = ".txt") -> str:
     """"N images found, M captions" for a dataset folder, or what is wrong with it (header-only scan)."""
-    from ..data import DatasetError, DatasetOptions, scan_dataset
+    from trainer.data import DatasetError, DatasetOptions, scan_dataset
 
     if not folder or not folder.strip():
         return ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from ..merge import MergeError, MergeInput, parse_input_spec
+from trainer.merge.svd_merge import MergeError, MergeInput, parse_input_spec
 
 
 def list_loras(folder: Path, filter_text: str = "") -> list[str]:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import jobs
-from ..merge import MergeError, RankPolicy, format_report, merge_files
-from . import loras
-from .services import UiServices
+from trainer import jobs
+from trainer.merge.svd_merge import MergeError, RankPolicy, format_report, merge_files
+from trainer.ui import loras
+from trainer.ui.services import UiServices
 
 RANK_MODES = ("rank", "auto", "concat")
 

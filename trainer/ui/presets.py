@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .. import jobs
-from ..lora_files import write_atomic
+from trainer import jobs
+from trainer.lora.files import write_atomic
 
 
 class PresetError(ValueError):

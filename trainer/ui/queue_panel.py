@@ -6,11 +6,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import jobs
-from ..queue import QueueError
-from . import queue_view, results
-from .compat import no_progress, poll
-from .services import UiServices
+from trainer import jobs
+from trainer.queue.store import QueueError
+from trainer.ui import queue_view, results
+from trainer.ui.compat import no_progress, poll
+from trainer.ui.services import UiServices
 
 OPERATIONS = (  # (label, queue method, elem id)
     ("Cancel", "cancel", "loraq_op_cancel"),

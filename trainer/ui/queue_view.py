@@ -5,7 +5,7 @@ import html
 import math
 from typing import Sequence
 
-from ..queue import JobRow, ProgressRow
+from trainer.queue.store import JobRow, ProgressRow
 
 COLUMNS = ("id", "name", "mode", "state", "progress", "loss", "ETA")
 

@@ -14,11 +14,11 @@ from typing import Sequence
 
 from PIL import Image
 
-from .. import jobs
-from ..models.handle import ModelHandle
-from ..modes.copier import copier_from_factors, read_copier_factors
-from ..network import LoraNetwork
-from ..sampling import grid_image, sample
+from trainer import jobs
+from trainer.models.handle import ModelHandle
+from trainer.train.modes.copier import copier_from_factors, read_copier_factors
+from trainer.lora.network import LoraNetwork
+from trainer.sampling.ddim import grid_image, sample
 
 #: The x axis users build by hand with the x/y/z plot: negative strength shows what the LoRA removes.
 STRENGTHS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import jobs, paths
-from ..models.handle import ModelHandle
-from ..modes.standard import JobContext
-from ..queue import JobQueue, JobRow, ModelCache, Worker
+from trainer import paths
+from trainer import jobs
+from trainer.models.handle import ModelHandle
+from trainer.train.modes.standard import JobContext
+from trainer.queue.store import JobQueue, JobRow, ModelCache, Worker
 
 
 @dataclass

@@ -5,11 +5,11 @@ from typing import Any
 
 import gradio as gr
 
-from .. import jobs
-from . import form
-from .compat import file_input, file_paths
-from .presets import PresetError, PresetStore
-from .services import UiServices
+from trainer import jobs
+from trainer.ui import form
+from trainer.ui.compat import file_input, file_paths
+from trainer.ui.presets import PresetError, PresetStore
+from trainer.ui.services import UiServices
 
 OPEN_GROUPS = ("saving", "network", "data", "training", "copier")
 PASS_GROUPS = ("network", "training", "pass2")

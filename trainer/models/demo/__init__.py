@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .shapes import BACKGROUNDS, COLOURS, SHAPES, all_combinations, caption, draw
+from trainer.models.demo.shapes import BACKGROUNDS, COLOURS, SHAPES, all_combinations, caption, draw
 
 DEMO_DIR: Path = Path(__file__).resolve().parent / "weights"
 SIZE = 64  # native resolution in pixels

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .shapes import BACKGROUNDS, COLOURS
+from trainer.models.demo.shapes import BACKGROUNDS, COLOURS
 
 # Fill ratio of the foreground's bounding box: circle pi/4, square 1, triangle 1/2.
 _CIRCLE_SQUARE_SPLIT = 0.89

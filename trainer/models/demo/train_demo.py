@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .shapes import BACKGROUNDS, COLOURS, SHAPES, all_combinations, caption, draw
+from trainer.models.demo.shapes import BACKGROUNDS, COLOURS, SHAPES, all_combinations, caption, draw
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "weights"
 MAX_LEN = 16
@@ -184,7 +184,7 @@ def make_dataset(n_per_combo: int, seed: int):
 @torch.no_grad()
 def vae_report(vae) -> dict:
     """Reconstruct every (unjittered) combination; colour errors on 0..1 scale."""
-    from . import score
+    from trainer.models.demo import score
     combos = all_combinations()
     x = to_tensor([draw(c, s, b) for c, s, b in combos])
     rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
@@ -356,7 +356,7 @@ def train_unet(pipe, steps: int, batch: int = 16, lr: float = 1e-3,
 
 @torch.no_grad()
 def sample_check(pipe, steps: int = 30, guidance: float = 5.0, seed: int = 0, grid: str | None = None):
-    from . import score
+    from trainer.models.demo import score
     combos = all_combinations()
     prompts = [caption(*c) for c in combos]
     imgs = []
@@ -396,7 +396,7 @@ def save(pipe, out: Path, tok_dir: Path) -> None:
 
 def continue_training(args) -> int:
     """More UNet steps on a saved model: the cheap way to improve prompt following."""
-    from . import load_pipeline
+    from trainer.models.demo import load_pipeline
 
     torch.set_num_threads(1)
     t_start = time.time()

@@ -1,0 +1,92 @@
+"""What LoRA Queue needs from a running WebUI, built from objects the glue passes in.
+
+``scripts/lora_queue.py`` imports the WebUI's ``modules`` and hands the pieces over; this file never
+imports them, so it is tested with stand-ins. One ``WebUIHost`` per process: the worker starts once
+(UI reloads call ``start`` again and nothing happens), and jobs train on whatever model the WebUI has
+loaded when the job starts.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer import jobs
+from trainer.models.handle import ModelError, ModelHandle
+from trainer.train.modes.standard import JobContext
+from trainer.queue.store import JobQueue, QueueEvent, Worker
+from trainer.ui.services import UiServices
+
+
+@dataclass
+class WebUIHost:
+    get_sd_model: Callable[[], Any]      # returns shared.sd_model (the model loaded right now)
+    queue_lock: Any                      # modules.call_queue.queue_lock (non-reentrant)
+    lora_dir: Path                       # the WebUI's LoRA folder (--lora-dir)
+    data_dir: Path                       # our data folder (queue, presets, uploads)
+    refresh_loras: Callable[[], None] = lambda: None   # re-list the WebUI's LoRAs after a job
+    output_subdir: str = ""              # default output folder inside the LoRA folder
+    forge_load_model_gpu: Callable[[Any], None] | None = None   # Forge: backend.memory_management.load_model_gpu
+    resume_interrupted: bool = False     # at start, resume jobs a crash or kill of the WebUI interrupted
+    _worker: Worker | None = field(default=None, init=False, repr=False)
+    _handles: dict = field(default_factory=dict, init=False, repr=False)
+    _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.lora_dir / self.output_subdir if self.output_subdir else self.lora_dir
+
+    def handle_for(self, job: jobs.Job | None = None) -> ModelHandle:
+        """The loaded model as a ModelHandle (Forge's or A1111's); one handle per loaded model object."""
+        sd_model = self.get_sd_model()
+        if sd_model is None:
+            raise ModelError("no model is loaded in the WebUI: choose a checkpoint at the top of the page")
+        handle = self._handles.get(id(sd_model))
+        if handle is None or handle.sd_model is not sd_model:
+            if hasattr(sd_model, "forge_objects"):
+                from trainer.models.forge_model import ForgeHandle
+                handle = ForgeHandle(sd_model, lock=self.queue_lock, load_model_gpu=self.forge_load_model_gpu)
+            else:
+                from trainer.models.webui_model import WebUIHandle
+                handle = WebUIHandle(sd_model, lock=self.queue_lock)
+            self._handles = {id(sd_model): handle}  # keep no stale model alive
+        return handle
+
+    def job_context(self, row) -> JobContext:
+        return JobContext(output_dir=self.output_dir, cache_dir=self.data_dir / "cache")
+
+    def services(self) -> UiServices:
+        self.start()
+        label = getattr(self.get_sd_model(), "sd_checkpoint_info", None)
+        return UiServices(queue=self._worker.queue, handle_for=self.handle_for, lora_dir=self.output_dir,
+                          data_dir=self.data_dir, cache_dir=self.data_dir / "cache", worker=self._worker,
+                          model_label=getattr(label, "name", "") or "the WebUI's loaded model")
+
+    def start(self) -> Worker:
+        """Start the worker once per process (idempotent across UI reloads)."""
+        with self._start_lock:
+            if self._worker is None:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                queue = JobQueue(self.data_dir / "queue.sqlite")
+                if self.resume_interrupted:
+                    queue.resume_interrupted()
+                worker = Worker(queue, self.handle_for, self.job_context)
+                worker.subscribe(self._on_event)
+                worker.start()
+                self._worker = worker
+        return self._worker
+
+    def _on_event(self, event: QueueEvent) -> None:
+        if event.kind == "state" and event.state == "done":
+            self.refresh_loras()
+
+    def list_loras(self) -> list[str]:
+        """Names for the x/y/z LoRA axis: our outputs (final files and checkpoints), newest first."""
+        files = sorted(self.output_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return [p.stem for p in files]
+
+    def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None

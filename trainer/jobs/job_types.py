@@ -1,0 +1,201 @@
+"""The job classes, generated from trainer/jobs/fields.py by ``python -m trainer.jobs.codegen``; do not edit."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from trainer.jobs.specs import CopierRules, Job, _Spec, typed_spec
+from trainer.jobs.vocabulary import LossType, LrSchedule, MixedPrecision, OptimizerName, PredictionChoice, SavePrecision, TargetSet
+
+
+@typed_spec('copier_pass')
+@dataclass(frozen=True)
+class PassSettings(_Spec):
+    """Network and training settings of one copier pass (pass 1, the copier)."""
+
+    network_dim: int = 16
+    network_alpha: float = 16.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    blocks: list[str] = field(default_factory=list)
+    steps: int = 500
+    batch_size: int = 2
+    lr: float = 0.0005
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'cosine'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    timestep_min: int = 0
+    timestep_max: int = 1000
+    seed: int = 42
+
+
+@typed_spec('difference_pass')
+@dataclass(frozen=True)
+class DifferencePass(PassSettings):
+    """Settings of copier pass 2 (the difference); ``same_as_pass1`` reuses pass 1's training settings."""
+
+    network_dim: int = 8
+    network_alpha: float = 8.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    blocks: list[str] = field(default_factory=list)
+    steps: int = 500
+    batch_size: int = 2
+    lr: float = 0.0001
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'cosine'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    timestep_min: int = 0
+    timestep_max: int = 1000
+    seed: int = 42
+    same_as_pass1: bool = True
+
+
+@typed_spec('standard')
+@dataclass(frozen=True)
+class StandardJob(Job):
+    """Standard LoRA training: a folder of captioned images -> one LoRA."""
+
+    mode: ClassVar[Literal['standard']] = 'standard'
+    name: str = 'my_lora'
+    output_dir: str = ''
+    overwrite: bool = False
+    save_every_n_steps: int = 0
+    save_precision: SavePrecision = 'fp16'
+    model: str = ''
+    prediction: PredictionChoice = 'auto'
+    mixed_precision: MixedPrecision = 'bf16'
+    gradient_checkpointing: bool = False
+    network_dim: int = 16
+    network_alpha: float = 8.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    target_set: TargetSet = 'attn_mlp'
+    train_text_encoder: bool = False
+    blocks: list[str] = field(default_factory=list)
+    init_lora: str = ''
+    dataset_dir: str = ''
+    trigger_word: str = ''
+    caption_extension: str = '.txt'
+    shuffle_captions: bool = False
+    keep_tokens: int = 0
+    caption_dropout: float = 0.0
+    flip_horizontal: bool = False
+    resolution: int = 512
+    enable_buckets: bool = True
+    bucket_no_upscale: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    lr: float = 0.0001
+    text_encoder_lr: float = 5e-05
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'constant'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    timestep_min: int = 0
+    timestep_max: int = 1000
+    seed: int = 42
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0
+
+
+@typed_spec('copier')
+@dataclass(frozen=True)
+class CopierJob(CopierRules, Job):
+    """Copier two-pass difference: pass 1 learns image A (the copier), pass 2 learns A -> B on top of it.
+
+    ``passes()`` gives the two passes as they run (pass 2 resolved through ``same_as_pass1``)."""
+
+    mode: ClassVar[Literal['copier']] = 'copier'
+    parts: ClassVar[dict[str, type]] = {'copier_pass': PassSettings, 'difference_pass': DifferencePass}
+    name: str = 'my_difference'
+    output_dir: str = ''
+    overwrite: bool = False
+    save_every_n_steps: int = 0
+    save_precision: SavePrecision = 'fp16'
+    model: str = ''
+    prediction: PredictionChoice = 'auto'
+    mixed_precision: MixedPrecision = 'bf16'
+    gradient_checkpointing: bool = False
+    target_set: TargetSet = 'attn_mlp'
+    train_text_encoder: bool = False
+    resolution: int = 512
+    text_encoder_lr: float = 5e-05
+    max_grad_norm: float = 1.0
+    min_snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    image_a: list[str] = field(default_factory=list)
+    image_b: list[str] = field(default_factory=list)
+    prompt: str = ''
+    copier_file: str = ''
+    save_copier: bool = False
+    swap_ab: bool = False
+    use_mask: bool = False
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0
+    copier_pass: PassSettings = field(default_factory=PassSettings)
+    difference_pass: DifferencePass = field(default_factory=DifferencePass)
+
+
+@typed_spec('lcm')
+@dataclass(frozen=True)
+class LcmJob(Job):
+    """LCM distillation into a LoRA (LCM-LoRA) from a dataset or from prompts."""
+
+    mode: ClassVar[Literal['lcm']] = 'lcm'
+    name: str = 'my_lcm_lora'
+    output_dir: str = ''
+    overwrite: bool = False
+    save_every_n_steps: int = 0
+    save_precision: SavePrecision = 'fp16'
+    model: str = ''
+    prediction: PredictionChoice = 'auto'
+    mixed_precision: MixedPrecision = 'bf16'
+    gradient_checkpointing: bool = False
+    network_dim: int = 64
+    network_alpha: float = 64.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    target_set: TargetSet = 'attn_mlp'
+    blocks: list[str] = field(default_factory=list)
+    init_lora: str = ''
+    dataset_dir: str = ''
+    resolution: int = 512
+    steps: int = 1000
+    batch_size: int = 4
+    gradient_accumulation: int = 1
+    lr: float = 0.0001
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'constant'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    prompts_file: str = ''
+    prompts: list[str] = field(default_factory=list)
+    num_generated_images: int = 200
+    num_ddim_timesteps: int = 50
+    guidance_scale: float = 7.5
+    guidance_scale_max: float = 0.0
+    loss_type: LossType = 'huber'
+    huber_c: float = 0.001
+    use_ema_target: bool = False
+    ema_decay: float = 0.95
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0

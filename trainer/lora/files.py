@@ -1,0 +1,178 @@
+"""Reading and writing kohya-format LoRA safetensors files, safely.
+
+We read safetensors only (never pickle), check the header before trusting it, and write atomically
+(temporary name, fsync, rename) so a crash never leaves a half-written LoRA under its real name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class LoraFileError(ValueError):
+    """A LoRA file cannot be used; the message names the file and the problem."""
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """Validated safetensors header (tensor entries + ``__metadata__``) and the data offset.
+
+    Refuses pickle/zip checkpoints without unpickling them, and truncated files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LoraFileError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LoraFileError(f"{path.name}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            # torch.save writes a zip ("PK"); older checkpoints are raw pickles (0x80, protocol byte).
+            if head[:2] == b"PK" or (head[0] == 0x80 and head[1] in range(2, 6)):
+                raise LoraFileError(f"{path.name}: this is a pickle (.ckpt/.pt) file; LoRA Queue loads "
+                                    ".safetensors only, because pickle files can run code when loaded")
+            raise LoraFileError(f"{path.name}: not a safetensors file, or truncated (header of {n} bytes "
+                                f"in a file of {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraFileError(f"{path.name}: not a safetensors file (unreadable header: {e})") from None
+    if not isinstance(header, dict):
+        raise LoraFileError(f"{path.name}: not a safetensors file (header is not a table)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise LoraFileError(f"{path.name}: truncated: the header promises {8 + n + end} bytes, the file has {size}; "
+                            "the download or copy did not finish")
+    return header, 8 + n
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    header, _ = read_header(path)
+    return dict(header.get("__metadata__") or {})
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    read_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise LoraFileError(f"{Path(path).name}: cannot read tensors ({e})") from None
+
+
+def arch_family_of_keys(keys) -> str:
+    """``sdxl`` or ``sd`` (SD1/SD2) from kohya key spellings; ``unknown`` if neither shows."""
+    keys = list(keys)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
+                         "lora_unet_middle_block")) for k in keys):
+        return "sdxl"
+    if any(k.startswith(("lora_te_", "lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block"))
+           for k in keys):
+        return "sd"
+    return "unknown"
+
+
+def read_lora_factors(path: str | Path, expected_arch: str | None = None
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{kohya key: (down, up, alpha)} in float32 from a LoRA/LoCon file."""
+    path = Path(path)
+    tensors = load_tensors(path)
+    names = {k.split(".", 1)[0] for k in tensors}
+    family = arch_family_of_keys(names)
+    if expected_arch is not None and family != "unknown" and family != ("sdxl" if expected_arch == "sdxl" else "sd"):
+        raise LoraFileError(f"{path.name}: this LoRA is for {'SDXL' if family == 'sdxl' else 'SD1/SD2'}, "
+                            f"the model is {expected_arch.upper()}")
+    factors = {}
+    for name in sorted(names):
+        down = tensors.get(f"{name}.lora_down.weight")
+        up = tensors.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            other = next(k for k in tensors if k.startswith(name + "."))
+            raise LoraFileError(f"{path.name}: {other} is not a LoRA/LoCon tensor (LoHa, LoKr, DoRA and PEFT "
+                                "files can be merged but not used as a starting point)")
+        alpha = tensors.get(f"{name}.alpha")
+        rank = down.shape[0]
+        factors[name] = (down.float(), up.float(), float(alpha) if alpha is not None else float(rank))
+    if not factors:
+        raise LoraFileError(f"{path.name}: holds no LoRA tensors")
+    return factors
+
+
+@torch.no_grad()
+def resize_factors(down: torch.Tensor, up: torch.Tensor, scale: float, rank: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (scale 1) of ``scale * up @ down``, by the merge's factor-space SVD.
+
+    Returns factors in the input shapes' layout; a larger rank pads with zeros (exact).
+    """
+    from trainer.merge.svd_merge import factor_space_svd, split_singular_values
+
+    out_dim = up.shape[0]
+    svd = factor_space_svd((up.flatten(1) * scale).double(), down.flatten(1).T.double())
+    keep = min(rank, svd.s.numel())
+    new_up, new_down = split_singular_values(svd, keep, 1.0)
+    if keep < rank:
+        new_up = torch.cat([new_up, new_up.new_zeros(out_dim, rank - keep)], 1)
+        new_down = torch.cat([new_down, new_down.new_zeros(rank - keep, new_down.shape[1])], 0)
+    return (new_down.reshape(rank, *down.shape[1:]).to(down.dtype),
+            new_up.reshape(out_dim, rank, *up.shape[2:]).to(up.dtype))
+
+
+def safetensors_data_hash(blob: bytes) -> str:
+    """sha256 of the tensor bytes after the header (kohya's ``sshs_model_hash``, A1111's addnet hash)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(blob[8 + n:]).hexdigest()
+
+
+def legacy_hash(blob: bytes) -> str:
+    """kohya's ``sshs_legacy_hash``: first 8 hex of sha256 over the 64 KiB at offset 1 MiB of the file."""
+    return hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+def write_atomic(path: str | Path, blob: bytes) -> Path:
+    """Write ``blob`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+_LEGACY_PLACEHOLDER = "?" * 8
+
+
+def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """Serialise with hashes of exactly the bytes written, then write atomically.
+
+    The tensor bytes do not depend on the header, so ``sshs_model_hash`` is known before the header is
+    final; the legacy hash covers a fixed file offset, so it is computed with a same-length placeholder
+    in the header (the offsets do not move) and written over it.
+    """
+    digest = safetensors_data_hash(save(tensors))
+    meta = {k: str(v) for k, v in metadata.items()}
+    meta.update({"sshs_model_hash": digest, "modelspec.hash_sha256": "0x" + digest,
+                 "sshs_legacy_hash": _LEGACY_PLACEHOLDER})
+    blob = bytearray(save(tensors, metadata=meta))
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = bytes(blob[8:8 + n]).replace(f'"{_LEGACY_PLACEHOLDER}"'.encode(), f'"{legacy_hash(bytes(blob))}"'.encode(), 1)
+    blob[8:8 + n] = header
+    if safetensors_data_hash(bytes(blob)) != digest:  # the tensor bytes must not depend on the header
+        raise RuntimeError("safetensors changed the tensor bytes when metadata was added")
+    return write_atomic(path, bytes(blob))

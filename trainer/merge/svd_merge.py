@@ -1,0 +1,672 @@
+"""SVD merge of several LoRAs into one, exactly, in factor space.
+
+For one module, input ``i`` contributes ``c_i * U_i @ D_i`` with ``c_i = ratio_i * block_weight_i *
+alpha_i / rank_i``. The exact sum is ``U @ D`` with the stacked factors ``U = [c_1 U_1, ..., c_n U_n]``
+[out, R] and ``D = [D_1; ...; D_n]`` [R, in*k*k], R = sum of the ranks. With thin QRs ``U = Qu Ru``
+and ``D^T = Qv Rv``, ``U @ D = Qu (Ru Rv^T) Qv^T``: the SVD of the small R x R core gives the SVD
+of the sum, so truncating it is the optimal (Eckart-Young) truncation of the sum, and no out x in
+matrix is ever built. LoHa/LoKr deltas have no small factor form and are the only dense case.
+
+Everything here is pure except :func:`load_inputs` (reads safetensors, never pickles) and
+:func:`save_merged` (atomic write).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from trainer.lora import files as lora_files
+from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, arch_from_keys, arch_from_metadata, group_keys, kernel_from_name, kohya_module_name, module_delta
+from trainer.jobs.vocabulary import BLOCK_IDS
+from trainer.models.naming import BLOCK_SLOTS, block_id_of_key
+
+
+class MergeError(Exception):
+    """A merge that cannot be done as asked; the message names the file, key or field."""
+
+
+# --- inputs: "name:ratio[:blocks]" ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MergeInput:
+    """One input LoRA: its path, ratio and optional block weights (preset name or value list)."""
+
+    path: str
+    ratio: float = 1.0
+    blocks: str | None = None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def parse_input_spec(spec: str) -> MergeInput:
+    """``"a.safetensors:0.6:OUTD"`` -> MergeInput; split from the right so ``C:\\x`` paths work."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) == 3 and _is_number(parts[1]) and parts[0]:
+        return MergeInput(parts[0], float(parts[1]), parts[2] or None)
+    parts = spec.rsplit(":", 1)
+    if len(parts) == 2 and _is_number(parts[1]) and parts[0]:
+        return MergeInput(parts[0], float(parts[1]))
+    return MergeInput(spec)
+
+
+# --- block weights -----------------------------------------------------------------------------
+
+#: LoRA Block Weight's built-in presets (17 values: SD1/SD2 attention blocks).
+BUILTIN_PRESETS_SD = """\
+NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+INS:1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
+IND:1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0
+INALL:1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0
+MIDD:1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
+OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
+OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5
+"""
+
+#: The same names for SDXL's 12 attention slots (BASE IN04 IN05 IN07 IN08 M00 OUT00..OUT05), by
+#: analogy: IN04/IN05 and OUT03-05 are the shallow blocks, IN07/IN08 and OUT00-02 the deep ones.
+BUILTIN_PRESETS_SDXL = """\
+NONE:0,0,0,0,0,0,0,0,0,0,0,0
+ALL:1,1,1,1,1,1,1,1,1,1,1,1
+INS:1,1,1,0,0,0,0,0,0,0,0,0
+IND:1,0,0,1,1,0,0,0,0,0,0,0
+INALL:1,1,1,1,1,0,0,0,0,0,0,0
+MIDD:1,0,0,1,1,1,1,1,1,0,0,0
+OUTD:1,0,0,0,0,0,1,1,1,0,0,0
+OUTS:1,0,0,0,0,0,0,0,0,1,1,1
+OUTALL:1,0,0,0,0,0,1,1,1,1,1,1
+ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5
+"""
+
+
+def parse_presets(text: str, source: str = "presets") -> dict[str, list[float]]:
+    """LoRA Block Weight's preset file: one ``NAME:v1,v2,...`` a line; blank and ``#`` lines skipped."""
+    presets: dict[str, list[float]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, values = line.partition(":")
+        if not sep:
+            raise MergeError(f"{source} line {number}: expected NAME:v1,v2,..., got {line!r}")
+        presets[name.strip()] = parse_block_values(values, f"{source} line {number} ({name.strip()})")
+    return presets
+
+
+def parse_block_values(text: str, where: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MergeError(f"{where}: block weights must be numbers separated by commas, got {text!r}") from None
+
+
+def builtin_presets(arch: str) -> dict[str, list[float]]:
+    return parse_presets(BUILTIN_PRESETS_SDXL if arch == "sdxl" else BUILTIN_PRESETS_SD, "built-in presets")
+
+
+def block_weights(blocks: str, arch: str, presets: Mapping[str, list[float]], where: str) -> dict[str, float]:
+    """Block id -> weight for a preset name or value list. Blocks the list does not address get 0
+    (SuperMerger's rule), so a 17-value list drops the LoCon-only blocks."""
+    spec = blocks.strip()
+    if spec in presets:
+        values, what = presets[spec], f"preset '{spec}'"
+    elif "," in spec or _is_number(spec):
+        values, what = parse_block_values(spec, where), "block list"
+    else:
+        raise MergeError(f"{where}: unknown block preset '{spec}' (known: {', '.join(sorted(presets))})")
+    slots = BLOCK_SLOTS[arch].get(len(values))
+    if slots is None:
+        allowed = " or ".join(str(n) for n in sorted(BLOCK_SLOTS[arch]))
+        raise MergeError(f"{where}: {what} has {len(values)} values; {arch.upper()} takes {allowed}")
+    weights = dict.fromkeys(BLOCK_IDS, 0.0)
+    weights.update(zip(slots, values))
+    return weights
+
+
+# --- rank policy ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """Target rank: fixed ``rank`` (``conv_rank`` for k>1 convs), ``energy`` = auto, or ``concat``.
+
+    With ``energy`` set, ``rank``/``conv_rank`` (if given) cap the automatic rank.
+    """
+
+    rank: int | None = 8
+    conv_rank: int | None = None
+    energy: float | None = None
+    concat: bool = False
+
+    def validate(self) -> None:
+        for name in ("rank", "conv_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MergeError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise MergeError(f"auto energy fraction must be in (0, 1], got {self.energy!r}")
+        if self.rank is None and self.energy is None and not self.concat:
+            raise MergeError("rank: give a rank, auto, or concat")
+
+    def describe(self) -> str:
+        if self.concat:
+            return "concat (lossless)"
+        text = f"auto {self.energy:g}" if self.energy is not None else f"rank {self.rank}"
+        if self.energy is not None and self.rank is not None:
+            text += f" (max {self.rank})"
+        if self.conv_rank is not None:
+            text += f", conv rank {self.conv_rank}"
+        return text
+
+
+def energy_rank(singular_values: torch.Tensor, fraction: float) -> int:
+    """Smallest r with ``sum(s[:r]^2) >= fraction * sum(s^2)``."""
+    energy = singular_values.double() ** 2
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0
+    cumulative = torch.cumsum(energy, 0) / total
+    # tolerance: fraction 1.0 must not ask for ranks past the numerical rank
+    return int(torch.searchsorted(cumulative, torch.tensor(fraction - 1e-12, dtype=cumulative.dtype)).item()) + 1
+
+
+def truncation_rank(singular_values: torch.Tensor, policy: RankPolicy, spatial_conv: bool, cap: int) -> int:
+    """The rank a module keeps under ``policy``, never above ``cap`` nor above its non-zero count."""
+    nonzero = int((singular_values > 0).sum())
+    if policy.concat:
+        wanted = cap
+    else:
+        fixed = policy.conv_rank if spatial_conv and policy.conv_rank is not None else policy.rank
+        wanted = energy_rank(singular_values, policy.energy) if policy.energy is not None else fixed
+        if policy.energy is not None and fixed is not None:
+            wanted = min(wanted, fixed)
+    return max(0, min(wanted, cap, nonzero))
+
+
+# --- the math -------------------------------------------------------------------------------------
+
+def stack_scaled_factors(terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
+                         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[(up_i, down_i, c_i)]`` -> ``U = [c_i up_i]`` [out, R], ``V = [down_i]^T`` [in, R]; U @ V^T = sum."""
+    U = torch.cat([up.to(dtype) * c for up, _, c in terms], dim=1)
+    V = torch.cat([down.to(dtype) for _, down, _ in terms], dim=0).T
+    return U, V
+
+
+class Householder:
+    """An orthonormal basis Q [m, k] kept as LAPACK reflectors (``geqrf``), never formed.
+
+    Applying Q to r columns costs O(m k r); forming it would cost O(m k^2), as much as the QR.
+    """
+
+    def __init__(self, reflectors: torch.Tensor, tau: torch.Tensor):
+        self.reflectors, self.tau = reflectors, tau
+        self.rows, self.k = reflectors.shape[0], tau.shape[0]
+
+    def apply(self, coords: torch.Tensor) -> torch.Tensor:
+        """``Q @ coords`` for coords [k, r]."""
+        padded = coords.new_zeros(self.rows, coords.shape[1])
+        padded[: self.k] = coords
+        return torch.ormqr(self.reflectors, self.tau, padded)
+
+    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        """``Q^T @ x`` for x [m, r]."""
+        return torch.ormqr(self.reflectors, self.tau, x, transpose=True)[: self.k]
+
+
+class ExplicitBasis:
+    """The same interface over a formed Q (dense SVD of LoHa/LoKr deltas)."""
+
+    def __init__(self, q: torch.Tensor):
+        self.q = q
+
+    def apply(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.q @ coords
+
+    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q.T @ x
+
+
+def householder_qr(x: torch.Tensor) -> tuple[Householder, torch.Tensor]:
+    """Thin QR ``x = Q R`` with Q as reflectors; R is [min(m, n), n]."""
+    reflectors, tau = torch.geqrf(x)
+    return Householder(reflectors, tau), torch.triu(reflectors[: tau.shape[0]])
+
+
+@dataclass(frozen=True)
+class ThinSVD:
+    """``delta W = left diag(s) right^T`` with ``left = basis_u @ core_u``, ``right = basis_v @ core_v``."""
+
+    s: torch.Tensor
+    basis_u: Householder | ExplicitBasis
+    core_u: torch.Tensor
+    basis_v: Householder | ExplicitBasis
+    core_v: torch.Tensor
+
+    def left(self, rank: int) -> torch.Tensor:
+        return self.basis_u.apply(self.core_u[:, :rank])
+
+    def right(self, rank: int) -> torch.Tensor:
+        return self.basis_v.apply(self.core_v[:, :rank])
+
+    def left_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``left^T @ x`` for every singular vector, through the basis (no [out, k] product)."""
+        return self.core_u.T @ self.basis_u.apply_transpose(x)
+
+    def right_t(self, y: torch.Tensor) -> torch.Tensor:
+        return self.core_v.T @ self.basis_v.apply_transpose(y)
+
+
+def factor_space_svd(U: torch.Tensor, V: torch.Tensor) -> ThinSVD:
+    """SVD of ``U @ V^T`` without forming it: QR both sides, SVD of the small core ``Ru Rv^T``."""
+    basis_u, Ru = householder_qr(U)
+    basis_v, Rv = householder_qr(V)
+    P, s, Qt = torch.linalg.svd(Ru @ Rv.T, full_matrices=False)
+    return ThinSVD(s, basis_u, P, basis_v, Qt.T)
+
+
+def dense_svd(weight: torch.Tensor) -> ThinSVD:
+    """Thin SVD of a dense delta (LoHa/LoKr only)."""
+    left, s, right_t = torch.linalg.svd(weight, full_matrices=False)
+    eye = torch.eye(s.shape[0], dtype=s.dtype)
+    return ThinSVD(s, ExplicitBasis(left), eye, ExplicitBasis(right_t.T), eye)
+
+
+def split_singular_values(svd: ThinSVD, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors with ``scale * up @ down = left_r diag(s_r) right_r^T``.
+
+    sqrt(s) on each side keeps both factors in the same range (fp16 has little headroom).
+    """
+    root = torch.sqrt(svd.s[:rank] / scale)
+    return svd.left(rank) * root, (svd.right(rank) * root).T
+
+
+def quantile_clamp(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya ``svd_merge_lora.py``'s outlier clamp: both factors to +-(quantile of their values)."""
+    values = torch.cat([up.flatten(), down.flatten()])
+    if values.numel() > 16_000_000:  # torch.quantile's limit; a strided sample estimates it
+        values = values[:: values.numel() // 16_000_000 + 1]
+    high = torch.quantile(values, quantile).item()
+    return up.clamp(-high, high), down.clamp(-high, high)
+
+
+def frobenius_error_of_factors(svd: ThinSVD, up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
+    """``||left diag(s) right^T - scale up @ down||_F`` through r x r and k x r products only."""
+    s = svd.s
+    up, down = up.to(s.dtype), down.to(s.dtype)
+    exact_sq = float((s ** 2).sum())
+    stored_sq = scale ** 2 * float(((up.T @ up) * (down @ down.T)).sum())
+    cross = scale * float((s * torch.diagonal(svd.left_t(up) @ svd.right_t(down.T).T)).sum())
+    return math.sqrt(max(exact_sq + stored_sq - 2.0 * cross, 0.0))
+
+
+# --- one module --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModuleReport:
+    name: str
+    block: str | None
+    rank: int
+    input_rank: int
+    energy: float            # ||exact delta W||_F^2
+    retained_energy: float   # fraction of the energy the kept singular values hold
+    relative_error: float    # ||stored - exact||_F / ||exact||_F, with the stored dtype
+
+    def as_dict(self) -> dict:
+        return {"module": self.name, "block": self.block, "rank": self.rank, "input_rank": self.input_rank,
+                "retained_energy": self.retained_energy, "relative_error": self.relative_error}
+
+
+@dataclass(frozen=True)
+class MergedModule:
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float
+    geometry: Geometry
+    report: ModuleReport
+
+
+def resolve_geometry(name: str, arch: str, deltas: Sequence[tuple[str, ModuleDelta]]) -> Geometry:
+    """One weight shape for the module, or an error naming the files that disagree."""
+    flat = {(d.geometry.out_features, d.geometry.flat_in) for _, d in deltas}
+    exact = {d.geometry for _, d in deltas if d.geometry.kernel_known}
+    if len(flat) > 1 or len(exact) > 1:
+        shapes = ", ".join(f"'{f}' {d.geometry.describe()}" for f, d in deltas)
+        raise MergeError(f"module '{name}': inputs disagree on its shape ({shapes})")
+    if exact:
+        return exact.pop()
+    # only LoHa inputs storing in*k*k: the SD UNet's kernel for this name
+    out, flat_in = flat.pop()
+    kernel = kernel_from_name(name, arch)
+    kh, kw = kernel or (1, 1)
+    if flat_in % (kh * kw):
+        kernel, kh, kw = None, 1, 1
+    return Geometry(out, flat_in // (kh * kw), kernel)
+
+
+def merge_module(name: str, arch: str, weighted: Sequence[tuple[str, ModuleDelta, float]], policy: RankPolicy, *,
+                 alpha: float | None = None, clamp: float | None = None, out_dtype: torch.dtype = torch.float16,
+                 compute_dtype: torch.dtype = torch.float32) -> MergedModule | None:
+    """Merge one module's ``(file, delta, ratio * block weight)`` terms; None when nothing is left."""
+    terms = [(f, d, w) for f, d, w in weighted if w != 0.0]
+    if not terms:
+        return None
+    geometry = resolve_geometry(name, arch, [(f, d) for f, d, _ in terms])
+    input_rank = sum(d.rank for _, d, _ in terms)
+    if any(isinstance(d, DenseDelta) for _, d, _ in terms):
+        dense = sum(_dense(d, compute_dtype) * w for _, d, w in terms)
+        svd = dense_svd(dense)
+    else:
+        U, V = stack_scaled_factors([(d.up, d.down, w * d.scale) for _, d, w in terms], compute_dtype)
+        svd = factor_space_svd(U, V)
+    s = svd.s
+    cap = min(geometry.out_features, geometry.flat_in, input_rank)
+    rank = truncation_rank(s, policy, geometry.is_spatial_conv, cap)
+    if rank == 0:
+        return None
+    out_alpha = float(rank) if alpha is None else float(alpha)
+    scale = out_alpha / rank
+    if clamp is not None:
+        # kohya's split (s on the up side) so the clamp cuts the same values as svd_merge_lora.py
+        up, down = quantile_clamp(svd.left(rank) * s[:rank], svd.right(rank).T, clamp)
+        up, down = up / math.sqrt(scale), down / math.sqrt(scale)
+    else:
+        up, down = split_singular_values(svd, rank, scale)
+    up, down = up.to(out_dtype), down.to(out_dtype)
+    energy = float((s.double() ** 2).sum())
+    error = frobenius_error_of_factors(svd, up, down, scale)
+    report = ModuleReport(
+        name=name, block=_block_of(name, arch), rank=rank, input_rank=input_rank, energy=energy,
+        retained_energy=float((s[:rank].double() ** 2).sum()) / energy if energy else 1.0,
+        relative_error=error / math.sqrt(energy) if energy else 0.0,
+    )
+    return MergedModule(up.reshape(geometry.up_shape(rank)).contiguous(),
+                        down.reshape(geometry.down_shape(rank)).contiguous(), out_alpha, geometry, report)
+
+
+def _dense(delta: ModuleDelta, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(delta, DenseDelta):
+        return delta.weight.to(dtype)
+    return (delta.up.to(dtype) * delta.scale) @ delta.down.to(dtype)
+
+
+def _block_of(name: str, arch: str) -> str | None:
+    try:
+        return block_id_of_key(name, arch)
+    except ValueError:
+        return None
+
+
+# --- files -------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedInput:
+    """An opened input: its groups by kohya module name, metadata and architecture."""
+
+    spec: MergeInput
+    arch: str
+    arch_certain: bool
+    metadata: dict[str, str]
+    groups: dict[str, KeyGroup] = field(repr=False)
+    handle: object = field(repr=False, default=None)
+
+
+def check_safetensors_file(path: str) -> None:
+    """Refuse pickles, truncated and non-safetensors files by their header (nothing is unpickled, ever)."""
+    try:
+        lora_files.read_header(path)
+    except lora_files.LoraFileError as e:
+        raise MergeError(f"'{path}': {e}") from None
+
+
+def load_input(spec: MergeInput) -> LoadedInput:
+    """Open one input lazily (tensors are read module by module) and group its keys."""
+    from safetensors import SafetensorError, safe_open
+
+    check_safetensors_file(spec.path)
+    try:
+        handle = safe_open(spec.path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        if "not fully covered" in str(e) or "incomplete" in str(e):
+            raise MergeError(f"'{spec.path}' is truncated: {e}") from None
+        raise MergeError(f"'{spec.path}' is not a safetensors file: {e}") from None
+    metadata = dict(handle.metadata() or {})
+    keys = list(handle.keys())
+    if not keys:
+        raise MergeError(f"'{spec.path}' holds no tensors")
+    try:
+        meta_arch = arch_from_metadata(metadata)
+    except LoraFormatError as e:
+        raise MergeError(f"'{spec.path}': {e}") from None
+    key_arch = arch_from_keys(keys)
+    if meta_arch and key_arch and (meta_arch == "sdxl") != (key_arch == "sdxl"):
+        raise MergeError(f"'{spec.path}': metadata says {meta_arch.upper()} but its keys are "
+                         f"{key_arch.upper()}-style")
+    arch = meta_arch or key_arch
+    if arch is None:
+        raise MergeError(f"'{spec.path}': cannot tell SD1/SD2 from SDXL (no ss_base_model_version, "
+                         f"no lora_unet_/lora_te keys; first key '{keys[0]}')")
+
+    def load(key: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for damaged data
+            raise MergeError(f"'{spec.path}': tensor '{key}' cannot be read: {e}") from None
+
+    try:
+        raw = group_keys(keys, spec.path, load)
+        groups = {kohya_module_name(m, arch): g for m, g in raw.items()}
+    except LoraFormatError as e:
+        raise MergeError(str(e)) from None
+    return LoadedInput(spec, arch, meta_arch is not None, metadata, groups, handle)
+
+
+def common_arch(inputs: Sequence[LoadedInput]) -> str:
+    """The inputs' shared architecture; SD1 and SDXL (or SD1 and SD2 by metadata) never mix."""
+    families = {i.arch == "sdxl" for i in inputs}
+    if len(families) > 1:
+        listing = ", ".join(f"'{i.spec.path}' {i.arch.upper()}" for i in inputs)
+        raise MergeError(f"cannot merge LoRAs of different base models: {listing}")
+    certain = {i.arch for i in inputs if i.arch_certain}
+    if len(certain) > 1:
+        listing = ", ".join(f"'{i.spec.path}' {i.arch.upper()}" for i in inputs if i.arch_certain)
+        raise MergeError(f"cannot merge LoRAs of different base models (ss_base_model_version): {listing}")
+    return certain.pop() if certain else inputs[0].arch
+
+
+# --- the whole merge -----------------------------------------------------------------------------
+
+#: fp64 is for tests and analysis; hosts load fp16/bf16/fp32.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+DEFAULT_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+@dataclass
+class MergeResult:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    modules: list[ModuleReport]
+    arch: str
+
+    @property
+    def totals(self) -> dict:
+        return merge_totals(self.modules)
+
+
+def merge_totals(modules: Sequence[ModuleReport]) -> dict:
+    """Energy-weighted totals: retained fraction and relative error of the whole network."""
+    energy = sum(m.energy for m in modules)
+    if not energy:
+        return {"modules": len(modules), "retained_energy": 1.0, "relative_error": 0.0,
+                "max_relative_error": 0.0}
+    return {
+        "modules": len(modules),
+        "retained_energy": sum(m.retained_energy * m.energy for m in modules) / energy,
+        "relative_error": math.sqrt(sum((m.relative_error ** 2) * m.energy for m in modules) / energy),
+        "max_relative_error": max(m.relative_error for m in modules),
+    }
+
+
+def merge_loras(inputs: Sequence[MergeInput], policy: RankPolicy, *, presets: Mapping[str, list[float]] | None = None,
+                presets_text: str | None = None, alpha: float | None = None, dtype: str = "fp16",
+                clamp_quantile: float | None = None, title: str = "merged", precision: str = "fp32") -> MergeResult:
+    """Merge ``inputs`` at their ratios and block weights under ``policy``; nothing is written.
+
+    ``precision`` is the arithmetic of the QR/SVD: fp32 (default; its ~1e-6 relative rounding is far
+    below the fp16 rounding of the saved file) or fp64 (for checking exactness).
+    """
+    policy.validate()
+    if not inputs:
+        raise MergeError("no input LoRAs given")
+    if dtype not in DTYPES:
+        raise MergeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if precision not in ("fp32", "fp64"):
+        raise MergeError(f"precision must be fp32 or fp64, got {precision!r}")
+    if alpha is not None and not alpha > 0:
+        raise MergeError(f"alpha must be > 0, got {alpha!r}")
+    if clamp_quantile is not None and not 0.0 < clamp_quantile <= 1.0:
+        raise MergeError(f"clamp quantile must be in (0, 1], got {clamp_quantile!r}")
+    loaded = [load_input(spec) for spec in inputs]
+    arch = common_arch(loaded)
+    table = dict(builtin_presets(arch))
+    if presets_text:
+        table.update(parse_presets(presets_text, "preset file"))
+    table.update(presets or {})
+    weights_of = [
+        block_weights(i.spec.blocks, arch, table, f"'{i.spec.path}' blocks") if i.spec.blocks else None
+        for i in loaded
+    ]
+
+    tensors: dict[str, torch.Tensor] = {}
+    reports: list[ModuleReport] = []
+    names = sorted({name for i in loaded for name in i.groups})
+    for name in names:
+        block = _block_of(name, arch)
+        weighted = []
+        for item, weights in zip(loaded, weights_of):
+            group = item.groups.get(name)
+            if group is None:
+                continue
+            # ratio and block weight enter exactly once, here, linearly
+            w = item.spec.ratio * (1.0 if weights is None else weights.get(block, 0.0) if block else 0.0)
+            if w == 0.0:
+                continue
+            try:
+                weighted.append((item.spec.path, module_delta(group), w))
+            except LoraFormatError as e:
+                raise MergeError(str(e)) from None
+        merged = merge_module(name, arch, weighted, policy, alpha=alpha, clamp=clamp_quantile,
+                              out_dtype=DTYPES[dtype], compute_dtype=DTYPES[precision])
+        if merged is None:
+            continue
+        tensors[f"{name}.lora_up.weight"] = merged.up
+        tensors[f"{name}.lora_down.weight"] = merged.down
+        tensors[f"{name}.alpha"] = torch.tensor(merged.alpha, dtype=DTYPES[dtype])
+        reports.append(merged.report)
+    if not tensors:
+        raise MergeError("the merge is empty: every module has weight 0 (check ratios and block weights)")
+    metadata = merged_metadata(loaded, arch, policy, reports, tensors, title, clamp_quantile)
+    return MergeResult(tensors, metadata, reports, arch)
+
+
+def _uniform(values: Iterable[float]) -> str:
+    distinct = set(values)
+    if len(distinct) == 1:
+        value = distinct.pop()
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return "Dynamic"  # kohya's word for per-module ranks (resize_lora.py)
+
+
+def merged_metadata(loaded: Sequence[LoadedInput], arch: str, policy: RankPolicy, reports: Sequence[ModuleReport],
+                    tensors: Mapping[str, torch.Tensor], title: str, clamp: float | None) -> dict[str, str]:
+    """kohya ``ss_*`` fields true to the tensors, the inputs (``merged_from``) and the report totals."""
+    ranks: dict[bool, list[int]] = {False: [], True: []}
+    alphas: dict[bool, list[float]] = {False: [], True: []}
+    for r in reports:
+        spatial = tensors[f"{r.name}.lora_down.weight"].dim() == 4 and tensors[f"{r.name}.lora_down.weight"].shape[-1] > 1
+        ranks[spatial].append(r.rank)
+        alphas[spatial].append(float(tensors[f"{r.name}.alpha"]))
+    linear_ranks = ranks[False] or ranks[True]
+    linear_alphas = alphas[False] or alphas[True]
+    version = next((i.metadata["ss_base_model_version"] for i in loaded if i.metadata.get("ss_base_model_version")),
+                   DEFAULT_BASE_VERSION[arch])
+    totals = merge_totals(reports)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": _uniform(linear_ranks),
+        "ss_network_alpha": _uniform(linear_alphas),
+        "ss_base_model_version": version,
+        "ss_v2": str(arch == "sd2"),
+        "ss_merge_method": "factor-space SVD (QR of stacked factors, SVD of the core)",
+        "ss_merge_rank_policy": policy.describe(),
+        "ss_merge_report": json.dumps({k: round(v, 8) if isinstance(v, float) else v for k, v in totals.items()}),
+        "merged_from": json.dumps([
+            {"file": os.path.basename(i.spec.path), "ratio": i.spec.ratio, "blocks": i.spec.blocks,
+             "ss_network_dim": i.metadata.get("ss_network_dim"),
+             "sshs_model_hash": i.metadata.get("sshs_model_hash")}
+            for i in loaded
+        ]),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH[arch],
+        "modelspec.title": title,
+    }
+    if ranks[True]:
+        metadata["ss_network_args"] = json.dumps({"conv_dim": _uniform(ranks[True]),
+                                                  "conv_alpha": _uniform(alphas[True])})
+    if clamp is not None:
+        metadata["ss_merge_clamp_quantile"] = str(clamp)
+    return metadata
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def save_merged(result: MergeResult, out_path: str | os.PathLike) -> Path:
+    """Write atomically with hashes of the bytes written (shared with every LoRA we save)."""
+    out = Path(out_path)
+    if out.suffix != ".safetensors":
+        raise MergeError(f"output '{out}' must end in .safetensors")
+    return lora_files.write_lora(out, dict(result.tensors), dict(result.metadata))
+
+
+def merge_files(inputs: Sequence[MergeInput], out_path: str | os.PathLike, policy: RankPolicy,
+                **options) -> MergeResult:
+    """:func:`merge_loras` then :func:`save_merged`; on any error no output file exists."""
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise MergeError(f"output folder '{out.parent}' does not exist")
+    if out.suffix != ".safetensors":
+        raise MergeError(f"output '{out}' must end in .safetensors")
+    result = merge_loras(inputs, policy, title=options.pop("title", out.stem), **options)
+    save_merged(result, out)
+    return result
+
+
+def format_report(result: MergeResult, worst: int | None = 10) -> str:
+    """Per-module lines (worst first, ``worst`` of them; None = all) and the totals."""
+    modules = sorted(result.modules, key=lambda m: m.relative_error, reverse=True)
+    shown = modules if worst is None else modules[:worst]
+    lines = [f"{'module':<72} {'block':>5} {'rank':>4} {'in':>4} {'energy kept':>11} {'rel. error':>10}"]
+    for m in shown:
+        lines.append(f"{m.name:<72} {m.block or '-':>5} {m.rank:>4} {m.input_rank:>4} "
+                     f"{m.retained_energy:>11.6f} {m.relative_error:>10.2e}")
+    if len(shown) < len(modules):
+        lines.append(f"... {len(modules) - len(shown)} more modules (all with --verbose)")
+    t = result.totals
+    lines.append(f"total: {t['modules']} modules, energy kept {t['retained_energy']:.6f}, relative error "
+                 f"{t['relative_error']:.3e} (worst module {t['max_relative_error']:.3e})")
+    return "\n".join(lines)

@@ -1,0 +1,335 @@
+"""Pieces every training mode shares: the diffusion loss, the optimisation loop, saving, resuming.
+
+A mode supplies a ``compute_loss(step) -> loss`` closure and a network; the loop does the rest:
+locking the model per step, mixed precision, accumulation, clipping, schedules, NaN guard, progress
+events, periodic saves, stop / stop-and-save, and a resumable state beside the output.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer import device as devices
+from trainer.lora import files as lora_files
+from trainer.train import optim
+from trainer.diffusion import schedules
+from trainer.lora.metadata import TrainingFacts, lora_metadata
+from trainer.models.handle import Cond, ModelHandle
+from trainer.lora.network import LoraNetwork
+
+
+class TrainingError(RuntimeError):
+    """A job cannot go on; the message says why and what was kept."""
+
+
+class NonFiniteLoss(TrainingError):
+    pass
+
+
+class Stopped(Exception):
+    """The user cancelled the job (nothing more is saved)."""
+
+
+@dataclass
+class Control:
+    """Flags the queue sets from another thread; the loop reads them between steps."""
+
+    cancel: bool = False
+    save_and_stop: bool = False
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    loss: float
+    smoothed_loss: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+    phase: str = ""
+    message: str = ""
+
+
+EventSink = Callable[[Progress], None]
+
+
+# -- the diffusion loss (pure given its inputs) ---------------------------------------------------
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    prediction: str = "eps"        # eps | v
+    timestep_min: int = 0
+    timestep_max: int = 1000
+    min_snr_gamma: float = 0.0     # 0 = off
+    noise_offset: float = 0.0
+
+
+def sample_noise(latents: torch.Tensor, settings: NoiseSettings, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise, timesteps), drawn on the CPU from ``generator`` so runs repeat on any device."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    if settings.noise_offset:
+        noise = noise + settings.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
+    t = torch.randint(settings.timestep_min, settings.timestep_max, (b,), generator=generator)
+    return noise.to(latents.device, latents.dtype), t.to(latents.device)
+
+
+def min_snr_weight(alpha_bar_t: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Hang et al. 2023: min(SNR, gamma) / SNR for eps, / (SNR + 1) for v (as kohya)."""
+    snr = schedules.snr(alpha_bar_t)
+    return torch.clamp(snr, max=gamma) / (snr + 1 if prediction == "v" else snr)
+
+
+def diffusion_loss(handle: ModelHandle, latents: torch.Tensor, cond: Cond, settings: NoiseSettings,
+                   generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The noise-prediction loss of one batch; ``mask`` [B,1,h,w] in [0,1] restricts it."""
+    noise, t = sample_noise(latents, settings, generator)
+    alpha_bar_t = handle.alphas_cumprod.to(latents.device)[t]
+    noisy = schedules.add_noise(latents, noise, alpha_bar_t)
+    pred = handle.predict(noisy.to(handle.dtype), t, cond.to(dtype=handle.dtype)).float()
+    target = schedules.v_target(latents, noise, alpha_bar_t) if settings.prediction == "v" else noise
+    err = (pred - target.float()) ** 2
+    if mask is not None:
+        m = mask.to(err.dtype).expand_as(err)
+        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1.0)
+    else:
+        per_sample = err.flatten(1).mean(1)
+    if settings.min_snr_gamma:
+        per_sample = per_sample * min_snr_weight(alpha_bar_t.float(), settings.min_snr_gamma, settings.prediction)
+    return per_sample.mean()
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+@dataclass
+class Outputs:
+    """Where a job writes: ``dir/name.safetensors``, ``name-000500.safetensors``, ``name.loss.csv``,
+    and the resumable state ``.name.state.pt``."""
+
+    dir: Path
+    name: str
+
+    @property
+    def final(self) -> Path:
+        return self.dir / f"{self.name}.safetensors"
+
+    def at_step(self, step: int) -> Path:
+        return self.dir / f"{self.name}-{step:06d}.safetensors"
+
+    @property
+    def loss_log(self) -> Path:
+        return self.dir / f"{self.name}.loss.csv"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / f".{self.name}.state.pt"
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    lr: float
+    text_encoder_lr: float = 0.0
+    optimizer: str = "AdamW"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    gradient_accumulation: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    save_every_n_steps: int = 0
+    save_dtype: torch.dtype = torch.float16
+    seed: int = 42
+    phase: str = ""
+
+
+@dataclass
+class LoopResult:
+    final: Path | None
+    saved: list[Path]
+    steps_done: int
+    losses: list[float]
+    stopped_early: bool = False
+
+
+def param_groups(network: LoraNetwork, lr: float, text_encoder_lr: float) -> list[dict]:
+    unet, te = [], []
+    for key, module in network.lora.items():
+        (te if key.startswith("lora_te") else unet).extend(module.parameters())
+    groups = [{"params": unet, "lr": lr}] if unet else []
+    if te:
+        groups.append({"params": te, "lr": text_encoder_lr or lr})
+    return groups
+
+
+def rng_state(generator: torch.Generator, py_random: random.Random | None = None) -> dict:
+    return {"generator": generator.get_state(), "python": py_random.getstate() if py_random else None,
+            "torch": torch.get_rng_state()}
+
+
+class TrainingLoop:
+    """Runs ``settings.steps`` optimizer steps of ``compute_loss`` on ``network``."""
+
+    def __init__(self, handle: ModelHandle, network: LoraNetwork, settings: LoopSettings, outputs: Outputs,
+                 facts: TrainingFacts, events: EventSink | None = None, control: Control | None = None,
+                 extra_state: Callable[[], dict] | None = None):
+        self.handle, self.network, self.settings, self.outputs, self.facts = handle, network, settings, outputs, facts
+        self.events = events or (lambda p: None)
+        self.control = control or Control()
+        self.extra_state = extra_state or (lambda: {})
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.device = handle.device
+        network.to(self.device)
+        self.optimizer = optim.make_optimizer(settings.optimizer,
+                                              param_groups(network, settings.lr, settings.text_encoder_lr),
+                                              settings.lr, settings.optimizer_args, self.device)
+        self.scheduler = optim.make_scheduler(self.optimizer, settings.lr_scheduler, settings.lr_warmup_steps,
+                                              settings.steps, settings.lr_scheduler_num_cycles,
+                                              settings.lr_scheduler_power)
+        self.scaler = devices.grad_scaler(settings.mixed_precision, self.device)
+        self.step = 0
+        self.losses: list[float] = []
+        self.saved: list[Path] = []
+        self._last_good: Path | None = None
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng_state(self.generator), "losses": list(self.losses),
+                "saved": [str(p) for p in self.saved], "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> dict:
+        self.step = state["step"]
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.losses = list(state["losses"])
+        self.saved = [Path(p) for p in state["saved"]]
+        return state["extra"]
+
+    def save_state(self) -> None:
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
+        lora_files.write_atomic(self.outputs.state, buffer.getvalue())
+
+    @staticmethod
+    def read_state(path: Path) -> dict:
+        # Our own file; weights_only keeps even a tampered one from running code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save_lora(self, path: Path) -> Path:
+        self.facts.steps = self.step
+        written = self.network.save(path, lora_metadata(self.facts), self.settings.save_dtype)
+        self._last_good = written
+        return written
+
+    def _truncate_log(self, step: int) -> None:
+        """Keep the loss log's rows up to ``step`` (a resumed run rewrites the steps after its state)."""
+        if not self.outputs.loss_log.exists():
+            return
+        with open(self.outputs.loss_log, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        lora_files.write_atomic(self.outputs.loss_log, text.getvalue().encode())
+
+    def _write_log_row(self, loss: float, smoothed: float, lr: float) -> None:
+        new = not self.outputs.loss_log.exists() or self.step == 1
+        with open(self.outputs.loss_log, "w" if self.step == 1 else "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "loss", "smoothed_loss", "lr"])
+            w.writerow([self.step, f"{loss:.6g}", f"{smoothed:.6g}", f"{lr:.6g}"])
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self, compute_loss: Callable[[int], torch.Tensor]) -> LoopResult:
+        s = self.settings
+        self.outputs.dir.mkdir(parents=True, exist_ok=True)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        smoothed = self.losses[-1] if self.losses else math.nan
+        started, first_step = time.perf_counter(), self.step
+        if self.step:
+            self._truncate_log(self.step)
+        # The LoRA acts only while a step holds the model lock: a generation between steps sees the base
+        # model. The network is left disabled; enable it (under the lock) to use it after training.
+        self.network.disable()
+        checkpointing = s.gradient_checkpointing and self.handle.supports_gradient_checkpointing
+        if s.gradient_checkpointing and not checkpointing:
+            warnings.warn("this model backend cannot use gradient checkpointing; training without it")
+        while self.step < s.steps:
+            if self.control.cancel:
+                raise Stopped(f"cancelled at step {self.step}")
+            if self.control.save_and_stop:
+                self.save_state()      # stop-and-save can be continued later with resume
+                break
+            with self.handle.lock():
+                self.network.enable()
+                if checkpointing:
+                    self.handle.set_gradient_checkpointing(True)
+                try:
+                    loss_value = self._one_step(compute_loss, params)
+                finally:
+                    self.network.disable()
+                    if checkpointing:
+                        self.handle.set_gradient_checkpointing(False)
+            self.step += 1
+            self.losses.append(loss_value)
+            smoothed = loss_value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss_value
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._write_log_row(loss_value, smoothed, lr)
+            if s.save_every_n_steps and self.step % s.save_every_n_steps == 0 and self.step < s.steps:
+                self.saved.append(self.save_lora(self.outputs.at_step(self.step)))
+                self.save_state()
+            rate = (self.step - first_step) / max(1e-9, time.perf_counter() - started)
+            self.events(Progress(self.step, s.steps, loss_value, smoothed, lr, rate,
+                                 (s.steps - self.step) / rate if rate else math.inf, s.phase))
+        final = self.save_lora(self.outputs.final)
+        self.saved.append(final)
+        return LoopResult(final, list(self.saved), self.step, list(self.losses),
+                          stopped_early=self.step < s.steps)
+
+    def _one_step(self, compute_loss: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter]) -> float:
+        """1. forward/backward over the accumulation micro-batches  2. guard  3. clip  4. step."""
+        s = self.settings
+        total = 0.0
+        for micro in range(s.gradient_accumulation):
+            with devices.autocast(s.mixed_precision, self.device):
+                loss = compute_loss(self.step * s.gradient_accumulation + micro) / s.gradient_accumulation
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                kept = f"; the last good save is {self._last_good.name}" if self._last_good else ""
+                raise NonFiniteLoss(f"the loss became {float(loss.detach())} at step {self.step + 1} (learning rate too "
+                                    f"high, or fp16 overflow: try a lower lr or bf16){kept}")
+            self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        self.scaler.unscale_(self.optimizer)
+        if s.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
