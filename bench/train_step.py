@@ -79,7 +79,7 @@ class OurSide:
     def job(self, steps: int) -> tuple[list[float], float]:
         """(step times, seconds from job start to the first step)."""
         from trainer import jobs
-        from trainer.train.modes.standard import JobContext
+        from trainer.train.context import JobContext
         from trainer.train.runner import run_job
 
         stamps: list[float] = []

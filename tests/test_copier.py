@@ -23,7 +23,7 @@ from trainer.models.diffusers_model import DiffusersHandle, load_handle
 from trainer.models.handle import TargetOptions
 from trainer.train.modes import copier
 from trainer.train.loop import Progress
-from trainer.train.modes.standard import JobContext
+from trainer.train.context import JobContext
 from trainer.lora.network import LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
 from trainer.sampling.ddim import sample

@@ -296,7 +296,7 @@ def test_validate_paths_reports_missing_and_wrong_kind(tmp_path):
 
 
 def test_template_cli_prints_a_copier_job():
-    result = subprocess.run([sys.executable, "-m", "trainer.cli.template", "copier"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "trainer", "template", "copier"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)

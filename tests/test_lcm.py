@@ -20,10 +20,12 @@ from trainer.lora.files import LoraFileError, read_metadata
 from trainer.models.diffusers_model import DiffusersHandle
 from trainer.models.handle import TargetOptions
 from trainer.train.modes import lcm
-from trainer.train.modes.standard import JobContext, build_network
+from trainer.train.plan import build_network
+from trainer.train.context import JobContext
 from trainer.lora.network import LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
-from trainer.sampling.ddim import predict_x0_eps
+from trainer.diffusion.ddim import predict_x0_eps
+from trainer.diffusion import lcm as lcm_math
 
 torch.set_num_threads(1)
 
@@ -75,10 +77,10 @@ def _save_lora(handle, path: Path, dim: int, seed: int = 3) -> LoraNetwork:
 # -- the solver grid and the DDIM chain ------------------------------------------------------------
 
 def test_solver_grid_is_19_39_to_999_with_skip_20_and_t_n_clamped_at_0():
-    grid = lcm.solver_grid(50)
-    assert lcm.skip_k(50) == 20
+    grid = lcm_math.solver_grid(50)
+    assert lcm_math.skip_k(50) == 20
     assert grid[:3].tolist() == [19, 39, 59] and grid[-1] == 999 and len(grid) == 50
-    t_start, t_end = lcm.solver_times(grid, torch.tensor([0, 1, 49]), 20)
+    t_start, t_end = lcm_math.solver_times(grid, torch.tensor([0, 1, 49]), 20)
     assert t_start.tolist() == [19, 39, 999] and t_end.tolist() == [0, 19, 979]
 
 
@@ -88,13 +90,13 @@ def test_solver_chain_equals_diffusers_ddim_trailing_without_alpha_one():
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, timestep_spacing="trailing")
     scheduler.set_timesteps(50)
-    grid = lcm.solver_grid(50)
+    grid = lcm_math.solver_grid(50)
     assert scheduler.timesteps.tolist() == grid.flip(0).tolist()
     abar = scheduler.alphas_cumprod.double()
     eps_of = lambda z, t: torch.tanh(z) * math.cos(t / 300)      # any fixed "model"
     z_ours = z_theirs = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for n in reversed(range(50)):
-        t_start, t_end = lcm.solver_times(grid, torch.tensor([n]), lcm.skip_k(50))
+        t_start, t_end = lcm_math.solver_times(grid, torch.tensor([n]), lcm_math.skip_k(50))
         t = int(t_start)
         eps = eps_of(z_ours, t)
         x0, _ = predict_x0_eps(eps, z_ours, abar[t], "eps")
@@ -104,7 +106,7 @@ def test_solver_chain_equals_diffusers_ddim_trailing_without_alpha_one():
 
 
 def test_boundary_scalings_are_identity_at_0_and_pure_x0_at_999():
-    c_skip, c_out = lcm.boundary_scalings(torch.tensor([0, 19, 999]))
+    c_skip, c_out = lcm_math.boundary_scalings(torch.tensor([0, 19, 999]))
     assert c_skip[0] == 1 and c_out[0] == 0
     assert c_skip[1] == pytest.approx(0.25 / (190 ** 2 + 0.25)) and c_out[1] == pytest.approx(190 / math.sqrt(190 ** 2 + 0.25))
     assert c_skip[2] < 3e-7 and c_out[2] > 1 - 2e-7
@@ -126,10 +128,10 @@ def test_guidance_on_x0_equals_x0_of_the_guided_eps(prediction):
     alpha_bar, w = torch.tensor(0.3, dtype=torch.float64), torch.tensor([0.0, 3.5, 7.5], dtype=torch.float64)
     x0_cond, eps_cond = predict_x0_eps(out_cond, z, alpha_bar, prediction)
     x0_uncond, eps_uncond = predict_x0_eps(out_uncond, z, alpha_bar, prediction)
-    x0_from_guided_output, eps_from_guided_output = predict_x0_eps(lcm.guided(out_cond, out_uncond, w), z, alpha_bar,
+    x0_from_guided_output, eps_from_guided_output = predict_x0_eps(lcm_math.guided(out_cond, out_uncond, w), z, alpha_bar,
                                                                    prediction)
-    assert torch.allclose(lcm.guided(x0_cond, x0_uncond, w), x0_from_guided_output, atol=1e-12)
-    assert torch.allclose(lcm.guided(eps_cond, eps_uncond, w), eps_from_guided_output, atol=1e-12)
+    assert torch.allclose(lcm_math.guided(x0_cond, x0_uncond, w), x0_from_guided_output, atol=1e-12)
+    assert torch.allclose(lcm_math.guided(eps_cond, eps_uncond, w), eps_from_guided_output, atol=1e-12)
 
 
 # -- the step on a real (tiny) model ---------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_no_gradient_reaches_the_base_weights_or_the_target(tmp_path):
     cond, uncond = handle.encode_prompts(["red circle", "blue square"], (16, 16)), handle.uncond(2, (16, 16))
     settings = lcm.LcmSettings()
     draw = lcm.draw_step(x0, settings, torch.Generator().manual_seed(0))
-    t_start, t_end = lcm.solver_times(settings.grid, draw.index, settings.k)
+    t_start, t_end = lcm_math.solver_times(settings.grid, draw.index, settings.k)
     z_start = torch.randn(2, 4, 8, 8)
     z_end = lcm.teacher_solver_step(handle, network, z_start, t_start, t_end, cond, uncond, draw.w, "eps")
     target = lcm.consistency_target(handle, network, z_end, t_end, cond, "eps")
@@ -258,11 +260,11 @@ def test_ema_target_is_a_moving_average_of_the_lora_weights_swapped_in_and_out(t
 def test_lcm_timesteps_are_lcm_schedulers():
     from diffusers import LCMScheduler
 
-    assert lcm_sampling.lcm_timesteps(4) == [999, 759, 499, 259]
+    assert lcm_math.lcm_timesteps(4) == [999, 759, 499, 259]
     scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     for steps in (1, 2, 4, 8):
         scheduler.set_timesteps(steps)
-        assert lcm_sampling.lcm_timesteps(steps) == scheduler.timesteps.tolist()
+        assert lcm_math.lcm_timesteps(steps) == scheduler.timesteps.tolist()
 
 
 def test_one_step_lcm_sample_is_the_students_boundary_scaled_output_at_999(tmp_path):
@@ -290,11 +292,11 @@ def test_lcm_alternative_reduces_to_lcm_with_fresh_noise_only():
     denoise = lambda z, t: 0.6 * torch.tanh(z) + t / 5000
     draws = [torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(4)]
     fresh = lambda i: draws[i]
-    z, ts = torch.randn(1, 4, 4, 4, dtype=torch.float64), lcm_sampling.lcm_timesteps(4)
-    plain = lcm_sampling.lcm_loop(denoise, z, ts, abar, fresh)
-    assert torch.allclose(lcm_sampling.lcm_alternative_loop(denoise, z, ts, abar, fresh, euler_steps=4, ancestral=1.0), plain)
-    assert torch.allclose(lcm_sampling.lcm_alternative_loop(denoise, z, ts, abar, fresh, euler_steps=0), plain)
-    removed = lcm_sampling.lcm_alternative_loop(denoise, z, ts, abar, lambda i: 1 / 0, euler_steps=3)
+    z, ts = torch.randn(1, 4, 4, 4, dtype=torch.float64), lcm_math.lcm_timesteps(4)
+    plain = lcm_math.lcm_loop(denoise, z, ts, abar, fresh)
+    assert torch.allclose(lcm_math.lcm_alternative_loop(denoise, z, ts, abar, fresh, euler_steps=4, ancestral=1.0), plain)
+    assert torch.allclose(lcm_math.lcm_alternative_loop(denoise, z, ts, abar, fresh, euler_steps=0), plain)
+    removed = lcm_math.lcm_alternative_loop(denoise, z, ts, abar, lambda i: 1 / 0, euler_steps=3)
     assert not torch.allclose(removed, plain), "re-noising with the removed noise is deterministic and different"
 
 
@@ -302,7 +304,7 @@ def test_k_diffusion_form_of_the_lcm_alternative_equals_ours_in_sigma_space():
     """x_ve = z / sqrt(abar), sigma = sqrt((1 - abar) / abar): the WebUI's form gives our sampler's result."""
     abar = torch.linspace(0.999, 0.005, 1000, dtype=torch.float64)
     denoise = lambda z, t: 0.6 * torch.tanh(z) + t / 5000
-    ts = lcm_sampling.lcm_timesteps(4)
+    ts = lcm_math.lcm_timesteps(4)
     sigma_of = {t: ((1 - abar[t]) / abar[t]).sqrt() for t in ts}
     t_of = {float(s): t for t, s in sigma_of.items()}
     ve_model = lambda x, sigma: denoise(x * abar[t_of[float(sigma[0])]].sqrt(), t_of[float(sigma[0])])
@@ -310,7 +312,7 @@ def test_k_diffusion_form_of_the_lcm_alternative_equals_ours_in_sigma_space():
     z = torch.randn(1, 4, 4, 4, dtype=torch.float64)
     sigmas = torch.tensor([float(sigma_of[t]) for t in ts] + [0.0], dtype=torch.float64)
     for euler_steps, ancestral in ((1, 0.0), (2, 0.5), (0, 0.0)):
-        ours = lcm_sampling.lcm_alternative_loop(denoise, z, ts, abar, lambda i: draws[i], euler_steps, ancestral)
+        ours = lcm_math.lcm_alternative_loop(denoise, z, ts, abar, lambda i: draws[i], euler_steps, ancestral)
         k_form = lcm_sampling.make_lcm_alternative_k(euler_steps, ancestral)
         theirs = k_form(ve_model, z / abar[ts[0]].sqrt(), sigmas, noise_sampler=lambda s, s_next: draws[ts.index(t_of[float(s)])])
         assert torch.allclose(ours, theirs, atol=1e-10)

@@ -398,13 +398,13 @@ def test_cli_prints_the_report_and_exits_0_or_names_the_error_and_exits_2(three_
     paths, _ = three_loras
     out = tmp_path / "cli.safetensors"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    ok = subprocess.run([sys.executable, "-m", "trainer.cli.merge", f"{paths[0]}:0.6", f"{paths[1]}:-0.3:OUTD",
+    ok = subprocess.run([sys.executable, "-m", "trainer", "merge", f"{paths[0]}:0.6", f"{paths[1]}:-0.3:OUTD",
                          "--out", str(out), "--rank", "4", "--conv-rank", "2"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert "total: 4 modules, energy kept" in ok.stdout and out.exists()
-    from trainer.cli.merge import main
+    from trainer.cli import main
 
-    assert main([f"{paths[0]}:0.6:NOPE", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert main(["merge", f"{paths[0]}:0.6:NOPE", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "unknown block preset 'NOPE'" in capsys.readouterr().err
     assert not (tmp_path / "bad.safetensors").exists()
 

@@ -28,12 +28,13 @@ import tiny
 from trainer import jobs
 from trainer.lora import files as lora_files
 from trainer.train import runner
-from trainer.__main__ import main as cli
+from trainer.cli import main as cli
 from trainer.models.demo.shapes import draw
 from trainer.models.diffusers_model import DiffusersHandle, load_handle
 from trainer.train.loop import Progress
-from trainer.train.modes.standard import JobContext
-from trainer.queue.store import JobQueue, QueueError, Worker, WorkerLock, kept_steps, thinning_stride
+from trainer.train.context import JobContext
+from trainer.queue.store import JobQueue, QueueError, WorkerLock, kept_steps, thinning_stride
+from trainer.queue.worker import Worker
 from trainer.sampling.ddim import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +297,7 @@ def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninte
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": "1"}
     worker = subprocess.Popen([sys.executable, "-c", "import torch, sys; torch.set_num_threads(1); "
-                               "from trainer.__main__ import main; sys.exit(main())",
+                               "from trainer.cli import main; sys.exit(main())",
                                "queue", "--db", str(db), "run", "--until-empty", "--model", str(tmp_path / "model"),
                                "--out", str(tmp_path / "out")],
                               env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from tiny import sd1_pipeline
@@ -17,7 +15,7 @@ from trainer import jobs
 from trainer.models.diffusers_model import DiffusersHandle
 from trainer.models.demo.shapes import draw
 from trainer.train.loop import NonFiniteLoss
-from trainer.train.modes.standard import JobContext
+from trainer.train.context import JobContext
 from trainer.train.runner import run_job
 
 ROOT = Path(__file__).resolve().parents[1]

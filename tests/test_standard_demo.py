@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from trainer import jobs
@@ -10,7 +9,7 @@ from trainer.data import load_image_tensor
 from trainer.models.demo.shapes import draw
 from trainer.models.diffusers_model import load_handle
 from trainer.models.handle import TargetOptions
-from trainer.train.modes.standard import JobContext
+from trainer.train.context import JobContext
 from trainer.lora.network import LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
 from trainer.sampling.ddim import sample

@@ -32,7 +32,7 @@ from trainer.lora.metadata import TrainingFacts, lora_metadata
 from trainer.models.diffusers_model import DiffusersHandle  # noqa: E402
 from trainer.models.handle import TargetOptions  # noqa: E402
 from trainer.models.webui_model import WebUIHandle, text_encoder_lora_targets  # noqa: E402
-from trainer.train.modes.standard import JobContext
+from trainer.train.context import JobContext
 from trainer.lora.network import LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
 

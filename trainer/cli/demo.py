@@ -6,14 +6,14 @@ which the comparison grid (strength 0 / 0.5 / 1 x three seeds) shows at a glance
 """
 from __future__ import annotations
 
+import argparse
 import random
+import sys
+import time
 from pathlib import Path
 
-import torch
-
 from trainer import jobs
-from trainer.train.modes.standard import JobContext
-from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.cli.common import ProgressBar
 
 PROMPT = "a red circle on a white background"
 
@@ -37,23 +37,23 @@ def demo_job(dataset: Path, out: Path, steps: int) -> jobs.StandardJob:
         save_precision="fp32", mixed_precision="no", seed=1)
 
 
-def run_demo(out: Path, steps: int = 200) -> list[Path]:
+def demo(out: Path, steps: int = 200) -> list[Path]:
     """Train, then write the LoRA, its loss log and the comparison grid into ``out``."""
+    from trainer.lora.network import LoraNetwork, NetworkShape
     from trainer.models.diffusers_model import load_handle
-    from trainer.train.runner import run_job
+    from trainer.models.handle import TargetOptions
     from trainer.sampling.ddim import comparison_grid
+    from trainer.train.context import JobContext
+    from trainer.train.runner import run_job
 
-    # The demo model is tiny: one thread is as fast as several, and never fights other processes for cores.
-    torch.set_num_threads(1)
     out = Path(out)
     dataset = draw_dataset(out / "dataset")
     handle = load_handle("demo", device="cpu")
     job = demo_job(dataset, out, steps)
-    from trainer.cli.train import _Bar
-    bar = _Bar()
+    bar = ProgressBar()
     result = run_job(job, handle, JobContext(output_dir=out, cache_dir=out / "cache", events=bar))
     bar.close()
-    network = LoraNetwork(handle.lora_targets(_targets(job)), NetworkShape(job.network_dim, job.network_alpha))
+    network = LoraNetwork(handle.lora_targets(TargetOptions(job.target_set, job.train_text_encoder, tuple(job.blocks))), NetworkShape(job.network_dim, job.network_alpha))
     network.load_weights(result.final, handle.arch)
     grid = comparison_grid(handle, network, PROMPT, strengths=(0, 0.5, 1), seeds=(1, 2, 3), steps=30, cfg=5.0,
                            size=(64, 64))
@@ -62,6 +62,20 @@ def run_demo(out: Path, steps: int = 200) -> list[Path]:
     return [result.final, out / "demo_square.loss.csv", grid_path]
 
 
-def _targets(job):
-    from trainer.models.handle import TargetOptions
-    return TargetOptions(job.target_set, job.train_text_encoder, tuple(job.blocks))
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    # The demo model is tiny: one thread is as fast as several, and never fights other processes for cores.
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    for path in demo(Path(args.out), steps=args.steps):
+        print(path)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="train a small LoRA on the built-in demo model, write LoRA + grid")
+    parser.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    parser.set_defaults(func=run)

@@ -1,7 +1,5 @@
 """``python -m trainer merge``: fold several LoRAs into one (factor-space SVD) and print the error report.
 
-The lead wires :func:`add_parser` / :func:`run` into ``trainer/__main__.py``; ``python -m
-trainer.cli.merge ...`` runs it directly.
 """
 from __future__ import annotations
 
@@ -10,7 +8,6 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.merge.svd_merge import MergeError, RankPolicy, format_report, merge_files, parse_input_spec
 
 DESCRIPTION = "Merge LoRAs at their ratios (and block weights) into one LoRA of a chosen rank."
 
@@ -34,6 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("merge", help=DESCRIPTION, description=DESCRIPTION, epilog=EPILOG,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
+    parser.set_defaults(func=run)
     return parser
 
 
@@ -63,7 +61,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="print every module, not the 10 worst")
 
 
-def policy_from_args(args: argparse.Namespace) -> RankPolicy:
+def policy_from_args(args: argparse.Namespace):
+    from trainer.merge.svd_merge import MergeError, RankPolicy
+
     if args.concat and (args.auto is not None or args.rank == "auto"):
         raise MergeError("--concat and --auto exclude each other")
     energy = args.auto if args.auto is not None else (0.99 if args.rank == "auto" else None)
@@ -76,6 +76,8 @@ def policy_from_args(args: argparse.Namespace) -> RankPolicy:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.merge.svd_merge import MergeError, format_report, merge_files, parse_input_spec
+
     try:
         policy = policy_from_args(args)
         presets_text = None
@@ -96,14 +98,3 @@ def run(args: argparse.Namespace) -> int:
         args.report_json.write_text(json.dumps({"totals": result.totals,
                                                 "modules": [m.as_dict() for m in result.modules]}, indent=1))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.cli.merge", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,8 +7,8 @@ import datetime
 import sys
 from pathlib import Path
 
-from trainer import paths
-from trainer import jobs
+from trainer import jobs, paths
+from trainer.cli.common import ProgressBar, load_job, print_job_error
 
 
 def _when(t: float | None) -> str:
@@ -29,8 +29,6 @@ def _open(args):
 
 
 def cmd_add(args) -> int:
-    from trainer.cli.train import load_job
-
     ids = _open(args).add_many([load_job(path) for path in args.jobs])
     for job_id in ids:
         print(job_id)
@@ -86,18 +84,18 @@ def _operation(name: str):
 
 
 def cmd_run(args) -> int:
-    from trainer.train.modes.standard import JobContext
-    from trainer.queue.store import ModelCache, Worker
-    from trainer.cli.train import _Bar
+    from trainer.train.context import JobContext
+    from trainer.models.loading import ModelCache
+    from trainer.queue.worker import Worker
 
     queue = _open(args)
     out = Path(args.out) if args.out else paths.default_output_dir()
-    bars: dict[int, _Bar] = {}
+    bars: dict[int, ProgressBar] = {}
     failed = []
 
     def report(event) -> None:
         if event.kind == "progress":
-            bars.setdefault(event.job_id, _Bar())(event.progress)
+            bars.setdefault(event.job_id, ProgressBar())(event.progress)
         elif event.state != "running":
             bar = bars.pop(event.job_id, None)
             if bar:
@@ -132,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return args.queue_func(args)
     except jobs.JobError as e:
-        from trainer.cli.train import _print_job_error
-        _print_job_error(e)
+        print_job_error(e)
         return 2
     except QueueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,4 @@
 """``python -m trainer template MODE``: print a complete default job as JSON, to edit and queue.
-
-Also runs alone: ``python -m trainer.cli.template MODE [--schema] [-o FILE]``.
 """
 from __future__ import annotations
 
@@ -38,13 +36,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.cli.template", description=DESCRIPTION)
-    _add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

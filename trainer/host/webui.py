@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 from trainer import jobs
 from trainer.models.handle import ModelError, ModelHandle
-from trainer.train.modes.standard import JobContext
-from trainer.queue.store import JobQueue, QueueEvent, Worker
+from trainer.train.context import JobContext
+from trainer.queue.store import JobQueue, QueueEvent
+from trainer.queue.worker import Worker
 from trainer.ui.services import UiServices
 
 

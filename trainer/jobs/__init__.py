@@ -16,7 +16,7 @@ from __future__ import annotations
 from trainer.jobs.docs import json_schema, parameter_table_markdown
 from trainer.jobs.fields import FIELDS, GROUPS, Field, JobError, fields_for, output_name_problem, parse_optimizer_args
 from trainer.jobs.job_types import CopierJob, DifferencePass, LcmJob, PassSettings, StandardJob
-from trainer.jobs.paths import validate_paths
+from trainer.jobs.paths import check_job, validate_paths
 from trainer.jobs.rules import check_rules
 from trainer.jobs.serial import (
     JOB_TYPES, SCHEMA_VERSION, job_from_dict, job_from_json, job_to_dict, job_to_json, template,
@@ -26,7 +26,7 @@ from trainer.jobs.vocabulary import MODES, SCOPES
 
 __all__ = [
     "FIELDS", "GROUPS", "JOB_TYPES", "MODES", "SCHEMA_VERSION", "SCOPES", "CopierJob", "DifferencePass", "Field",
-    "Job", "JobError", "LcmJob", "PassSettings", "StandardJob", "check_rules", "fields_for", "job_from_dict",
+    "Job", "JobError", "LcmJob", "PassSettings", "StandardJob", "check_job", "check_rules", "fields_for", "job_from_dict",
     "job_from_json", "job_to_dict", "job_to_json", "json_schema", "output_name_problem", "parameter_table_markdown",
     "parse_optimizer_args", "template", "validate_paths",
 ]

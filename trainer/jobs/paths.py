@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.jobs.fields import Field
+from trainer.jobs.fields import Field, JobError
 from trainer.jobs.specs import Job
 
 def _path_problem(f: Field, value: str, root: Path) -> str | None:
@@ -52,3 +52,15 @@ def validate_paths(job: Job, root: str | os.PathLike | None = None) -> dict[str,
         problems.setdefault("dataset_dir", "choose a dataset folder, a prompts file or prompts: "
                                            "LCM needs images or prompts to generate them from")
     return problems
+
+
+def check_job(job: Job, root: str | os.PathLike | None = None, model_given: bool = False) -> None:
+    """Everything that can be checked before a model is touched; raises JobError naming each field.
+
+    ``model_given``: the caller supplies the model (WebUI, ``--model``), so the job's own is not needed.
+    """
+    problems = validate_paths(job, root)
+    if model_given:
+        problems.pop("model", None)
+    if problems:
+        raise JobError(errors=problems)

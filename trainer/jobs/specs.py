@@ -12,7 +12,6 @@ from typing import Any, ClassVar, Mapping
 
 from trainer.jobs.fields import FIELDS, Field, JobError, _copy, _fmt, fields_for
 from trainer.jobs.rules import _conv_dim_needs_resnets, check_rules
-from trainer.jobs.vocabulary import Mode
 
 
 @dataclass(frozen=True)

@@ -107,26 +107,6 @@ def read_lora_factors(path: str | Path, expected_arch: str | None = None
     return factors
 
 
-@torch.no_grad()
-def resize_factors(down: torch.Tensor, up: torch.Tensor, scale: float, rank: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` factors (scale 1) of ``scale * up @ down``, by the merge's factor-space SVD.
-
-    Returns factors in the input shapes' layout; a larger rank pads with zeros (exact).
-    """
-    from trainer.merge.svd_merge import factor_space_svd, split_singular_values
-
-    out_dim = up.shape[0]
-    svd = factor_space_svd((up.flatten(1) * scale).double(), down.flatten(1).T.double())
-    keep = min(rank, svd.s.numel())
-    new_up, new_down = split_singular_values(svd, keep, 1.0)
-    if keep < rank:
-        new_up = torch.cat([new_up, new_up.new_zeros(out_dim, rank - keep)], 1)
-        new_down = torch.cat([new_down, new_down.new_zeros(rank - keep, new_down.shape[1])], 0)
-    return (new_down.reshape(rank, *down.shape[1:]).to(down.dtype),
-            new_up.reshape(out_dim, rank, *up.shape[2:]).to(up.dtype))
-
-
 def safetensors_data_hash(blob: bytes) -> str:
     """sha256 of the tensor bytes after the header (kohya's ``sshs_model_hash``, A1111's addnet hash)."""
     (n,) = struct.unpack("<Q", blob[:8])

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from trainer.lora import files as lora_files
+from trainer.lora.svd import resize_factors
 from trainer.models.handle import LoraTarget
 
 
@@ -285,7 +286,7 @@ class LoraNetwork(nn.Module):
                                    " the LoRA is for another architecture")
             scale = alpha / down.shape[0]
             if down.shape[0] != lora.rank:
-                down, up = lora_files.resize_factors(down, up, scale, lora.rank)
+                down, up = resize_factors(down, up, scale, lora.rank)
                 scale = 1.0
             # Keep the module's own alpha: fold the file's scale into the factors.
             fold = math.sqrt(scale / lora.scale)

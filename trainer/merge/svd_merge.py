@@ -22,6 +22,9 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from trainer.lora import files as lora_files
+from trainer.lora.svd import (
+    dense_svd, factor_space_svd, frobenius_error_of_factors, quantile_clamp, split_singular_values, stack_scaled_factors,
+)
 from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, arch_from_keys, arch_from_metadata, group_keys, kernel_from_name, kohya_module_name, module_delta
 from trainer.jobs.vocabulary import BLOCK_IDS
 from trainer.models.naming import BLOCK_SLOTS, block_id_of_key
@@ -194,123 +197,6 @@ def truncation_rank(singular_values: torch.Tensor, policy: RankPolicy, spatial_c
         if policy.energy is not None and fixed is not None:
             wanted = min(wanted, fixed)
     return max(0, min(wanted, cap, nonzero))
-
-
-# --- the math -------------------------------------------------------------------------------------
-
-def stack_scaled_factors(terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-                         dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[(up_i, down_i, c_i)]`` -> ``U = [c_i up_i]`` [out, R], ``V = [down_i]^T`` [in, R]; U @ V^T = sum."""
-    U = torch.cat([up.to(dtype) * c for up, _, c in terms], dim=1)
-    V = torch.cat([down.to(dtype) for _, down, _ in terms], dim=0).T
-    return U, V
-
-
-class Householder:
-    """An orthonormal basis Q [m, k] kept as LAPACK reflectors (``geqrf``), never formed.
-
-    Applying Q to r columns costs O(m k r); forming it would cost O(m k^2), as much as the QR.
-    """
-
-    def __init__(self, reflectors: torch.Tensor, tau: torch.Tensor):
-        self.reflectors, self.tau = reflectors, tau
-        self.rows, self.k = reflectors.shape[0], tau.shape[0]
-
-    def apply(self, coords: torch.Tensor) -> torch.Tensor:
-        """``Q @ coords`` for coords [k, r]."""
-        padded = coords.new_zeros(self.rows, coords.shape[1])
-        padded[: self.k] = coords
-        return torch.ormqr(self.reflectors, self.tau, padded)
-
-    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
-        """``Q^T @ x`` for x [m, r]."""
-        return torch.ormqr(self.reflectors, self.tau, x, transpose=True)[: self.k]
-
-
-class ExplicitBasis:
-    """The same interface over a formed Q (dense SVD of LoHa/LoKr deltas)."""
-
-    def __init__(self, q: torch.Tensor):
-        self.q = q
-
-    def apply(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.q @ coords
-
-    def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
-        return self.q.T @ x
-
-
-def householder_qr(x: torch.Tensor) -> tuple[Householder, torch.Tensor]:
-    """Thin QR ``x = Q R`` with Q as reflectors; R is [min(m, n), n]."""
-    reflectors, tau = torch.geqrf(x)
-    return Householder(reflectors, tau), torch.triu(reflectors[: tau.shape[0]])
-
-
-@dataclass(frozen=True)
-class ThinSVD:
-    """``delta W = left diag(s) right^T`` with ``left = basis_u @ core_u``, ``right = basis_v @ core_v``."""
-
-    s: torch.Tensor
-    basis_u: Householder | ExplicitBasis
-    core_u: torch.Tensor
-    basis_v: Householder | ExplicitBasis
-    core_v: torch.Tensor
-
-    def left(self, rank: int) -> torch.Tensor:
-        return self.basis_u.apply(self.core_u[:, :rank])
-
-    def right(self, rank: int) -> torch.Tensor:
-        return self.basis_v.apply(self.core_v[:, :rank])
-
-    def left_t(self, x: torch.Tensor) -> torch.Tensor:
-        """``left^T @ x`` for every singular vector, through the basis (no [out, k] product)."""
-        return self.core_u.T @ self.basis_u.apply_transpose(x)
-
-    def right_t(self, y: torch.Tensor) -> torch.Tensor:
-        return self.core_v.T @ self.basis_v.apply_transpose(y)
-
-
-def factor_space_svd(U: torch.Tensor, V: torch.Tensor) -> ThinSVD:
-    """SVD of ``U @ V^T`` without forming it: QR both sides, SVD of the small core ``Ru Rv^T``."""
-    basis_u, Ru = householder_qr(U)
-    basis_v, Rv = householder_qr(V)
-    P, s, Qt = torch.linalg.svd(Ru @ Rv.T, full_matrices=False)
-    return ThinSVD(s, basis_u, P, basis_v, Qt.T)
-
-
-def dense_svd(weight: torch.Tensor) -> ThinSVD:
-    """Thin SVD of a dense delta (LoHa/LoKr only)."""
-    left, s, right_t = torch.linalg.svd(weight, full_matrices=False)
-    eye = torch.eye(s.shape[0], dtype=s.dtype)
-    return ThinSVD(s, ExplicitBasis(left), eye, ExplicitBasis(right_t.T), eye)
-
-
-def split_singular_values(svd: ThinSVD, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-r factors with ``scale * up @ down = left_r diag(s_r) right_r^T``.
-
-    sqrt(s) on each side keeps both factors in the same range (fp16 has little headroom).
-    """
-    root = torch.sqrt(svd.s[:rank] / scale)
-    return svd.left(rank) * root, (svd.right(rank) * root).T
-
-
-def quantile_clamp(up: torch.Tensor, down: torch.Tensor, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """kohya ``svd_merge_lora.py``'s outlier clamp: both factors to +-(quantile of their values)."""
-    values = torch.cat([up.flatten(), down.flatten()])
-    if values.numel() > 16_000_000:  # torch.quantile's limit; a strided sample estimates it
-        values = values[:: values.numel() // 16_000_000 + 1]
-    high = torch.quantile(values, quantile).item()
-    return up.clamp(-high, high), down.clamp(-high, high)
-
-
-def frobenius_error_of_factors(svd: ThinSVD, up: torch.Tensor, down: torch.Tensor, scale: float) -> float:
-    """``||left diag(s) right^T - scale up @ down||_F`` through r x r and k x r products only."""
-    s = svd.s
-    up, down = up.to(s.dtype), down.to(s.dtype)
-    exact_sq = float((s ** 2).sum())
-    stored_sq = scale ** 2 * float(((up.T @ up) * (down @ down.T)).sum())
-    cross = scale * float((s * torch.diagonal(svd.left_t(up) @ svd.right_t(down.T).T)).sum())
-    return math.sqrt(max(exact_sq + stored_sq - 2.0 * cross, 0.0))
 
 
 # --- one module --------------------------------------------------------------------------------

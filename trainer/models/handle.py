@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 import torch

@@ -15,64 +15,10 @@ from PIL import Image
 
 from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork, applied
-from trainer.train.modes.lcm import boundary_scalings, consistency_function, guided
-from trainer.sampling.ddim import _pad_cat, ddim_step, ddim_timesteps, predict_x0_eps, to_pil
-
-Denoise = Callable[[torch.Tensor, int], torch.Tensor]
-FreshNoise = Callable[[int], torch.Tensor]
-
-
-def lcm_timesteps(steps: int, original_steps: int = 50, train_steps: int = 1000) -> list[int]:
-    """diffusers' LCMScheduler: ``steps`` evenly spaced indices into the (reversed) 50-point solver grid.
-
-    4 steps: 999, 759, 499, 259.
-    """
-    if not 1 <= steps <= original_steps:
-        raise ValueError(f"LCM steps must be between 1 and {original_steps}, got {steps}")
-    k = train_steps // original_steps
-    grid = [(i + 1) * k - 1 for i in range(original_steps)][::-1]
-    return [grid[int(i * original_steps / steps)] for i in range(steps)]
-
-
-def removed_noise(z_t: torch.Tensor, denoised: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """The noise the model took out: (z_t - sqrt(abar) x0) / sqrt(1 - abar)."""
-    return (z_t - alpha_bar.sqrt() * denoised) / (1 - alpha_bar).sqrt()
-
-
-def renoise_with(removed: torch.Tensor, fresh: torch.Tensor, ancestral: float) -> torch.Tensor:
-    """sqrt(ancestral) fresh + sqrt(1 - ancestral) removed: unit variance for any mix (ComfyUI's LCM alternative)."""
-    return ancestral ** 0.5 * fresh + (1 - ancestral) ** 0.5 * removed
-
-
-def lcm_loop(denoise: Denoise, z: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: torch.Tensor,
-             fresh_noise: FreshNoise) -> torch.Tensor:
-    """LCM multistep sampling: denoise, then re-noise to the next timestep with fresh noise; the last
-    denoised sample is the result. One step = f(z_T, T)."""
-    for i, t in enumerate(timesteps):
-        denoised = denoise(z, t)
-        if i + 1 == len(timesteps):
-            return denoised
-        z = ddim_step(denoised, fresh_noise(i), alphas_cumprod[timesteps[i + 1]])
-    return z
-
-
-def lcm_alternative_loop(denoise: Denoise, z: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: torch.Tensor,
-                         fresh_noise: FreshNoise, euler_steps: int = 1, ancestral: float = 0.0) -> torch.Tensor:
-    """The LCM sampler whose first ``euler_steps`` steps re-noise with the noise the model removed (a DDIM-like,
-    deterministic step), mixed with fresh noise by ``ancestral`` (0 = only removed, 1 = plain LCM)."""
-    if not 0.0 <= ancestral <= 1.0:
-        raise ValueError(f"ancestral must be between 0 and 1, got {ancestral}")
-    for i, t in enumerate(timesteps):
-        denoised = denoise(z, t)
-        if i + 1 == len(timesteps):
-            return denoised
-        if i < euler_steps:
-            removed = removed_noise(z, denoised, alphas_cumprod[t])
-            noise = renoise_with(removed, fresh_noise(i), ancestral) if ancestral > 0 else removed
-        else:
-            noise = fresh_noise(i)
-        z = ddim_step(denoised, noise, alphas_cumprod[timesteps[i + 1]])
-    return z
+from trainer.diffusion.lcm import boundary_scalings, consistency_function, guided
+from trainer.sampling.ddim import _pad_cat, to_pil
+from trainer.diffusion.ddim import ddim_step, ddim_timesteps, predict_x0_eps
+from trainer.diffusion.lcm import Denoise, lcm_alternative_loop, lcm_loop, lcm_timesteps, renoise_with
 
 
 # -- over a ModelHandle --------------------------------------------------------------------------

@@ -18,8 +18,10 @@ from typing import Callable
 from trainer import paths
 from trainer import jobs
 from trainer.models.handle import ModelHandle
-from trainer.train.modes.standard import JobContext
-from trainer.queue.store import JobQueue, JobRow, ModelCache, Worker
+from trainer.train.context import JobContext
+from trainer.queue.store import JobQueue, JobRow
+from trainer.models.loading import ModelCache
+from trainer.queue.worker import Worker
 
 
 @dataclass

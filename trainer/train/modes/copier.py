@@ -60,10 +60,11 @@ from trainer.lora import files as lora_files
 from trainer.lora.metadata import TrainingFacts
 from trainer.models.handle import Cond, ModelHandle, TargetOptions
 from trainer.lora.network import LoraNetwork, NetworkShape, applied
-from trainer.sampling.ddim import predict_x0_eps
+from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion.schedules import add_noise
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop, diffusion_loss
-from trainer.train.modes.standard import JobContext, build_network, facts_for, job_outputs, loop_settings, noise_settings, run_loop
+from trainer.train.plan import build_network, facts_for, loop_settings, noise_settings
+from trainer.train.context import JobContext, job_outputs, run_loop
 
 #: Timesteps at which the copier's reconstruction of A is measured (low, middle and high noise).
 RECONSTRUCTION_TIMESTEPS = (200, 500, 800)

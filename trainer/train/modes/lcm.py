@@ -36,79 +36,17 @@ from trainer import jobs
 from trainer.diffusion import schedules
 from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork
-from trainer.sampling.ddim import _pad_cat, ddim_step, predict_x0_eps
+from trainer.sampling.ddim import _pad_cat
+from trainer.diffusion.ddim import ddim_step, predict_x0_eps
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop
-from trainer.train.modes.standard import JobContext, build_network, facts_for, job_outputs, loop_settings, run_loop
+from trainer.train.plan import build_network, facts_for, loop_settings
+from trainer.train.context import JobContext, job_outputs, run_loop
+from trainer.diffusion.lcm import _per_sample, at_least_fp32, boundary_scalings, consistency_function, consistency_loss, guided, skip_k, solver_grid, solver_times
 
-SIGMA_DATA = 0.5          # sigma_d of the boundary scalings
-TIMESTEP_SCALING = 10.0   # s: the scalings see s * t (LCM-LoRA / diffusers' LCMScheduler)
-TRAIN_STEPS = 1000
 TEACHER_SAMPLING_STEPS = 30   # DDIM steps of the images the teacher generates from prompts
 
 
 # -- the math (pure functions over tensors) -------------------------------------------------------
-
-def skip_k(num_ddim_timesteps: int, train_steps: int = TRAIN_STEPS) -> int:
-    """k: training timesteps per solver step (20 for N = 50)."""
-    if not 1 <= num_ddim_timesteps <= train_steps:
-        raise ValueError(f"solver steps must be between 1 and {train_steps}, got {num_ddim_timesteps}")
-    return train_steps // num_ddim_timesteps
-
-
-def solver_grid(num_ddim_timesteps: int, train_steps: int = TRAIN_STEPS) -> torch.Tensor:
-    """tau_i = (i + 1) k - 1 for i < N: 19, 39, ..., 999 for N = 50 (diffusers' DDIMSolver)."""
-    k = skip_k(num_ddim_timesteps, train_steps)
-    return torch.arange(1, num_ddim_timesteps + 1) * k - 1
-
-
-def solver_times(grid: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t_{n+k}, t_n): the grid point and the one a solver step below it, clamped at 0."""
-    t_start = grid.to(index.device)[index]
-    return t_start, (t_start - k).clamp(min=0)
-
-
-def boundary_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out) = (sigma_d^2 / ((s t)^2 + sigma_d^2), s t / sqrt((s t)^2 + sigma_d^2)); (1, 0) at t = 0."""
-    st = timestep_scaling * t.double()
-    denominator = st ** 2 + sigma_data ** 2
-    return sigma_data ** 2 / denominator, st / denominator.sqrt()
-
-
-def consistency_function(z_t: torch.Tensor, x0: torch.Tensor, c_skip: torch.Tensor, c_out: torch.Tensor
-                         ) -> torch.Tensor:
-    """f(z_t, t) = c_skip(t) z_t + c_out(t) x0(z_t, t): the identity at t = 0 whatever the model says."""
-    return _per_sample(c_skip, z_t) * z_t + _per_sample(c_out, x0) * x0
-
-
-def guided(cond_value: torch.Tensor, uncond_value: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
-    """The LCM paper's guidance cond + w (cond - uncond), i.e. WebUI CFG scale w + 1; applied to x0 and eps alike."""
-    w = _per_sample(torch.as_tensor(w, dtype=cond_value.dtype, device=cond_value.device), cond_value)
-    return cond_value + w * (cond_value - uncond_value)
-
-
-def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
-    """mean(sqrt((pred - target)^2 + c^2) - c): quadratic below c, linear above (LCM-LoRA's loss)."""
-    return (((pred.float() - target.float()) ** 2 + c * c).sqrt() - c).mean()
-
-
-def consistency_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
-    if loss_type == "huber":
-        return pseudo_huber(pred, target, huber_c)
-    if loss_type == "l2":
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
-    raise ValueError(f"loss type must be huber or l2, got {loss_type!r}")
-
-
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """The math runs in fp32 (fp64 stays fp64), whatever precision the model computes in."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B] (or a scalar) -> broadcastable against ``like`` [B, C, H, W], in its dtype and device."""
-    values = values.to(like.device, like.dtype)
-    return values.view(-1, *([1] * (like.dim() - 1))) if values.dim() else values
 
 
 # -- the model calls ------------------------------------------------------------------------------

@@ -1,0 +1,170 @@
+"""The worker: runs the queue's jobs one after another on a ModelHandle, in a thread or the caller's.
+
+It takes the next queued job, runs it through :func:`trainer.train.runner.run_job` (which holds
+``handle.lock()`` only around each step), records progress, tells subscribers (the UI) and frees
+memory between jobs.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from trainer import jobs, paths
+from trainer.models.handle import ModelHandle
+from trainer.queue.store import JobQueue, JobRow, QueueError, QueueEvent, WorkerLock
+from trainer.train.context import JobContext
+from trainer.train.loop import Control, Progress, Stopped
+from trainer.train.runner import run_job
+
+
+HandleProvider = Callable[[jobs.Job], ModelHandle]
+
+
+ContextFactory = Callable[[JobRow], JobContext]
+
+
+def default_context(row: JobRow) -> JobContext:
+    return JobContext(output_dir=paths.default_output_dir(), cache_dir=paths.cache_dir())
+
+
+class Worker:
+    """Runs queued jobs one at a time on the handle ``handle_provider(job)`` returns.
+
+    ``start()`` runs a background thread that waits for jobs; ``run_until_empty()`` runs them in the
+    calling thread and returns when none is queued. Only one worker per store at a time (OS lock).
+    """
+
+    def __init__(self, queue: JobQueue, handle_provider: HandleProvider, ctx_factory: ContextFactory | None = None,
+                 poll_s: float = 1.0):
+        self.queue, self.handle_provider = queue, handle_provider
+        self.ctx_factory = ctx_factory or default_context
+        self.poll_s = poll_s
+        self._subscribers: list[Callable[[QueueEvent], None]] = []
+        self._lock = WorkerLock(queue.worker_lock_path)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self.current: int | None = None
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[QueueEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` on every progress step and state change; returns the unsubscribe function.
+
+        Callbacks run on the worker thread between steps: keep them short (a UI should hand off)."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _publish(self, event: QueueEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception as e:  # a broken subscriber must not stop training
+                print(f"lora-queue: a progress subscriber failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        if not self._lock.acquire():
+            raise QueueError(f"another worker is already running on {self.queue.db_path}")
+        self.queue._mark_interrupted()   # we hold the lock: any 'running' job belongs to a dead worker
+
+    def run_until_empty(self) -> list[int]:
+        """Run queued jobs in this thread until none is left; returns the ids that ran."""
+        self._acquire()
+        try:
+            ran = []
+            while not self._stopping.is_set():
+                row = self.queue.claim_next()
+                if row is None:
+                    break
+                self.run_job_row(row)
+                ran.append(row.id)
+            return ran
+        finally:
+            self._lock.release()
+
+    def start(self) -> None:
+        """Start the background thread (it polls the store every ``poll_s`` seconds when idle)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._acquire()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._serve, name="lora-queue-worker", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look for a queued job now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self, cancel_running: bool = False, timeout: float | None = None) -> None:
+        """Stop taking jobs; the running job finishes first unless ``cancel_running``."""
+        self._stopping.set()
+        if cancel_running and self.current is not None:
+            self.queue.cancel(self.current)
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _serve(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                row = self.queue.claim_next()
+                if row is None:
+                    self._wake.wait(self.poll_s)
+                    self._wake.clear()
+                    continue
+                self.run_job_row(row)
+        finally:
+            self._lock.release()
+
+    def run_job_row(self, row: JobRow) -> str:
+        """Run one claimed (running) job to its end state; every failure becomes the row's error."""
+
+        self.current = row.id
+        control = Control()
+        self._publish(QueueEvent(row.id, "state", state="running"))
+
+        def on_progress(p: Progress) -> None:
+            request = self.queue.record_progress(row.id, p)
+            control.cancel = request == "cancel"
+            control.save_and_stop = request == "save_and_stop"
+            self._publish(QueueEvent(row.id, "progress", progress=p))
+
+        state, error, detail, outputs = "failed", None, None, []
+        try:
+            job = row.job
+            handle = self.handle_provider(job)
+            ctx = replace(self.ctx_factory(row), events=on_progress, control=control, resume=row.resume)
+            if row.resume:
+                _remove_stale_temporaries(Path(job.output_dir) if job.output_dir else ctx.output_dir, job.name)
+            result = run_job(job, handle, ctx)
+            state, outputs = "done", [str(p) for p in result.saved]
+            if result.stopped_early:
+                error = f"stopped and saved at step {result.steps_done}; resume continues it"
+        except Stopped as e:
+            state, error = "cancelled", str(e)
+        except jobs.JobError as e:
+            error = e.message
+        except Exception as e:
+            error, detail = f"{type(e).__name__}: {e}", traceback.format_exc()
+        finally:
+            self.current = None   # run_job freed the job's memory (and emptied the CUDA cache)
+        self.queue.finish(row.id, state, error, detail, outputs)
+        self._publish(QueueEvent(row.id, "state", state=state, error=error))
+        return state
+
+
+def _remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Delete the temporary files a killed process left while writing ``name``'s outputs."""
+    if not folder.is_dir():
+        return
+    for pattern in (f".{name}.safetensors.*.tmp", f".{name}-[0-9]*.safetensors.*.tmp", f".{name}.loss.csv.*.tmp",
+                    f"..{name}.state.pt.*.tmp"):
+        for tmp in folder.glob(pattern):
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""What the caller (CLI, queue, WebUI) provides around a job, where its files go, and how a mode runs its loop."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from trainer import jobs
+from trainer.train.loop import Control, EventSink, LoopResult, Outputs, TrainingLoop
+
+
+@dataclass
+class JobContext:
+    """What the caller (CLI, queue, WebUI) provides around a job."""
+
+    output_dir: Path                 # used when the job leaves output_dir empty
+    cache_dir: Path                  # latent cache, shared across jobs
+    events: EventSink | None = None
+    control: Control = field(default_factory=Control)
+    resume: bool = False             # continue from the resumable state beside the output
+    log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
+
+
+def job_outputs(job, ctx: JobContext) -> Outputs:
+    """The output paths of a job; refuses to overwrite a finished LoRA unless asked."""
+    outputs = Outputs(Path(job.output_dir) if job.output_dir else ctx.output_dir, job.name)
+    if outputs.final.exists() and not job.overwrite and not ctx.resume:
+        raise jobs.JobError(f"{outputs.final} already exists: choose another name or tick overwrite", field="name")
+    return outputs
+
+
+def run_loop(loop: TrainingLoop, compute_loss, ctx: JobContext, restore_extra=None) -> LoopResult:
+    """Resume from the saved state when asked, then run; the network is detached whatever happens."""
+    if ctx.resume and loop.outputs.state.is_file():
+        extra = loop.load_state_dict(TrainingLoop.read_state(loop.outputs.state))
+        if restore_extra:
+            restore_extra(extra)
+    try:
+        result = loop.run(compute_loss)
+    finally:
+        loop.network.detach()
+        loop.network.enable()   # the loop leaves it disabled (see TrainingLoop.run)
+    if not result.stopped_early:   # stop-and-save keeps the state so that resume can finish the job
+        loop.outputs.state.unlink(missing_ok=True)
+    return result
