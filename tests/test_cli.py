@@ -1,0 +1,58 @@
+"""The command line's shape: one registry, every subcommand runnable, and the commands that do not
+train start without torch (``queue list`` answers in well under half a second)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.cli import COMMANDS, build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], home: Path, check_torch: bool = True) -> subprocess.CompletedProcess:
+    """``python -m trainer ARGS``; with ``check_torch`` it also reports whether torch was imported."""
+    probe = ("import runpy, sys, atexit\n"
+             "atexit.register(lambda: sys.stderr.write('\\nTORCH-LOADED\\n' if 'torch' in sys.modules else ''))\n"
+             "sys.argv = ['trainer'] + sys.argv[1:]\n"
+             "runpy.run_module('trainer', run_name='__main__', alter_sys=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LORAQ_HOME": str(home)}
+    command = [sys.executable, "-c", probe, *args] if check_torch else [sys.executable, "-m", "trainer", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=home, timeout=120)
+
+
+def test_every_registered_command_has_a_function_to_run():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    for name, command in sub.choices.items():
+        assert command.get_default("func") is not None, f"`{name}` registers no function (the old merge crash)"
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], *[[name, "--help"] for name in COMMANDS], ["template", "lcm"], ["template", "copier", "--schema"],
+    ["queue", "list"], ["queue", "add", "job.json"], ["queue", "show", "1"], ["queue", "cancel", "1"],
+], ids=" ".join)
+def test_commands_that_do_not_train_import_no_torch(args, tmp_path):
+    (tmp_path / "job.json").write_text(json.dumps({"mode": "lcm", "prompts": ["a red circle"]}))
+    if args[:2] in (["queue", "show"], ["queue", "cancel"]):
+        assert run_cli(["queue", "add", "job.json"], tmp_path).returncode == 0   # job 1 exists
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "TORCH-LOADED" not in result.stderr, f"`{' '.join(args)}` imported torch"
+
+
+def test_queue_list_answers_in_half_a_second(tmp_path):
+    for _ in range(2):   # the first run may compile bytecode
+        started = time.perf_counter()
+        result = run_cli(["queue", "list"], tmp_path, check_torch=False)
+        elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 0.5, f"queue list took {elapsed:.2f} s"
