@@ -24,7 +24,7 @@ from trainer.models.handle import TargetOptions
 from trainer.train.modes import copier
 from trainer.train.loop import Progress
 from trainer.train.context import JobContext
-from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.lora.network import network_for_file, LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
 from trainer.sampling.ddim import sample
 
@@ -317,8 +317,7 @@ def demo_run(tmp_path_factory):
 
 
 def _network_from(handle, path) -> LoraNetwork:
-    factors = lora_files.read_lora_factors(path, handle.arch)
-    return copier.copier_from_factors(handle, factors, str(path))
+    return network_for_file(handle, path)
 
 
 def _images_at(handle, network, strengths):

@@ -12,7 +12,7 @@ import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -59,52 +59,6 @@ def read_header(path: str | Path) -> tuple[dict, int]:
 def read_metadata(path: str | Path) -> dict[str, str]:
     header, _ = read_header(path)
     return dict(header.get("__metadata__") or {})
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    read_header(path)
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types
-        raise LoraFileError(f"{Path(path).name}: cannot read tensors ({e})") from None
-
-
-def arch_family_of_keys(keys) -> str:
-    """``sdxl`` or ``sd`` (SD1/SD2) from kohya key spellings; ``unknown`` if neither shows."""
-    keys = list(keys)
-    if any(k.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
-                         "lora_unet_middle_block")) for k in keys):
-        return "sdxl"
-    if any(k.startswith(("lora_te_", "lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block"))
-           for k in keys):
-        return "sd"
-    return "unknown"
-
-
-def read_lora_factors(path: str | Path, expected_arch: str | None = None
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{kohya key: (down, up, alpha)} in float32 from a LoRA/LoCon file."""
-    path = Path(path)
-    tensors = load_tensors(path)
-    names = {k.split(".", 1)[0] for k in tensors}
-    family = arch_family_of_keys(names)
-    if expected_arch is not None and family != "unknown" and family != ("sdxl" if expected_arch == "sdxl" else "sd"):
-        raise LoraFileError(f"{path.name}: this LoRA is for {'SDXL' if family == 'sdxl' else 'SD1/SD2'}, "
-                            f"the model is {expected_arch.upper()}")
-    factors = {}
-    for name in sorted(names):
-        down = tensors.get(f"{name}.lora_down.weight")
-        up = tensors.get(f"{name}.lora_up.weight")
-        if down is None or up is None:
-            other = next(k for k in tensors if k.startswith(name + "."))
-            raise LoraFileError(f"{path.name}: {other} is not a LoRA/LoCon tensor (LoHa, LoKr, DoRA and PEFT "
-                                "files can be merged but not used as a starting point)")
-        alpha = tensors.get(f"{name}.alpha")
-        rank = down.shape[0]
-        factors[name] = (down.float(), up.float(), float(alpha) if alpha is not None else float(rank))
-    if not factors:
-        raise LoraFileError(f"{path.name}: holds no LoRA tensors")
-    return factors
 
 
 def safetensors_data_hash(blob: bytes) -> str:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from trainer.lora import files as lora_files
+from trainer.lora.reading import read_lora_factors
 from trainer.lora.svd import resize_factors
-from trainer.models.handle import LoraTarget
+from trainer.models.handle import LoraTarget, ModelHandle, TargetOptions
 
 
 class NetworkError(ValueError):
@@ -271,7 +272,7 @@ class LoraNetwork(nn.Module):
     @torch.no_grad()
     def load_weights(self, path: str | Path, arch: str | None = None) -> list[str]:
         """Start from a LoRA file; a different rank is resized by SVD. Returns keys not in the file."""
-        factors = lora_files.read_lora_factors(path, expected_arch=arch)
+        factors = read_lora_factors(path, expected_arch=arch)
         unknown = sorted(set(factors) - set(self.lora))
         if unknown and not set(factors) & set(self.lora):
             raise NetworkError(f"{Path(path).name}: none of its {len(factors)} modules match this model's "
@@ -307,3 +308,25 @@ def applied(network: "LoraNetwork | None") -> Iterator[None]:
         yield
     finally:
         network.enabled = was_enabled
+
+
+def network_for_file(handle: ModelHandle, path: str | Path) -> LoraNetwork:
+    """A network holding a LoRA file exactly (its own modules and ranks) on ``handle``, not yet attached.
+
+    Raises LoraFileError for a file that is not a usable LoRA and NetworkError when its modules do not
+    exist in this model.
+    """
+    path = Path(path).expanduser()
+    factors = read_lora_factors(path, expected_arch=handle.arch)
+    te = any(key.startswith("lora_te") for key in factors)
+    targets = [t for t in handle.lora_targets(TargetOptions("all", te)) if t.key in factors]
+    unknown = sorted(set(factors) - {t.key for t in targets})
+    if unknown:
+        raise NetworkError(f"{path.name}: {len(unknown)} of its {len(factors)} modules do not exist in this model "
+                           f"(first: {unknown[0]}); it was trained on another model")
+    is_conv3 = lambda down: down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
+    dim = max((d.shape[0] for d, _, _ in factors.values() if not is_conv3(d)), default=1)
+    conv_dim = max((d.shape[0] for d, _, _ in factors.values() if is_conv3(d)), default=0)
+    network = LoraNetwork(targets, NetworkShape(dim, float(dim), conv_dim, float(max(conv_dim, 1))))
+    network.load_weights(path, handle.arch)
+    return network.to(handle.device)

@@ -15,17 +15,18 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from trainer.lora import files as lora_files
+from trainer.lora.reading import LoraFile, open_lora
 from trainer.lora.svd import (
     dense_svd, factor_space_svd, frobenius_error_of_factors, quantile_clamp, split_singular_values, stack_scaled_factors,
 )
-from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, arch_from_keys, arch_from_metadata, group_keys, kernel_from_name, kohya_module_name, module_delta
+from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, kernel_from_name, module_delta
 from trainer.jobs.vocabulary import BLOCK_IDS
 from trainer.models.naming import BLOCK_SLOTS, block_id_of_key
 
@@ -300,64 +301,34 @@ def _block_of(name: str, arch: str) -> str | None:
 
 @dataclass
 class LoadedInput:
-    """An opened input: its groups by kohya module name, metadata and architecture."""
+    """An opened input: the LoRA file (groups by kohya module name, metadata, architecture) and its spec."""
 
     spec: MergeInput
-    arch: str
-    arch_certain: bool
-    metadata: dict[str, str]
-    groups: dict[str, KeyGroup] = field(repr=False)
-    handle: object = field(repr=False, default=None)
+    file: LoraFile
 
+    @property
+    def arch(self) -> str:
+        return self.file.arch
 
-def check_safetensors_file(path: str) -> None:
-    """Refuse pickles, truncated and non-safetensors files by their header (nothing is unpickled, ever)."""
-    try:
-        lora_files.read_header(path)
-    except lora_files.LoraFileError as e:
-        raise MergeError(f"'{path}': {e}") from None
+    @property
+    def arch_certain(self) -> bool:
+        return self.file.arch_certain
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.file.metadata
+
+    @property
+    def groups(self) -> dict[str, KeyGroup]:
+        return self.file.groups
 
 
 def load_input(spec: MergeInput) -> LoadedInput:
-    """Open one input lazily (tensors are read module by module) and group its keys."""
-    from safetensors import SafetensorError, safe_open
-
-    check_safetensors_file(spec.path)
+    """Open one input lazily (tensors are read module by module) through the one LoRA reader."""
     try:
-        handle = safe_open(spec.path, framework="pt", device="cpu")
-    except (SafetensorError, OSError) as e:
-        if "not fully covered" in str(e) or "incomplete" in str(e):
-            raise MergeError(f"'{spec.path}' is truncated: {e}") from None
-        raise MergeError(f"'{spec.path}' is not a safetensors file: {e}") from None
-    metadata = dict(handle.metadata() or {})
-    keys = list(handle.keys())
-    if not keys:
-        raise MergeError(f"'{spec.path}' holds no tensors")
-    try:
-        meta_arch = arch_from_metadata(metadata)
-    except LoraFormatError as e:
+        return LoadedInput(spec, open_lora(spec.path))
+    except lora_files.LoraFileError as e:
         raise MergeError(f"'{spec.path}': {e}") from None
-    key_arch = arch_from_keys(keys)
-    if meta_arch and key_arch and (meta_arch == "sdxl") != (key_arch == "sdxl"):
-        raise MergeError(f"'{spec.path}': metadata says {meta_arch.upper()} but its keys are "
-                         f"{key_arch.upper()}-style")
-    arch = meta_arch or key_arch
-    if arch is None:
-        raise MergeError(f"'{spec.path}': cannot tell SD1/SD2 from SDXL (no ss_base_model_version, "
-                         f"no lora_unet_/lora_te keys; first key '{keys[0]}')")
-
-    def load(key: str) -> torch.Tensor:
-        try:
-            return handle.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for damaged data
-            raise MergeError(f"'{spec.path}': tensor '{key}' cannot be read: {e}") from None
-
-    try:
-        raw = group_keys(keys, spec.path, load)
-        groups = {kohya_module_name(m, arch): g for m, g in raw.items()}
-    except LoraFormatError as e:
-        raise MergeError(str(e)) from None
-    return LoadedInput(spec, arch, meta_arch is not None, metadata, groups, handle)
 
 
 def common_arch(inputs: Sequence[LoadedInput]) -> str:

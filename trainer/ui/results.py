@@ -16,8 +16,7 @@ from PIL import Image
 
 from trainer import jobs
 from trainer.models.handle import ModelHandle
-from trainer.train.modes.copier import copier_from_factors, read_copier_factors
-from trainer.lora.network import LoraNetwork
+from trainer.lora.network import LoraNetwork, network_for_file
 from trainer.sampling.ddim import grid_image, sample
 
 #: The x axis users build by hand with the x/y/z plot: negative strength shows what the LoRA removes.
@@ -82,7 +81,7 @@ def strength_grid(handle: ModelHandle, lora_path: str, prompt: str, strengths: S
                   seeds: Sequence[int] = SEEDS, steps: int = 20, cfg: float = 5.0,
                   size: tuple[int, int] = (512, 512)) -> Image.Image:
     """rows = seeds, columns = LoRA strengths, sampled between training steps if a job runs."""
-    network = copier_from_factors(handle, read_copier_factors(lora_path, handle), lora_path)
+    network = network_for_file(handle, lora_path)
     network.requires_grad_(False)
     with handle.lock():
         network.attach()

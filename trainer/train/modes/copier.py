@@ -58,8 +58,8 @@ from trainer import data
 from trainer import jobs
 from trainer.lora import files as lora_files
 from trainer.lora.metadata import TrainingFacts
-from trainer.models.handle import Cond, ModelHandle, TargetOptions
-from trainer.lora.network import LoraNetwork, NetworkShape, applied
+from trainer.models.handle import Cond, ModelHandle
+from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for_file
 from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion.schedules import add_noise
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop, diffusion_loss
@@ -296,28 +296,12 @@ def load_pairs(pair_files: list[PairFiles], handle: ModelHandle, cache: data.Lat
 # The copier network: trained in pass 1 or read from a file
 # ---------------------------------------------------------------------------------------------
 
-def read_copier_factors(path: str, handle: ModelHandle) -> dict:
+def copier_network(handle: ModelHandle, path: str) -> LoraNetwork:
+    """A saved copier as a frozen-to-be network holding the file exactly (not yet attached)."""
     try:
-        return lora_files.read_lora_factors(Path(path).expanduser(), expected_arch=handle.arch)
-    except lora_files.LoraFileError as e:
+        return network_for_file(handle, path)
+    except (lora_files.LoraFileError, NetworkError) as e:
         raise jobs.JobError(f"saved copier: {e}", field="copier_file") from None
-
-
-def copier_from_factors(handle: ModelHandle, factors: dict, path: str) -> LoraNetwork:
-    """A frozen network holding a saved copier exactly (its own modules and ranks), not yet attached."""
-    te = any(key.startswith("lora_te") for key in factors)
-    targets = [t for t in handle.lora_targets(TargetOptions("all", te)) if t.key in factors]
-    unknown = sorted(set(factors) - {t.key for t in targets})
-    if unknown:
-        raise jobs.JobError(f"saved copier '{Path(path).name}': {len(unknown)} of its {len(factors)} modules do not "
-                            f"exist in this model (first: {unknown[0]}); it was trained on another model",
-                            field="copier_file")
-    is_conv3 = lambda down: down.dim() == 4 and tuple(down.shape[2:]) != (1, 1)
-    dim = max((d.shape[0] for d, _, _ in factors.values() if not is_conv3(d)), default=1)
-    conv_dim = max((d.shape[0] for d, _, _ in factors.values() if is_conv3(d)), default=0)
-    network = LoraNetwork(targets, NetworkShape(dim, float(dim), conv_dim, float(max(conv_dim, 1))))
-    network.load_weights(Path(path).expanduser(), handle.arch)
-    return network.to(handle.device)
 
 
 def freeze(network: LoraNetwork) -> LoraNetwork:
@@ -425,7 +409,7 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
     resuming_pass_2 = ctx.resume and not job.copier_file and not copier_outputs.state.is_file() \
         and copier_outputs.final.is_file()
     copier_path = job.copier_file or (str(copier_outputs.final) if resuming_pass_2 else "")
-    factors = read_copier_factors(copier_path, handle) if copier_path else None
+    saved_copier = copier_network(handle, copier_path) if copier_path else None
     if job.save_copier and not job.copier_file and copier_outputs.final.exists() and not job.overwrite \
             and not ctx.resume:
         raise jobs.JobError(f"{copier_outputs.final} already exists: choose another name or tick overwrite",
@@ -433,7 +417,7 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
     pairs = load_pairs(pair_files, handle, data.LatentCache(ctx.cache_dir / "latents"), job.use_mask)
 
     noise = noise_settings(handle, job, second)
-    runs_pass_1 = factors is None
+    runs_pass_1 = saved_copier is None
     # A saved copier means a one-pass job; a resumed job counts its finished pass 1.
     events = _JobEvents(ctx, 0 if job.copier_file else first.steps, second.steps)
     a_hashes = json.dumps([p.files.a.sha256 for p in pairs if p.files.a is not None])
@@ -449,7 +433,7 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
                                result.steps_done)
                 return result
         else:
-            copier = copier_from_factors(handle, factors, copier_path)
+            copier = saved_copier
             metadata = lora_files.read_metadata(Path(copier_path).expanduser())
             reconstruction = _reconstruction_of_saved(handle, copier, pairs, job.prompt, metadata)
             source = ("the interrupted job's copier" if resuming_pass_2
