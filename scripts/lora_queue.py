@@ -78,7 +78,7 @@ def _register_lcm_samplers():
     try:
         from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
 
-        from trainer.sampling.lcm import register_webui_samplers
+        from trainer.sampling.webui_samplers import register_webui_samplers
         register_webui_samplers(sd_samplers, sd_samplers_common, sd_samplers_kdiffusion)
     except Exception as e:  # a sampler list we cannot extend must not take the tab down
         print(f"LoRA Queue: LCM samplers not registered ({e})", file=sys.stderr)

@@ -26,7 +26,7 @@ from trainer.train.loop import Progress
 from trainer.train.context import JobContext
 from trainer.lora.network import network_for_file, LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
-from trainer.sampling.ddim import sample
+from trainer.sampling.guided import sample
 
 
 @pytest.fixture(autouse=True)

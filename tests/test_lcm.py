@@ -22,10 +22,12 @@ from trainer.models.handle import TargetOptions
 from trainer.train.modes import lcm
 from trainer.train.plan import build_network
 from trainer.train.context import JobContext
-from trainer.lora.network import LoraNetwork, NetworkShape
+from trainer.lora.network import LoraNetwork, NetworkShape, removed
 from trainer.train.runner import run_job
 from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion import lcm as lcm_math
+from trainer.sampling import guided
+from trainer.sampling import webui_samplers
 
 torch.set_num_threads(1)
 
@@ -143,7 +145,7 @@ def test_at_initialisation_the_student_is_the_teacher(tmp_path):
     z, t = torch.randn(1, 4, 8, 8), torch.tensor([739])
     with torch.no_grad():
         student = lcm.student_output(handle, z, t, cond, "eps")
-        with lcm.lora_off(network):
+        with removed(network):
             teacher = lcm.student_output(handle, z, t, cond, "eps")
     assert torch.equal(student, teacher)
     assert network.enabled, "the LoRA is on again after the teacher's pass"
@@ -313,7 +315,7 @@ def test_k_diffusion_form_of_the_lcm_alternative_equals_ours_in_sigma_space():
     sigmas = torch.tensor([float(sigma_of[t]) for t in ts] + [0.0], dtype=torch.float64)
     for euler_steps, ancestral in ((1, 0.0), (2, 0.5), (0, 0.0)):
         ours = lcm_math.lcm_alternative_loop(denoise, z, ts, abar, lambda i: draws[i], euler_steps, ancestral)
-        k_form = lcm_sampling.make_lcm_alternative_k(euler_steps, ancestral)
+        k_form = webui_samplers.make_lcm_alternative_k(euler_steps, ancestral)
         theirs = k_form(ve_model, z / abar[ts[0]].sqrt(), sigmas, noise_sampler=lambda s, s_next: draws[ts.index(t_of[float(s)])])
         assert torch.allclose(ours, theirs, atol=1e-10)
 
@@ -324,9 +326,9 @@ def test_webui_samplers_register_once_through_the_modules_the_glue_passes():
     common = SimpleNamespace(SamplerData=lambda name, constructor, aliases, options: SimpleNamespace(
         name=name, constructor=constructor, aliases=aliases, options=options))
     kdiff = SimpleNamespace(KDiffusionSampler=lambda func, model: ("sampler", func, model))
-    assert lcm_sampling.register_webui_samplers(sd_samplers, common, kdiff) == ["LCM alternative",
+    assert webui_samplers.register_webui_samplers(sd_samplers, common, kdiff) == ["LCM alternative",
                                                                                "LCM alternative ancestral"]
-    assert lcm_sampling.register_webui_samplers(sd_samplers, common, kdiff) == []
+    assert webui_samplers.register_webui_samplers(sd_samplers, common, kdiff) == []
     assert sd_samplers.refreshed == 1 and len(sd_samplers.all_samplers) == 2
     kind, func, model = sd_samplers.all_samplers_map["LCM alternative"].constructor("the model")
     assert model == "the model" and func.__name__ == "sample_lcm_alternative"
@@ -416,11 +418,11 @@ def test_demo_model_one_step_output_moves_toward_the_teachers_50_step_samples(tm
     combos = all_combinations()
     random.Random(0).shuffle(combos)
     prompts, size = [caption(*c) for c in combos[:8]], (64, 64)
-    noise = lcm_sampling.seeded_noise(range(100, 108), (4, 16, 16), "cpu")
+    noise = guided.seeded_noise(range(100, 108), (4, 16, 16), "cpu")
     with torch.no_grad():
         cond, uncond = handle.encode_prompts(prompts, size), handle.uncond(len(prompts), size)
         trajectory: dict[int, torch.Tensor] = {}
-        teacher = lcm_sampling.ddim_latents(handle, noise, cond, uncond, steps=50,
+        teacher = guided.ddim_latents(handle, noise, cond, uncond, steps=50,
                                             cfg=DEMO_TRAINING["guidance_scale"] + 1, trajectory=trajectory)
 
     def errors() -> tuple[float, list[float]]:

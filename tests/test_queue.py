@@ -35,7 +35,7 @@ from trainer.train.loop import Progress
 from trainer.train.context import JobContext
 from trainer.queue.store import JobQueue, QueueError, WorkerLock, kept_steps, thinning_stride
 from trainer.queue.worker import Worker
-from trainer.sampling.ddim import sample
+from trainer.sampling.guided import sample
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from trainer.models.handle import TargetOptions
 from trainer.train.context import JobContext
 from trainer.lora.network import LoraNetwork, NetworkShape
 from trainer.train.runner import run_job
-from trainer.sampling.ddim import sample
+from trainer.sampling.guided import sample
 
 CAPTION = "a red circle on a white background"
 SEEDS = (1, 2, 3)

@@ -10,9 +10,11 @@ import gc
 
 import torch
 
-from trainer.jobs.vocabulary import MIXED_PRECISIONS
+from trainer.jobs.vocabulary import MIXED_PRECISIONS, SAVE_PRECISIONS
 
-SAVE_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: The dtype of each precision name (the names are the vocabulary's SAVE_PRECISIONS).
+SAVE_PRECISION: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+assert tuple(SAVE_PRECISION) == SAVE_PRECISIONS
 
 
 def default_device() -> torch.device:

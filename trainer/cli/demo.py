@@ -42,7 +42,7 @@ def demo(out: Path, steps: int = 200) -> list[Path]:
     from trainer.lora.network import LoraNetwork, NetworkShape
     from trainer.models.diffusers_model import load_handle
     from trainer.models.handle import TargetOptions
-    from trainer.sampling.ddim import comparison_grid
+    from trainer.sampling.grids import comparison_grid
     from trainer.train.context import JobContext
     from trainer.train.runner import run_job
 

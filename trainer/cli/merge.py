@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from trainer.jobs.vocabulary import SAVE_PRECISIONS
+
 
 DESCRIPTION = "Merge LoRAs at their ratios (and block weights) into one LoRA of a chosen rank."
 
@@ -54,7 +56,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concat", action="store_true", help="lossless: rank = sum of the input ranks")
     parser.add_argument("--alpha", type=float, default=None, help="output alpha (default: = rank, scale 1)")
     parser.add_argument("--presets", type=Path, default=None, help="block-weight preset file (NAME:v1,...)")
-    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="saved precision")
+    parser.add_argument("--dtype", choices=SAVE_PRECISIONS, default="fp16", help="saved precision")
     parser.add_argument("--clamp-quantile", type=float, nargs="?", const=0.99, default=None, metavar="Q",
                         help="kohya svd_merge_lora clamp of the factors at quantile Q (off by default; 0.99)")
     parser.add_argument("--report-json", type=Path, default=None, help="also write the per-module report as JSON")

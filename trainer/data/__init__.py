@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trainer.lora.files import write_atomic
+from trainer.paths import write_atomic
 from trainer.models.handle import Cond, ModelHandle
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
+
+from trainer.paths import write_atomic
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -70,23 +71,6 @@ def safetensors_data_hash(blob: bytes) -> str:
 def legacy_hash(blob: bytes) -> str:
     """kohya's ``sshs_legacy_hash``: first 8 hex of sha256 over the 64 KiB at offset 1 MiB of the file."""
     return hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
-
-
-def write_atomic(path: str | Path, blob: bytes) -> Path:
-    """Write ``blob`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 _LEGACY_PLACEHOLDER = "?" * 8

@@ -54,24 +54,48 @@ class TrainingFacts:
     description: str = ""
 
 
-def _num(x: float) -> str:
+def _num(x: float | str) -> str:
     return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+def file_metadata(arch: str, prediction: str, resolution: int | None, dim: int | str, alpha: float | str,
+                  conv_dim: int | str = 0, conv_alpha: float | str = 1.0, title: str = "", description: str = "",
+                  date: float | None = None) -> dict[str, str]:
+    """The keys every LoRA file we write carries (trained or merged): the network's shape as kohya names
+    it and the sai model spec. Merged files pass ranks that vary per module as text (e.g. "8" or "4-8")."""
+    network_args = {"conv_dim": str(conv_dim), "conv_alpha": _num(conv_alpha)} if conv_dim else {}
+    when = time.time() if date is None else date
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": _num(alpha),
+        "ss_network_args": json.dumps(network_args),
+        "ss_base_model_version": BASE_MODEL_VERSION[arch],
+        "ss_v2": str(arch == "sd2"),
+        "ss_v_parameterization": str(prediction == "v"),
+        "ss_output_name": title,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": modelspec_architecture(arch, prediction, resolution or 512),
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if arch == "sdxl"
+                                     else "diffusers"),
+        "modelspec.title": title,
+        "modelspec.description": description,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when)),
+        "modelspec.prediction_type": "v" if prediction == "v" else "epsilon",
+    }
+    if resolution:
+        meta["ss_resolution"] = f"({resolution}, {resolution})"
+        meta["modelspec.resolution"] = f"{resolution}x{resolution}"
+    return meta
 
 
 def lora_metadata(facts: TrainingFacts) -> dict[str, str]:
     """ss_* and modelspec.* metadata as kohya's train_network.py writes it."""
-    network_args = {}
-    if facts.conv_dim:
-        network_args = {"conv_dim": str(facts.conv_dim), "conv_alpha": _num(facts.conv_alpha)}
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(facts.dim),
-        "ss_network_alpha": _num(facts.alpha),
-        "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": BASE_MODEL_VERSION[facts.arch],
-        "ss_v2": str(facts.arch == "sd2"),
-        "ss_v_parameterization": str(facts.prediction == "v"),
-        "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+    meta = file_metadata(facts.arch, facts.prediction, facts.resolution, facts.dim, facts.alpha, facts.conv_dim,
+                         facts.conv_alpha, facts.title or facts.output_name, facts.description,
+                         facts.training_started_at)
+    meta["ss_output_name"] = facts.output_name
+    meta.update({
         "ss_steps": str(facts.steps),
         "ss_max_train_steps": str(facts.max_steps or facts.steps),
         "ss_learning_rate": _num(facts.lr),
@@ -86,16 +110,6 @@ def lora_metadata(facts: TrainingFacts) -> dict[str, str]:
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_session_id": str(facts.session_id),
         "ss_training_started_at": _num(facts.training_started_at),
-        "ss_output_name": facts.output_name,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(facts.arch, facts.prediction, facts.resolution),
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if facts.arch == "sdxl"
-                                     else "diffusers"),
-        "modelspec.title": facts.title or facts.output_name,
-        "modelspec.description": facts.description,
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(facts.training_started_at)),
-        "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
-        "modelspec.prediction_type": "v" if facts.prediction == "v" else "epsilon",
-    }
+    })
     meta.update(facts.extra)
     return meta

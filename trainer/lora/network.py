@@ -297,17 +297,30 @@ class LoraNetwork(nn.Module):
 
 
 @contextlib.contextmanager
-def applied(network: "LoraNetwork | None") -> Iterator[None]:
-    """The network enabled for the duration (its hooks act during forward passes only); None: no-op."""
+def switched(network: "LoraNetwork | None", on: bool) -> Iterator[None]:
+    """The network on (or off) for the duration, then as it was; its hooks act in forward passes only.
+
+    The one way to switch a network for a while: previews and grids turn theirs on under the model lock,
+    the LCM teacher turns the student's off. None: no-op."""
     if network is None:
         yield
         return
     was_enabled = network.enabled
-    network.enable()
+    network.enabled = on
     try:
         yield
     finally:
         network.enabled = was_enabled
+
+
+def applied(network: "LoraNetwork | None") -> contextlib.AbstractContextManager[None]:
+    """The network on for the duration (see :func:`switched`)."""
+    return switched(network, True)
+
+
+def removed(network: "LoraNetwork | None") -> contextlib.AbstractContextManager[None]:
+    """The network off for the duration: the base model (see :func:`switched`)."""
+    return switched(network, False)
 
 
 def network_for_file(handle: ModelHandle, path: str | Path) -> LoraNetwork:

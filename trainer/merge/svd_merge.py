@@ -22,11 +22,13 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from trainer.lora import files as lora_files
+from trainer.lora.metadata import file_metadata
 from trainer.lora.reading import LoraFile, open_lora
 from trainer.lora.svd import (
     dense_svd, factor_space_svd, frobenius_error_of_factors, quantile_clamp, split_singular_values, stack_scaled_factors,
 )
 from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, kernel_from_name, module_delta
+from trainer.device import SAVE_PRECISION
 from trainer.jobs.vocabulary import BLOCK_IDS
 from trainer.models.naming import BLOCK_SLOTS, block_id_of_key
 
@@ -347,10 +349,7 @@ def common_arch(inputs: Sequence[LoadedInput]) -> str:
 # --- the whole merge -----------------------------------------------------------------------------
 
 #: fp64 is for tests and analysis; hosts load fp16/bf16/fp32.
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
-DEFAULT_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
-                  "sdxl": "stable-diffusion-xl-v1-base/lora"}
+DTYPES = {**SAVE_PRECISION, "fp64": torch.float64}
 
 
 @dataclass
@@ -460,31 +459,30 @@ def merged_metadata(loaded: Sequence[LoadedInput], arch: str, policy: RankPolicy
         alphas[spatial].append(float(tensors[f"{r.name}.alpha"]))
     linear_ranks = ranks[False] or ranks[True]
     linear_alphas = alphas[False] or alphas[True]
-    version = next((i.metadata["ss_base_model_version"] for i in loaded if i.metadata.get("ss_base_model_version")),
-                   DEFAULT_BASE_VERSION[arch])
+    prediction = "v" if any(i.metadata.get("ss_v_parameterization") == "True" for i in loaded) else "eps"
+    resolution = next((i.metadata["modelspec.resolution"] for i in loaded if i.metadata.get("modelspec.resolution")),
+                      "")
     totals = merge_totals(reports)
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": _uniform(linear_ranks),
-        "ss_network_alpha": _uniform(linear_alphas),
-        "ss_base_model_version": version,
-        "ss_v2": str(arch == "sd2"),
+    metadata = file_metadata(arch, prediction, int(resolution.split("x")[0]) if resolution[:1].isdigit() else None,
+                             _uniform(linear_ranks), _uniform(linear_alphas),
+                             _uniform(ranks[True]) if ranks[True] else 0,
+                             _uniform(alphas[True]) if ranks[True] else 1.0, title)
+    version = next((i.metadata["ss_base_model_version"] for i in loaded if i.metadata.get("ss_base_model_version")),
+                   None)
+    if version:
+        metadata["ss_base_model_version"] = version
+    metadata.update({
         "ss_merge_method": "factor-space SVD (QR of stacked factors, SVD of the core)",
         "ss_merge_rank_policy": policy.describe(),
         "ss_merge_report": json.dumps({k: round(v, 8) if isinstance(v, float) else v for k, v in totals.items()}),
+        "modelspec.merged_from": ", ".join(Path(i.spec.path).stem for i in loaded),
         "merged_from": json.dumps([
             {"file": os.path.basename(i.spec.path), "ratio": i.spec.ratio, "blocks": i.spec.blocks,
              "ss_network_dim": i.metadata.get("ss_network_dim"),
              "sshs_model_hash": i.metadata.get("sshs_model_hash")}
             for i in loaded
         ]),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[arch],
-        "modelspec.title": title,
-    }
-    if ranks[True]:
-        metadata["ss_network_args"] = json.dumps({"conv_dim": _uniform(ranks[True]),
-                                                  "conv_alpha": _uniform(alphas[True])})
+    })
     if clamp is not None:
         metadata["ss_merge_clamp_quantile"] = str(clamp)
     return metadata

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from trainer.models.handle import ModelError
+from trainer.paths import cache_dir, write_atomic
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408
@@ -63,7 +64,7 @@ def find_bpe_file() -> Path:
 
 
 def default_cache_dir() -> Path:
-    from trainer.paths import cache_dir
+
     return cache_dir() / "clip_tokenizer"
 
 
@@ -78,9 +79,7 @@ def write_tokenizer_files(cache_dir: str | os.PathLike | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for path, text in ((vocab_path, json.dumps(vocab, ensure_ascii=False)),
                        (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")):
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text.encode("utf-8"))
     return folder
 
 

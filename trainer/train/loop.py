@@ -19,9 +19,9 @@ from typing import Any, Callable
 import torch
 
 from trainer import device as devices
-from trainer.lora import files as lora_files
 from trainer.train import optim
 from trainer.diffusion import schedules
+from trainer.paths import write_atomic
 from trainer.lora.metadata import TrainingFacts, lora_metadata
 from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork
@@ -205,7 +205,7 @@ class TrainingLoop:
     def save_state(self) -> None:
         buffer = io.BytesIO()
         torch.save(self.state_dict(), buffer)
-        lora_files.write_atomic(self.outputs.state, buffer.getvalue())
+        write_atomic(self.outputs.state, buffer.getvalue())
 
     @staticmethod
     def read_state(path: Path) -> dict:
@@ -229,7 +229,7 @@ class TrainingLoop:
         kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
         text = io.StringIO(newline="")
         csv.writer(text).writerows(kept)
-        lora_files.write_atomic(self.outputs.loss_log, text.getvalue().encode())
+        write_atomic(self.outputs.loss_log, text.getvalue().encode())
 
     def _write_log_row(self, loss: float, smoothed: float, lr: float) -> None:
         new = not self.outputs.loss_log.exists() or self.step == 1

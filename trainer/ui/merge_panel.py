@@ -6,6 +6,7 @@ import time
 import gradio as gr
 
 from trainer import jobs
+from trainer.jobs.vocabulary import SAVE_PRECISIONS
 from trainer.merge.svd_merge import MergeError, RankPolicy, format_report, merge_files
 from trainer.ui import loras
 from trainer.ui.services import UiServices
@@ -51,7 +52,7 @@ class MergePanel:
                 with gr.Row():
                     self.output = gr.Textbox(label="output name", value="merged", elem_id="loraq_merge_output",
                                              max_lines=1)
-                    self.precision = gr.Dropdown(["fp16", "bf16", "fp32"], value="fp16", label="save precision",
+                    self.precision = gr.Dropdown(list(SAVE_PRECISIONS), value="fp16", label="save precision",
                                                  elem_id="loraq_merge_dtype")
                     self.overwrite = gr.Checkbox(False, label="overwrite", elem_id="loraq_merge_overwrite")
                 self.run = gr.Button("Merge", variant="primary", elem_id="loraq_merge_run")

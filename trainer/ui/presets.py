@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from trainer import jobs
-from trainer.lora.files import write_atomic
+from trainer.paths import write_atomic
 
 
 class PresetError(ValueError):

@@ -1,13 +1,10 @@
 """Results of a finished job: its checkpoints and the LoRA strength x seed comparison grid.
 
-The grid renders on the job's own model, which the worker may be training at the same moment: the
-LoRA is attached and detached under ``handle.lock()`` and is only enabled while one of our images
-is sampled (a :class:`_HandleWithNetwork` turns it on inside each ``lock()``), so a training step
-in between never sees it.
+The grid renders on the job's own model, which the worker may be training at the same moment
+(``sampling.grids`` keeps the LoRA off outside the model lock, so a training step never sees it).
 """
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +13,7 @@ from PIL import Image
 
 from trainer import jobs
 from trainer.models.handle import ModelHandle
-from trainer.lora.network import LoraNetwork, network_for_file
-from trainer.sampling.ddim import grid_image, sample
+from trainer.sampling.grids import lora_file_grid
 
 #: The x axis users build by hand with the x/y/z plot: negative strength shows what the LoRA removes.
 STRENGTHS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
@@ -58,43 +54,8 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-class _HandleWithNetwork:
-    """``handle`` whose ``lock()`` also enables ``network`` for the time it is held."""
-
-    def __init__(self, handle: ModelHandle, network: LoraNetwork):
-        self._handle, self._network = handle, network
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    @contextlib.contextmanager
-    def lock(self):
-        with self._handle.lock():
-            self._network.enable()
-            try:
-                yield
-            finally:
-                self._network.disable()
-
-
 def strength_grid(handle: ModelHandle, lora_path: str, prompt: str, strengths: Sequence[float] = STRENGTHS,
                   seeds: Sequence[int] = SEEDS, steps: int = 20, cfg: float = 5.0,
                   size: tuple[int, int] = (512, 512)) -> Image.Image:
     """rows = seeds, columns = LoRA strengths, sampled between training steps if a job runs."""
-    network = network_for_file(handle, lora_path)
-    network.requires_grad_(False)
-    with handle.lock():
-        network.attach()
-        network.disable()
-    view = _HandleWithNetwork(handle, network)
-    try:
-        columns = []
-        for strength in strengths:
-            network.multiplier = strength
-            columns.append(sample(view, [prompt] * len(seeds), seeds, steps=steps, cfg=cfg, size=size))
-    finally:
-        with handle.lock():
-            network.detach()
-    rows = [[columns[c][r] for c in range(len(strengths))] for r in range(len(seeds))]
-    return grid_image(rows, [f"{s:g}" for s in strengths], [f"seed {s}" for s in seeds],
-                      f"{Path(lora_path).stem}: {prompt}")
+    return lora_file_grid(handle, lora_path, prompt, strengths, seeds, steps=steps, cfg=cfg, size=size)

@@ -24,19 +24,25 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors.torch import load_file, save
 
 from trainer import data
 from trainer import jobs
 from trainer.diffusion import schedules
-from trainer.models.handle import Cond, ModelHandle
-from trainer.lora.network import LoraNetwork
-from trainer.sampling.ddim import _pad_cat
+from trainer.models.handle import Cond, ModelHandle, weights_fingerprint
+from trainer.lora.network import LoraNetwork, removed
+from trainer.paths import write_atomic
+from trainer.sampling import lcm as lcm_sampling
+from trainer.sampling.grids import grid_image
+from trainer.sampling.guided import ddim_latents, seeded_noise
+from trainer.sampling.guided import pad_cat
 from trainer.diffusion.ddim import ddim_step, predict_x0_eps
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop
 from trainer.train.plan import build_network, facts_for, loop_settings
@@ -90,25 +96,13 @@ def student_output(handle: ModelHandle, z_t: torch.Tensor, t: torch.Tensor, cond
     return consistency_function(z_t.to(x0.dtype), x0, c_skip, c_out)
 
 
-@contextlib.contextmanager
-def lora_off(network: LoraNetwork) -> Iterator[None]:
-    """The teacher: the base model, the same weights, with the LoRA's contribution switched off."""
-    was_enabled = network.enabled
-    network.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            network.enable()
-
-
 @torch.no_grad()
 def teacher_guided_x0_eps(handle: ModelHandle, network: LoraNetwork, z_t: torch.Tensor, t: torch.Tensor,
                           cond: Cond, uncond: Cond, w: torch.Tensor | float, prediction: str
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Guided (x0, eps) of the teacher; the conditional and unconditional passes are one batched forward."""
-    with lora_off(network):
-        x0, eps = model_x0_eps(handle, torch.cat([z_t, z_t]), torch.cat([t, t]), _pad_cat(cond, uncond), prediction)
+    with removed(network):
+        x0, eps = model_x0_eps(handle, torch.cat([z_t, z_t]), torch.cat([t, t]), pad_cat(cond, uncond), prediction)
     x0_cond, x0_uncond = x0.chunk(2)
     eps_cond, eps_uncond = eps.chunk(2)
     return guided(x0_cond, x0_uncond, w), guided(eps_cond, eps_uncond, w)
@@ -220,28 +214,15 @@ def read_prompts(job) -> list[str]:
     return prompts
 
 
-def unet_fingerprint(handle: ModelHandle) -> str:
-    """Changes when the UNet's weights change (a strided sample of every tensor)."""
-    h = hashlib.sha256(handle.identity.encode())
-    for name, t in handle.unet.state_dict().items():
-        flat = t.detach().flatten()
-        h.update(name.encode() + str(tuple(t.shape)).encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def teacher_latents(handle: ModelHandle, prompts: list[str], count: int, w: float, size: tuple[int, int],
                     seed: int, cache_dir: Path, log: Callable[[str], None] = lambda m: None,
                     batch_size: int = 8) -> tuple[torch.Tensor, list[str]]:
     """``count`` latents the base model generates (prompts in turn, seeds seed, seed + 1, ...; guided DDIM at
     WebUI CFG w + 1), cached on disk by model, prompts and settings: a second job starts at once."""
-    from safetensors.torch import load_file, save
 
-    from trainer.sampling import lcm as lcm_sampling
-    from trainer.lora.files import write_atomic
 
     captions = [prompts[i % len(prompts)] for i in range(count)]
-    key_source = json.dumps([unet_fingerprint(handle), handle.prediction, captions, w, list(size), seed,
+    key_source = json.dumps([weights_fingerprint(handle.identity, [handle.unet]), handle.prediction, captions, w, list(size), seed,
                              TEACHER_SAMPLING_STEPS])
     path = Path(cache_dir) / "lcm_teacher" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:24]}.safetensors"
     if path.is_file():
@@ -254,12 +235,12 @@ def teacher_latents(handle: ModelHandle, prompts: list[str], count: int, w: floa
     for start in range(0, count, batch_size):
         end = min(count, start + batch_size)
         log(f"teacher: generating training images {start + 1}-{end} of {count}")
-        noise = lcm_sampling.seeded_noise(range(seed + start, seed + end), (4, size[0] // f, size[1] // f),
+        noise = seeded_noise(range(seed + start, seed + end), (4, size[0] // f, size[1] // f),
                                           handle.device)
         with torch.no_grad(), handle.lock():
             cond = handle.encode_prompts(captions[start:end], size)
             uncond = handle.uncond(end - start, size)
-            chunks.append(lcm_sampling.ddim_latents(handle, noise, cond, uncond,
+            chunks.append(ddim_latents(handle, noise, cond, uncond,
                                                     steps=TEACHER_SAMPLING_STEPS, cfg=w + 1).cpu())
     latents = torch.cat(chunks).contiguous()
     write_atomic(path, save({"latents": latents}, metadata={"prompts": json.dumps(captions)}))
@@ -317,12 +298,6 @@ def render_preview(handle: ModelHandle, network: LoraNetwork, prompts: list[str]
                    ) -> Path:
     """A grid of the prompts, sampled in 4 LCM steps at CFG 1 with the LoRA as it is now: the plain LCM
     sampler and the LCM alternative (first step re-noised with the model's own removed noise)."""
-    from trainer.sampling import lcm as lcm_sampling
-    from trainer.lora.files import write_atomic
-    from trainer.sampling.ddim import grid_image
-
-    import io
-
     seeds = list(range(PREVIEW_SEEDS_FROM, PREVIEW_SEEDS_FROM + len(prompts)))
     rows = [lcm_sampling.sample_lcm(handle, prompts, seeds, steps=4, size=size, network=network),
             lcm_sampling.sample_lcm(handle, prompts, seeds, steps=4, size=size, sampler="lcm_alternative",
@@ -349,7 +324,7 @@ def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopR
     settings = LcmSettings.from_job(job, prediction)
     network = build_network(handle, job)                  # first: a LoRA file that does not fit fails at once
     try:
-        with lora_off(network):                           # the teacher generates any training images
+        with removed(network):                           # the teacher generates any training images
             batches = training_batches(job, handle, ctx)
     except BaseException:
         network.detach()                                  # leave the host's model as it was

@@ -1,0 +1,72 @@
+"""The LoRA strength x seed grid people judge a LoRA by, and the labelled image grid every sheet uses."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw
+
+from trainer.lora.network import LoraNetwork, network_for_file
+from trainer.models.handle import ModelHandle
+from trainer.sampling.guided import sample
+
+
+@torch.no_grad()
+def strength_grid_images(handle: ModelHandle, network: LoraNetwork, prompt: str, strengths: Sequence[float],
+                         seeds: Sequence[int], **kwargs) -> list[list[Image.Image]]:
+    """rows = seeds, columns = strengths. The handle may be training meanwhile: the network is attached
+    disabled under the lock and is on only while our images sample; its state is restored afterwards."""
+    was_attached, was_enabled, old = network.attached, network.enabled, network.multiplier
+    with handle.lock():
+        network.attach()
+        network.disable()
+    columns = []
+    try:
+        for strength in strengths:
+            network.multiplier = strength
+            columns.append(sample(handle, [prompt] * len(seeds), seeds, network=network, **kwargs))
+    finally:
+        with handle.lock():
+            network.multiplier = old
+            if not was_attached:
+                network.detach()
+            elif was_enabled:
+                network.enable()
+    return [[columns[c][r] for c in range(len(strengths))] for r in range(len(seeds))]
+
+
+def grid_image(rows: list[list[Image.Image]], column_labels: Sequence[str], row_labels: Sequence[str],
+               title: str = "") -> Image.Image:
+    """An x/y plot: labelled columns (LoRA strength) and rows (seed)."""
+    cell_w, cell_h = rows[0][0].size
+    scale = max(1, 128 // cell_w)
+    cell_w, cell_h = cell_w * scale, cell_h * scale
+    left, top = 70, 24 + (16 if title else 0)
+    grid = Image.new("RGB", (left + cell_w * len(column_labels), top + cell_h * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 2), title, fill="black")
+    for c, label in enumerate(column_labels):
+        draw.text((left + c * cell_w + 4, top - 16), label, fill="black")
+    for r, row in enumerate(rows):
+        draw.text((4, top + r * cell_h + cell_h // 2 - 6), row_labels[r], fill="black")
+        for c, img in enumerate(row):
+            grid.paste(img.resize((cell_w, cell_h), Image.NEAREST), (left + c * cell_w, top + r * cell_h))
+    return grid
+
+
+def comparison_grid(handle: ModelHandle, network: LoraNetwork, prompt: str, strengths: Sequence[float] = (0, 0.5, 1),
+                    seeds: Sequence[int] = (1, 2, 3), **kwargs) -> Image.Image:
+    rows = strength_grid_images(handle, network, prompt, strengths, seeds, **kwargs)
+    return grid_image(rows, [f"strength {s:g}" for s in strengths], [f"seed {s}" for s in seeds], prompt)
+
+
+def lora_file_grid(handle: ModelHandle, lora_path: str | Path, prompt: str, strengths: Sequence[float],
+                   seeds: Sequence[int], **kwargs) -> Image.Image:
+    """The strength x seed grid of a LoRA file (any format the reader takes), titled with its name."""
+    network = network_for_file(handle, lora_path)
+    network.requires_grad_(False)
+    rows = strength_grid_images(handle, network, prompt, strengths, seeds, **kwargs)
+    return grid_image(rows, [f"{s:g}" for s in strengths], [f"seed {s}" for s in seeds],
+                      f"{Path(lora_path).stem}: {prompt}")
