@@ -322,3 +322,17 @@ def test_template_cli_registers_as_a_subcommand(tmp_path, capsys):
 def test_field_declaration_rejects_unknown_modes_and_groups():
     with pytest.raises(ValueError, match="unknown"):
         job_fields._registry(Field("x", int, 0, "x", "an example field that has enough help text", "nope"))
+
+
+def test_the_ss_metadata_of_a_run_comes_from_the_field_declarations():
+    from trainer.train.plan import network_shape, settings_metadata
+
+    job = CopierJob(image_b=["b.png"], mixed_precision="fp16",
+                    difference_pass=dict(network_dim=32, network_alpha=8.0, lr=3e-4, same_as_pass1=False))
+    _, second = job.passes()
+    meta = settings_metadata(job, second)
+    assert meta["ss_learning_rate"] == "0.0003" and meta["ss_mixed_precision"] == "fp16"
+    assert meta["ss_max_train_steps"] == str(second.steps) and meta["ss_batch_size_per_device"] == str(second.batch_size)
+    assert set(meta) == {f.metadata_key for f in (*job.spec_fields, *second.spec_fields) if f.metadata_key}
+    # network_dim keeps its name from the field to the shape; the file writes it as ss_network_dim
+    assert network_shape(second).network_dim == 32

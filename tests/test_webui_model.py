@@ -212,7 +212,7 @@ def test_lora_trained_on_the_ldm_model_loads_in_diffusers_with_the_same_outputs(
         ours = sd_model.model.diffusion_model(x, t, context=context)
         ours_text = sd_model.cond_stage_model.transformer(ids).last_hidden_state
     assert _rel(ours, base) > 1e-2, "the random LoRA must change the output for the comparison to mean anything"
-    path = net.save(tmp_path / "lora.safetensors", lora_metadata(TrainingFacts(arch="sd1", dim=4, alpha=2.0)))
+    path = net.save(tmp_path / "lora.safetensors", lora_metadata(TrainingFacts(arch="sd1", network_dim=4, network_alpha=2.0)))
     net.detach()
 
     pipe.load_lora_weights(str(path))

@@ -76,6 +76,7 @@ class Field:
     in_copier: str = "job"                    # "job" | "passes" (set per pass) | "difference_pass"
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # scope -> default
     kohya: str = ""                           # kohya sd-scripts' name for it, where different
+    metadata: str | bool = False              # written to a LoRA as ss_<kohya or name> (True) or this ss_* key
     ui: str = ""                              # "slider" | "folder" | "file" | "image" | "lines" | "checkboxes"
     advanced: bool = False                    # UI: shown under "advanced"
 
@@ -105,6 +106,13 @@ class Field:
             if problem:
                 raise ValueError(problem)
         return value
+
+    @property
+    def metadata_key(self) -> str | None:
+        """The ``ss_*`` key kohya's train_network.py writes this setting under, or None."""
+        if self.metadata is True:
+            return "ss_" + (self.kohya or self.name)
+        return self.metadata or None
 
     @property
     def type_name(self) -> str:
@@ -319,10 +327,10 @@ FIELDS: dict[str, Field] = _registry(
     Field("mixed_precision", str, "bf16", "mixed precision",
           "Compute precision of the frozen model while training: bf16 (GPUs since RTX 30xx), fp16 (older "
           "GPUs), no = fp32. The LoRA weights stay fp32. On CPU the trainer always computes in fp32.",
-          "model", choices=MIXED_PRECISIONS),
+          "model", choices=MIXED_PRECISIONS, metadata=True),
     Field("gradient_checkpointing", bool, False, "gradient checkpointing",
           "Recompute activations during the backward pass: roughly a third less memory, about 20% slower. "
-          "Turn on when a higher resolution or batch does not fit.", "model"),
+          "Turn on when a higher resolution or batch does not fit.", "model", metadata=True),
     # --- network ------------------------------------------------------------------------------
     Field("network_dim", int, 16, "rank (dim)",
           "LoRA rank: the size of each low-rank update; capacity and file size grow with it. Typical 4-32 "
@@ -374,64 +382,64 @@ FIELDS: dict[str, Field] = _registry(
     Field("shuffle_captions", bool, False, "shuffle captions",
           "Shuffle the comma-separated tags of each caption every time it is used (for tag-style captions). "
           "The trigger word and the first keep_tokens tags stay in front.", "data", modes=("standard",),
-          kohya="shuffle_caption"),
+          kohya="shuffle_caption", metadata=True),
     Field("keep_tokens", int, 0, "keep tokens",
           "Number of leading comma-separated tags that shuffling leaves in place (the trigger word is always "
-          "kept). Typical 0-2.", "data", modes=("standard",), min=0, max=255, advanced=True),
+          "kept). Typical 0-2.", "data", modes=("standard",), min=0, max=255, advanced=True, metadata=True),
     Field("caption_dropout", float, 0.0, "caption dropout",
           "Probability (0-1) of training a step with an empty caption. 0.05-0.1 helps the LoRA work at low "
           "CFG and without its trigger word; 0 = off.", "data", modes=("standard",), min=0, max=1, ui="slider",
-          kohya="caption_dropout_rate"),
+          kohya="caption_dropout_rate", metadata=True),
     Field("flip_horizontal", bool, False, "flip horizontally",
           "Randomly mirror images left-right: more variety from few images. Keep off for asymmetric "
-          "subjects (text, logos, a side parting).", "data", modes=("standard",), kohya="flip_aug"),
+          "subjects (text, logos, a side parting).", "data", modes=("standard",), kohya="flip_aug", metadata=True),
     Field("resolution", int, 512, "resolution",
           "Training size in pixels: images are resized so their area is about resolution x resolution "
           "(buckets keep the aspect ratio). 512 for SD1.x, 768 for SD2-768, 1024 for SDXL; multiple of 64.",
           "data", min=64, max=4096, multiple_of=64, ui="slider"),
     Field("enable_buckets", bool, True, "aspect-ratio buckets",
           "Train each image near its own aspect ratio instead of centre-cropping it to a square.",
-          "data", modes=("standard",), kohya="enable_bucket"),
+          "data", modes=("standard",), kohya="enable_bucket", metadata=True),
     Field("bucket_no_upscale", bool, False, "don't upscale into buckets",
           "Never enlarge a small image to reach the training size; it goes to a smaller bucket instead.",
-          "data", modes=("standard",), advanced=True),
+          "data", modes=("standard",), advanced=True, metadata=True),
     Field("min_bucket_reso", int, 256, "smallest bucket side",
           "Shortest side a bucket may have, in pixels (multiple of 64).", "data", modes=("standard",),
-          min=64, max=4096, multiple_of=64, advanced=True),
+          min=64, max=4096, multiple_of=64, advanced=True, metadata=True),
     Field("max_bucket_reso", int, 1024, "largest bucket side",
           "Longest side a bucket may have, in pixels (multiple of 64); at least the resolution.",
-          "data", modes=("standard",), min=64, max=8192, multiple_of=64, advanced=True),
+          "data", modes=("standard",), min=64, max=8192, multiple_of=64, advanced=True, metadata=True),
     # --- training -----------------------------------------------------------------------------
     Field("steps", int, 1000, "steps",
           "Optimizer steps to train; each step sees batch_size x gradient_accumulation images. Typical "
           "1000-3000 for 20-50 images, 300-1000 per copier pass, 1000-4000 for LCM. A lower learning rate "
           "needs more steps.", "training", min=1, max=1_000_000, in_copier="passes",
-          defaults={"copier_pass": 500}, kohya="max_train_steps"),
+          defaults={"copier_pass": 500}, kohya="max_train_steps", metadata=True),
     Field("batch_size", int, 1, "batch size",
           "Images per step. " + _RATE_VS_BATCH + " Roughly: doubling the batch allows up to about 1.4-2x "
           "the learning rate, and the same number of images seen takes half the steps; memory grows with it. "
           "Copier (reported on SD1.5 and SDXL): batch 1 with lr 5e-5 to 1e-4, batch 2 (the default) with up to 5e-4, "
           "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch.",
           "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4},
-          kohya="train_batch_size"),
+          kohya="train_batch_size", metadata="ss_batch_size_per_device"),
     Field("gradient_accumulation", int, 1, "gradient accumulation",
           "Add up the gradients of N batches before each optimizer step: an effective batch of "
           "batch_size x N in the memory of one batch, each step taking N times longer.",
-          "training", modes=("standard", "lcm"), min=1, max=256, advanced=True, kohya="gradient_accumulation_steps"),
+          "training", modes=("standard", "lcm"), min=1, max=256, advanced=True, kohya="gradient_accumulation_steps", metadata=True),
     Field("lr", float, 1e-4, "learning rate",
           "Learning rate of the LoRA (UNet). Typical 1e-4 for AdamW at alpha = rank/2; Lion 3-10x lower; "
           "Prodigy: 1.0 (it finds the step size itself). Too high burns colours and breaks images; too low "
           "learns nothing in the given steps. " + _RATE_VS_BATCH + " LCM-LoRA (SD1.5, rank 64): 1e-4.",
           "training", min=0, min_exclusive=True, max=10, in_copier="passes",
-          defaults={"copier_pass": 5e-4, "difference_pass": 1e-4}, kohya="learning_rate"),
+          defaults={"copier_pass": 5e-4, "difference_pass": 1e-4}, kohya="learning_rate", metadata=True),
     Field("text_encoder_lr", float, 5e-5, "text encoder learning rate",
           "Learning rate of the text encoder when train_text_encoder is on; 0 = same as lr. Usually 1/2 to "
-          "1/10 of lr.", "training", modes=_STD_COPIER, min=0, max=10, advanced=True),
+          "1/10 of lr.", "training", modes=_STD_COPIER, min=0, max=10, advanced=True, metadata=True),
     Field("optimizer", str, "AdamW", "optimizer",
           "AdamW: the reliable default. AdamW8bit: the same in less memory (needs bitsandbytes and CUDA). "
           "Lion: use a 3-10x lower lr. Prodigy: adapts the step size, set lr 1.0. Adafactor: least memory. "
           "SGD: plain, needs a much higher lr.", "training", choices=OPTIMIZERS, in_copier="passes",
-          kohya="optimizer_type"),
+          kohya="optimizer_type", metadata="ss_optimizer"),
     Field("optimizer_args", str, "", "optimizer arguments",
           "Extra optimizer settings as space-separated key=value pairs, e.g. 'weight_decay=0.01 "
           "betas=0.9,0.999', or for Prodigy 'd_coef=1 safeguard_warmup=True'. Empty = the optimizer's defaults.",
@@ -440,10 +448,10 @@ FIELDS: dict[str, Field] = _registry(
           "How the lr changes over the steps: constant; constant_with_warmup (ramps up over lr_warmup_steps); "
           "linear and cosine (decay to 0 at the end); cosine_with_restarts (lr_scheduler_num_cycles decays); "
           "polynomial (decay with exponent lr_scheduler_power).",
-          "training", choices=LR_SCHEDULES, in_copier="passes", defaults={"copier_pass": "cosine"}),
+          "training", choices=LR_SCHEDULES, in_copier="passes", defaults={"copier_pass": "cosine"}, metadata=True),
     Field("lr_warmup_steps", int, 0, "warm-up steps",
           "Steps over which the lr ramps up from 0 at the start (every schedule except constant). "
-          "Typical 0-10% of the steps.", "training", min=0, in_copier="passes", advanced=True),
+          "Typical 0-10% of the steps.", "training", min=0, in_copier="passes", advanced=True, metadata=True),
     Field("lr_scheduler_num_cycles", int, 1, "schedule cycles",
           "cosine_with_restarts: number of cosine decays over the training.",
           "training", min=1, max=1000, in_copier="passes", advanced=True),
@@ -452,25 +460,25 @@ FIELDS: dict[str, Field] = _registry(
           "training", min=0, min_exclusive=True, max=100, in_copier="passes", advanced=True),
     Field("max_grad_norm", float, 1.0, "gradient clipping",
           "Clip the gradient's norm to this before each step; 0 = no clipping. 1.0 is standard and guards "
-          "against loss spikes.", "training", min=0, max=1000, advanced=True),
+          "against loss spikes.", "training", min=0, max=1000, advanced=True, metadata=True),
     Field("min_snr_gamma", float, 0.0, "min-SNR gamma",
           "Min-SNR loss weighting (Hang et al. 2023): evens out learning across noise levels and usually "
-          "converges faster. 0 = off, typical 5.", "training", modes=_STD_COPIER, min=0, max=100),
+          "converges faster. 0 = off, typical 5.", "training", modes=_STD_COPIER, min=0, max=100, metadata=True),
     Field("noise_offset", float, 0.0, "noise offset",
           "Add a random per-channel constant to the noise so the LoRA can learn very dark and very bright "
           "images. 0 = off, typical 0.03-0.1; high values shift all colours.",
-          "training", modes=_STD_COPIER, min=0, max=1, advanced=True),
+          "training", modes=_STD_COPIER, min=0, max=1, advanced=True, metadata=True),
     Field("timestep_min", int, 0, "lowest timestep",
           "Training timesteps are drawn from [timestep_min, timestep_max), out of 0-1000. Raise the lowest "
           "(e.g. 200) to learn composition and colour but not fine detail.",
-          "training", modes=_STD_COPIER, min=0, max=999, in_copier="passes", advanced=True, kohya="min_timestep"),
+          "training", modes=_STD_COPIER, min=0, max=999, in_copier="passes", advanced=True, kohya="min_timestep", metadata=True),
     Field("timestep_max", int, 1000, "highest timestep",
           "Upper end (exclusive) of the training timesteps; 1000 = up to pure noise. Lower it (e.g. 600) to "
           "learn detail and texture but not layout.",
-          "training", modes=_STD_COPIER, min=1, max=1000, in_copier="passes", advanced=True, kohya="max_timestep"),
+          "training", modes=_STD_COPIER, min=1, max=1000, in_copier="passes", advanced=True, kohya="max_timestep", metadata=True),
     Field("seed", int, 42, "seed",
           "Random seed for LoRA initialisation, noise, timesteps and shuffling: the same seed and settings "
-          "give the same LoRA on the same hardware.", "training", min=0, max=2**32 - 1, in_copier="passes"),
+          "give the same LoRA on the same hardware.", "training", min=0, max=2**32 - 1, in_copier="passes", metadata=True),
     # --- copier -------------------------------------------------------------------------------
     Field("image_a", list[str], [], "image A",
           "Image(s) A, the 'before': pass 1 trains a copier LoRA until it reproduces them. Several images "

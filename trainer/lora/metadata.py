@@ -25,26 +25,22 @@ def modelspec_architecture(arch: str, prediction: str, resolution: int) -> str:
 
 @dataclass
 class TrainingFacts:
-    """What a finished (or checkpointed) training run knows about itself."""
+    """What a finished (or checkpointed) training run knows about itself.
+
+    ``settings`` holds the job's declared settings under their ``ss_*`` keys (``trainer.train.plan``
+    derives them from the field declarations); the rest is what only the run knows."""
 
     arch: str
     prediction: str = "eps"
     output_name: str = "lora"
-    dim: int = 16
-    alpha: float = 8.0
+    network_dim: int = 16
+    network_alpha: float = 8.0
     conv_dim: int = 0
     conv_alpha: float = 1.0
     resolution: int = 512
     steps: int = 0
-    max_steps: int = 0
-    lr: float = 0.0
-    text_encoder_lr: float | None = None
-    unet_lr: float | None = None
-    optimizer: str = ""
-    lr_scheduler: str = ""
-    seed: int = 0
-    batch_size: int = 1
     train_text_encoder: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
     num_images: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     training_started_at: float = field(default_factory=time.time)
@@ -91,25 +87,22 @@ def file_metadata(arch: str, prediction: str, resolution: int | None, dim: int |
 
 def lora_metadata(facts: TrainingFacts) -> dict[str, str]:
     """ss_* and modelspec.* metadata as kohya's train_network.py writes it."""
-    meta = file_metadata(facts.arch, facts.prediction, facts.resolution, facts.dim, facts.alpha, facts.conv_dim,
-                         facts.conv_alpha, facts.title or facts.output_name, facts.description,
+    meta = file_metadata(facts.arch, facts.prediction, facts.resolution, facts.network_dim, facts.network_alpha,
+                         facts.conv_dim, facts.conv_alpha, facts.title or facts.output_name, facts.description,
                          facts.training_started_at)
     meta["ss_output_name"] = facts.output_name
+    meta.update(facts.settings)
+    lr = facts.settings.get("ss_learning_rate", "0.0")
     meta.update({
         "ss_steps": str(facts.steps),
-        "ss_max_train_steps": str(facts.max_steps or facts.steps),
-        "ss_learning_rate": _num(facts.lr),
-        "ss_unet_lr": _num(facts.unet_lr if facts.unet_lr is not None else facts.lr),
-        "ss_text_encoder_lr": _num(facts.text_encoder_lr if facts.text_encoder_lr is not None else facts.lr),
+        "ss_unet_lr": lr,
         "ss_network_train_unet_only": str(not facts.train_text_encoder),
-        "ss_optimizer": facts.optimizer,
-        "ss_lr_scheduler": facts.lr_scheduler,
-        "ss_seed": str(facts.seed),
-        "ss_batch_size_per_device": str(facts.batch_size),
         "ss_num_train_images": str(facts.num_images),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_session_id": str(facts.session_id),
         "ss_training_started_at": _num(facts.training_started_at),
     })
+    meta.setdefault("ss_max_train_steps", str(facts.steps))
+    meta.setdefault("ss_text_encoder_lr", lr)
     meta.update(facts.extra)
     return meta

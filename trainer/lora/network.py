@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,29 +27,20 @@ class NetworkError(ValueError):
 
 @dataclass(frozen=True)
 class NetworkShape:
-    """Rank and alpha for linear/1x1 targets and for 3x3 convolutions (LoCon)."""
+    """Rank and alpha for linear/1x1 targets and for 3x3 convolutions (LoCon), named as the job fields.
 
-    dim: int = 16
-    alpha: float = 8.0
+    The values are validated where they are declared (``trainer.jobs``); this is a plain value."""
+
+    network_dim: int = 16
+    network_alpha: float = 8.0
     conv_dim: int = 0      # 0: 3x3 convolutions get no LoRA
     conv_alpha: float = 1.0
-
-    def __post_init__(self):
-        for name, dim, alpha in (("dim", self.dim, self.alpha), ("conv_dim", self.conv_dim, self.conv_alpha)):
-            if not isinstance(dim, int) or dim < (1 if name == "dim" else 0):
-                raise NetworkError(f"network {name} must be a whole number >= {1 if name == 'dim' else 0}, got {dim!r}")
-            if dim and not (alpha > 0 and math.isfinite(alpha)):
-                raise NetworkError(f"network {name.replace('dim', 'alpha')} must be > 0, got {alpha!r}")
-            if dim and alpha > 4 * dim:
-                warnings.warn(f"network {name.replace('dim', 'alpha')} {alpha:g} is far above {name} {dim}: "
-                              f"the LoRA's scale alpha/dim = {alpha / dim:g} makes training unstable; "
-                              "alpha <= dim is usual", stacklevel=2)
 
     def for_module(self, module: nn.Module) -> tuple[int, float]:
         """(rank, alpha) for a target; rank 0 means the module is skipped."""
         if isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1):
             return self.conv_dim, self.conv_alpha
-        return self.dim, self.alpha
+        return self.network_dim, self.network_alpha
 
 
 class LoraModule(nn.Module):

@@ -15,6 +15,14 @@ from trainer.models.handle import ModelHandle, TargetOptions
 from trainer.train.loop import LoopSettings
 
 
+def declared(job: jobs.Job, name: str):
+    """A field's value in ``job``, or its declared default where the job's mode does not use it
+    (e.g. ``gradient_accumulation`` of a copier job): the declaration is the one place defaults live."""
+    if any(f.name == name for f in job.spec_fields):
+        return getattr(job, name)
+    return jobs.FIELDS[name].default_for(job.scope)
+
+
 def dataset_options(job) -> data.DatasetOptions:
     return data.DatasetOptions(
         folder=job.dataset_dir, caption_extension=job.caption_extension, trigger_word=job.trigger_word,
@@ -27,39 +35,57 @@ def dataset_options(job) -> data.DatasetOptions:
 def loop_settings(settings, job, phase: str = "") -> LoopSettings:
     """LoopSettings from a job (or a copier pass) that carries the training group of fields."""
     return LoopSettings(
-        steps=settings.steps, lr=settings.lr, text_encoder_lr=getattr(job, "text_encoder_lr", 0.0),
+        steps=settings.steps, lr=settings.lr, text_encoder_lr=declared(job, "text_encoder_lr"),
         optimizer=settings.optimizer, optimizer_args=jobs.parse_optimizer_args(settings.optimizer_args),
         lr_scheduler=settings.lr_scheduler, lr_warmup_steps=settings.lr_warmup_steps,
         lr_scheduler_num_cycles=settings.lr_scheduler_num_cycles, lr_scheduler_power=settings.lr_scheduler_power,
-        gradient_accumulation=getattr(job, "gradient_accumulation", 1), max_grad_norm=job.max_grad_norm,
+        gradient_accumulation=declared(job, "gradient_accumulation"), max_grad_norm=job.max_grad_norm,
         mixed_precision=job.mixed_precision, gradient_checkpointing=job.gradient_checkpointing,
         save_every_n_steps=job.save_every_n_steps,
         save_dtype=SAVE_PRECISION[job.save_precision], seed=settings.seed, phase=phase)
 
 
+def prediction_of(handle: ModelHandle, job) -> str:
+    """eps or v: the job's override, or what the model says (``auto``)."""
+    return handle.prediction if job.prediction == "auto" else job.prediction
+
+
 def noise_settings(handle: ModelHandle, job, settings=None) -> NoiseSettings:
     settings = settings or job
-    prediction = handle.prediction if job.prediction == "auto" else job.prediction
-    return NoiseSettings(prediction, settings.timestep_min, settings.timestep_max,
-                         getattr(job, "min_snr_gamma", 0.0), getattr(job, "noise_offset", 0.0))
+    return NoiseSettings(prediction_of(handle, job), declared(settings, "timestep_min"),
+                         declared(settings, "timestep_max"), declared(job, "min_snr_gamma"),
+                         declared(job, "noise_offset"))
+
+
+def network_shape(settings) -> NetworkShape:
+    return NetworkShape(settings.network_dim, settings.network_alpha, settings.conv_dim, settings.conv_alpha)
 
 
 def build_network(handle: ModelHandle, job, settings=None) -> LoraNetwork:
     """The network of a job (or copier pass), attached, optionally started from ``init_lora``."""
     settings = settings or job
-    options = TargetOptions(job.target_set, getattr(job, "train_text_encoder", False), tuple(settings.blocks))
-    shape = NetworkShape(settings.network_dim, settings.network_alpha, settings.conv_dim, settings.conv_alpha)
-    network = LoraNetwork(handle.lora_targets(options), shape, seed=settings.seed)
-    if getattr(job, "init_lora", ""):
+    options = TargetOptions(job.target_set, declared(job, "train_text_encoder"), tuple(settings.blocks))
+    network = LoraNetwork(handle.lora_targets(options), network_shape(settings), seed=settings.seed)
+    if declared(job, "init_lora"):
         network.load_weights(job.init_lora, handle.arch)
     return network.to(handle.device).attach()
 
 
+def settings_metadata(job, settings=None) -> dict[str, str]:
+    """The job's settings under the ``ss_*`` keys their fields declare (a copier pass's own first)."""
+    out = {}
+    for spec in (job, settings) if settings is not None and settings is not job else (job,):
+        for f in spec.spec_fields:
+            if f.metadata_key:
+                value = getattr(spec, f.name)
+                out[f.metadata_key] = repr(value) if isinstance(value, float) else str(value)
+    return out
+
+
 def facts_for(handle: ModelHandle, job, settings, prediction: str, **extra) -> TrainingFacts:
+    shape = network_shape(settings)
     return TrainingFacts(
-        arch=handle.arch, prediction=prediction, output_name=job.name, dim=settings.network_dim,
-        alpha=settings.network_alpha, conv_dim=settings.conv_dim, conv_alpha=settings.conv_alpha,
-        resolution=job.resolution, max_steps=settings.steps, lr=settings.lr, optimizer=settings.optimizer,
-        lr_scheduler=settings.lr_scheduler, seed=settings.seed, batch_size=settings.batch_size,
-        train_text_encoder=getattr(job, "train_text_encoder", False),
-        text_encoder_lr=getattr(job, "text_encoder_lr", None), **extra)
+        arch=handle.arch, prediction=prediction, output_name=job.name, network_dim=shape.network_dim,
+        network_alpha=shape.network_alpha, conv_dim=shape.conv_dim, conv_alpha=shape.conv_alpha,
+        resolution=job.resolution, train_text_encoder=declared(job, "train_text_encoder"),
+        settings=settings_metadata(job, settings), **extra)

@@ -45,7 +45,7 @@ from trainer.sampling.guided import ddim_latents, seeded_noise
 from trainer.sampling.guided import pad_cat
 from trainer.diffusion.ddim import ddim_step, predict_x0_eps
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop
-from trainer.train.plan import build_network, facts_for, loop_settings
+from trainer.train.plan import prediction_of, build_network, facts_for, loop_settings
 from trainer.train.context import JobContext, job_outputs, run_loop
 from trainer.diffusion.lcm import _per_sample, at_least_fp32, boundary_scalings, consistency_function, consistency_loss, guided, skip_k, solver_grid, solver_times
 
@@ -320,7 +320,7 @@ def preview_steps(job) -> Callable[[int, int], bool]:
 
 def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopResult:
     outputs = job_outputs(job, ctx)
-    prediction = handle.prediction if job.prediction == "auto" else job.prediction
+    prediction = prediction_of(handle, job)
     settings = LcmSettings.from_job(job, prediction)
     network = build_network(handle, job)                  # first: a LoRA file that does not fit fails at once
     try:
