@@ -37,7 +37,7 @@ def shell(command: str, cwd: Path, python: str = sys.executable, timeout: float 
     bin_dir.mkdir(exist_ok=True)
     use_python(bin_dir, python)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-           "LORAQ_HOME": str(cwd / "home"), "HF_HUB_OFFLINE": "1"}
+           "LORAQ_HOME": str(cwd / "home")}   # no HF_HUB_OFFLINE: the commands must not need it
     return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -125,8 +125,7 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     port = free_port(7860)   # as typed, unless something (a WebUI) already listens on 7860 here
     server = subprocess.Popen(["bash", "-c", ui.replace("7860", str(port))], cwd=tmp_path,
                               env={**os.environ, "PATH": f"{tmp_path / '.bin'}{os.pathsep}{os.environ['PATH']}",
-                                   "PYTHONPATH": str(ROOT), "LORAQ_HOME": str(tmp_path / "home"),
-                                   "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                   "PYTHONPATH": str(ROOT), "LORAQ_HOME": str(tmp_path / "home")}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         page = None
         deadline = time.monotonic() + 120

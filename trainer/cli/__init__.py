@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 
 #: Subcommand modules of this package, in the order ``--help`` lists them.
 COMMANDS = ("train", "queue", "template", "merge", "ui", "demo")
@@ -22,5 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Process-wide settings belong to entry points: models load from local files only, never from a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
     return args.func(args)

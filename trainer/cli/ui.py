@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -22,7 +21,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -1,7 +1,6 @@
 """ModelHandle over a diffusers StableDiffusion(XL)Pipeline, and offline loading by name or path."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -187,7 +186,6 @@ class _temporarily_cast:
 
 def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """``demo``, a diffusers folder or a single-file ``.safetensors`` checkpoint -> pipeline, offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if model == "demo":
         from trainer.models.demo import load_pipeline as load_demo
         return load_demo(device=device, dtype=dtype)

@@ -153,8 +153,7 @@ def param_groups(network: LoraNetwork, lr: float, text_encoder_lr: float) -> lis
 
 
 def rng_state(generator: torch.Generator, py_random: random.Random | None = None) -> dict:
-    return {"generator": generator.get_state(), "python": py_random.getstate() if py_random else None,
-            "torch": torch.get_rng_state()}
+    return {"generator": generator.get_state(), "python": py_random.getstate() if py_random else None}
 
 
 class TrainingLoop:
@@ -197,7 +196,6 @@ class TrainingLoop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
         self.losses = list(state["losses"])
         self.saved = [Path(p) for p in state["saved"]]
         return state["extra"]

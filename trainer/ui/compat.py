@@ -9,9 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # offline: no calls home
-
-import gradio as gr  # noqa: E402
+import gradio as gr
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 

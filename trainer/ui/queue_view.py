@@ -55,9 +55,7 @@ def queue_table_html(rows: Sequence[JobRow], selected: int | None = None) -> str
 
 def loss_figure(progress: Sequence[ProgressRow], title: str = ""):
     """Loss (raw and smoothed) and learning rate over the steps, one line per phase (copier passes)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure   # a bare Figure needs no backend: no global matplotlib state
 
     fig = Figure(figsize=(7, 3.2), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
