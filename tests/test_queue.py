@@ -33,7 +33,7 @@ from trainer.models.demo.shapes import draw
 from trainer.models.diffusers_model import DiffusersHandle, load_handle
 from trainer.train.loop import Progress
 from trainer.train.context import JobContext
-from trainer.queue.store import JobQueue, QueueError, WorkerLock, kept_steps, thinning_stride
+from trainer.queue.store import JobQueue, QueueError, WorkerLock, thinning_plan, thinning_stride
 from trainer.queue.worker import Worker
 from trainer.sampling.guided import sample
 
@@ -100,11 +100,15 @@ def queue(tmp_path):
 
 def test_progress_thinning_keeps_the_recent_steps_and_at_most_history_rows_before():
     assert thinning_stride(250, 250) == 1 and thinning_stride(251, 250) == 2 and thinning_stride(4000, 250) == 16
-    kept = kept_steps(range(1, 5001), latest=5000, recent=1000, history_rows=250)
-    assert [s for s in kept if s > 4000] == list(range(4001, 5001))
-    older = [s for s in kept if s <= 4000]
+    def kept(steps, latest, recent, history_rows):   # what the store's DELETE leaves
+        cutoff, stride = thinning_plan(latest, recent, history_rows)
+        return [s for s in steps if s > cutoff or s % stride == 0 or s == latest]
+
+    kept_5000 = kept(range(1, 5001), latest=5000, recent=1000, history_rows=250)
+    assert [s for s in kept_5000 if s > 4000] == list(range(4001, 5001))
+    older = [s for s in kept_5000 if s <= 4000]
     assert len(older) == 250 and all(s % 16 == 0 for s in older)
-    assert kept_steps(range(1, 601), latest=600, recent=0, history_rows=250)[-1] == 600
+    assert kept(range(1, 601), latest=600, recent=0, history_rows=250)[-1] == 600
 
 
 def test_a_job_records_every_step_and_the_store_keeps_a_bounded_history(tmp_path):

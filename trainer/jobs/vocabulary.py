@@ -5,6 +5,7 @@ forms and docs), written once here; the models, the optimizer factory and the de
 """
 from __future__ import annotations
 
+from enum import Enum
 from typing import Literal, get_args
 
 Mode = Literal["standard", "copier", "lcm"]
@@ -29,9 +30,25 @@ MIXED_PRECISIONS: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
 SAVE_PRECISIONS: tuple[SavePrecision, ...] = get_args(SavePrecision)
 PREDICTIONS: tuple[PredictionChoice, ...] = get_args(PredictionChoice)
 LOSS_TYPES: tuple[LossType, ...] = get_args(LossType)
-ARCHES: tuple[Arch, ...] = get_args(Arch)
 
 #: The 26 block slots of the LoRA Block Weight convention.
 BLOCK_IDS: tuple[str, ...] = (
     ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
 )
+
+#: The two LCM samplers of previews and sheets: plain LCM, and the "LCM alternative" (first steps re-noised
+#: with the noise the model removed).
+LcmSampler = Literal["lcm", "lcm_alternative"]
+#: kohya key prefixes: the UNet, SD1/SD2's text encoder, SDXL's two text encoders.
+KeyPrefix = Literal["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"]
+
+
+class Phase(str, Enum):
+    """What part of a job a progress event belongs to (stored as its text; "" for one-pass jobs)."""
+
+    WHOLE = ""
+    COPIER_PASS = "pass 1 of 2"
+    DIFFERENCE_PASS = "pass 2 of 2"
+
+    def __str__(self) -> str:
+        return self.value

@@ -179,9 +179,6 @@ class LoraNetwork(nn.Module):
     def attached(self) -> bool:
         return bool(self._hooks)
 
-    def block_ids(self) -> dict[str, str | None]:
-        return {k: t.block_id for k, t in self._targets.items()}
-
     def attach(self) -> "LoraNetwork":
         if self.attached:
             return self

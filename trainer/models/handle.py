@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
@@ -13,10 +14,9 @@ from typing import Iterator
 
 import torch
 
-from trainer.jobs.vocabulary import TARGET_SETS
+from trainer.jobs.vocabulary import TARGET_SETS, Arch, KeyPrefix, Prediction, TargetSet
 from trainer.models import naming
 
-ARCHES = ("sd1", "sd2", "sdxl")
 PREDICTIONS = ("eps", "v")
 
 
@@ -68,10 +68,6 @@ class Cond:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-    @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "Cond":
-        return cls(**{f.name: sd.get(f.name) for f in fields(cls)})
-
 
 #: Named target sets (kohya's conventions). "attn": attention projections only;
 #: "attn_mlp": every Linear / 1x1 conv inside the transformer blocks (kohya's default LoRA);
@@ -81,7 +77,7 @@ class Cond:
 
 @dataclass(frozen=True)
 class TargetOptions:
-    target_set: str = "attn_mlp"
+    target_set: TargetSet = "attn_mlp"
     text_encoder: bool = False
     #: Block ids to train; empty = every block.
     blocks: tuple[str, ...] = ()
@@ -109,10 +105,8 @@ _TE_ATTN_RE = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 _TE_MLP_RE = r"mlp\.(fc1|fc2)$"
 
 
-def unet_path_in_target_set(diffusers_path: str, target_set: str) -> bool:
+def unet_path_in_target_set(diffusers_path: str, target_set: TargetSet) -> bool:
     """Whether a UNet module (diffusers spelling) belongs to a target set."""
-    import re
-
     if re.search(_ATTN_RE, diffusers_path):
         return True
     if target_set in ("attn_mlp", "all") and re.search(_MLP_RE, diffusers_path):
@@ -120,9 +114,7 @@ def unet_path_in_target_set(diffusers_path: str, target_set: str) -> bool:
     return target_set == "all" and re.search(_RESNET_RE, diffusers_path) is not None
 
 
-def text_encoder_path_in_target_set(path: str, target_set: str) -> bool:
-    import re
-
+def text_encoder_path_in_target_set(path: str, target_set: TargetSet) -> bool:
     if re.search(_TE_ATTN_RE, path):
         return True
     return target_set != "attn" and re.search(_TE_MLP_RE, path) is not None
@@ -142,8 +134,8 @@ def weights_fingerprint(arch: str, modules: list[torch.nn.Module]) -> str:
 class ModelHandle(ABC):
     """What a training mode may ask of a loaded model."""
 
-    arch: str                      # sd1 | sd2 | sdxl
-    prediction: str                # eps | v
+    arch: Arch
+    prediction: Prediction
     alphas_cumprod: torch.Tensor   # [1000] float32 on CPU
     device: torch.device
     dtype: torch.dtype             # dtype of the frozen weights
@@ -157,7 +149,7 @@ class ModelHandle(ABC):
     def unet(self) -> torch.nn.Module: ...
 
     @abstractmethod
-    def text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+    def text_encoders(self) -> list[tuple[KeyPrefix, torch.nn.Module]]:
         """[(kohya prefix, module)] — ``lora_te_`` for SD1/SD2, ``lora_te1_``/``lora_te2_`` for SDXL."""
 
     @abstractmethod

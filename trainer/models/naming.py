@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from trainer.jobs.vocabulary import BLOCK_IDS
+from trainer.jobs.vocabulary import BLOCK_IDS, KeyPrefix
 
-UNET_PREFIX = "lora_unet_"
-TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+UNET_PREFIX: KeyPrefix = "lora_unet_"
+TE_PREFIXES: tuple[KeyPrefix, ...] = ("lora_te_", "lora_te1_", "lora_te2_")
 
 
 #: Which slots a weight list of a given length addresses, per architecture family.

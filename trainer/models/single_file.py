@@ -43,7 +43,6 @@ _CONVERT_HINT = ("we load .safetensors only; convert the file first (e.g. the We
 _MAX_HEADER = 100 * 1024 * 1024
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: Expected cross-attention width (UNet ``attn2.to_k`` input) of the full-size models.
-CONTEXT_DIM = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 _ATTN2_K = UNET_PREFIX + "{block}.1.transformer_blocks.0.attn2.to_k.weight"
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from trainer import paths
 from trainer import jobs
@@ -160,12 +160,11 @@ def thinning_stride(oldest_span: int, history_rows: int) -> int:
     return stride
 
 
-def kept_steps(steps: Iterable[int], latest: int, recent: int, history_rows: int) -> list[int]:
-    """Which of ``steps`` the store keeps when the newest is ``latest``: the last ``recent`` in full,
-    the older ones at a stride that leaves at most ``history_rows`` of them, and ``latest`` itself."""
+def thinning_plan(latest: int, recent: int, history_rows: int) -> tuple[int, int]:
+    """(cutoff, stride): the store keeps every step after ``cutoff = latest - recent``, ``latest`` itself,
+    and of the older steps only the multiples of ``stride`` (at most ``history_rows`` of them)."""
     cutoff = latest - recent
-    stride = thinning_stride(max(cutoff, 0), history_rows)
-    return [s for s in steps if s > cutoff or s % stride == 0 or s == latest]
+    return cutoff, thinning_stride(max(cutoff, 0), history_rows)
 
 
 # -- the worker's file lock (released by the OS when the process dies) ------------------------------
@@ -484,8 +483,7 @@ class JobQueue:
         return found[0] if found else None
 
     def _thin(self, db: sqlite3.Connection, job_id: int, phase: str, latest: int, recent: int) -> None:
-        cutoff = latest - recent
-        stride = thinning_stride(max(cutoff, 0), self.history_rows)
+        cutoff, stride = thinning_plan(latest, recent, self.history_rows)
         db.execute("DELETE FROM progress WHERE job_id = ? AND phase = ? AND step <= ? AND step % ? != 0 "
                    "AND step != ?", (job_id, phase, cutoff, stride, latest))
 

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from trainer.jobs.vocabulary import LcmSampler
 from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork, applied
 from trainer.diffusion.lcm import boundary_scalings, consistency_function, guided
@@ -43,7 +44,7 @@ def lcm_denoiser(handle: ModelHandle, cond: Cond, uncond: Cond | None = None, cf
 
 @torch.no_grad()
 def lcm_latents(handle: ModelHandle, noise: torch.Tensor, cond: Cond, uncond: Cond | None = None, *,
-                steps: int = 4, cfg: float = 1.0, sampler: str = "lcm", euler_steps: int = 1, ancestral: float = 0.0,
+                steps: int = 4, cfg: float = 1.0, sampler: LcmSampler = "lcm", euler_steps: int = 1, ancestral: float = 0.0,
                 seed: int = 0, timesteps: Sequence[int] | None = None) -> torch.Tensor:
     """Latents from starting ``noise`` with the LCM sampler (``sampler="lcm"``) or the LCM alternative."""
     timesteps = list(timesteps) if timesteps is not None else lcm_timesteps(steps)
@@ -60,7 +61,7 @@ def lcm_latents(handle: ModelHandle, noise: torch.Tensor, cond: Cond, uncond: Co
 
 @torch.no_grad()
 def sample_lcm(handle: ModelHandle, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = 4,
-               cfg: float = 1.0, size: tuple[int, int] = (512, 512), sampler: str = "lcm", euler_steps: int = 1,
+               cfg: float = 1.0, size: tuple[int, int] = (512, 512), sampler: LcmSampler = "lcm", euler_steps: int = 1,
                ancestral: float = 0.0, network: LoraNetwork | None = None) -> list[Image.Image]:
     """Images for ``prompts[i]`` from ``seeds[i]`` (height, width ``size``): previews of an LCM-LoRA.
 

@@ -57,7 +57,7 @@ class Progress:
     lr: float
     it_per_s: float
     eta_s: float
-    phase: str = ""
+    phase: str = ""   # a Phase (its text)
     message: str = ""
 
 
@@ -130,7 +130,7 @@ class LoopSettings:
     save_every_n_steps: int = 0
     save_dtype: torch.dtype = torch.float16
     seed: int = 42
-    phase: str = ""
+    phase: str = ""   # a Phase (its text)
 
 
 @dataclass

@@ -6,7 +6,7 @@ they agree), because the WebUI's environment may carry an old diffusers or none.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 
@@ -121,7 +121,3 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, tot
                    power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
     base_lr = max(g["lr"] for g in optimizer.param_groups)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(name, warmup, total, cycles, power, base_lr))
-
-
-def trainable(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    return [p for p in params if p.requires_grad]

@@ -12,7 +12,6 @@ from trainer.ui.presets import PresetError, PresetStore
 from trainer.ui.services import UiServices
 
 OPEN_GROUPS = ("saving", "network", "data", "training", "copier")
-PASS_GROUPS = ("network", "training", "pass2")
 
 
 class TrainPanel:

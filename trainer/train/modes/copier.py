@@ -56,6 +56,7 @@ from PIL import Image, ImageOps
 
 from trainer import data
 from trainer import jobs
+from trainer.jobs.vocabulary import Phase
 from trainer.lora import files as lora_files
 from trainer.lora.metadata import TrainingFacts
 from trainer.models.handle import Cond, ModelHandle
@@ -80,7 +81,7 @@ CONVERGED_RATIO = 0.9
 #: Reconstruction checks during pass 1, besides the one before it starts.
 RECONSTRUCTION_CHECKS = 4
 
-PASS_1, PASS_2 = "pass 1 of 2", "pass 2 of 2"
+PASS_1, PASS_2 = Phase.COPIER_PASS, Phase.DIFFERENCE_PASS
 METADATA_KEY = "lq_copier_reconstruction"
 IMAGES_KEY = "lq_copier_images"
 
