@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -408,6 +409,9 @@ def _relative_mse(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float(((x - reference) ** 2).sum() / (reference ** 2).sum())
 
 
+TEACHER_CACHE = Path(__file__).parent / "data" / "lcm_teacher"
+
+
 def test_demo_model_one_step_output_moves_toward_the_teachers_50_step_samples(tmp_path):
     import random
 
@@ -435,7 +439,16 @@ def test_demo_model_one_step_output_moves_toward_the_teachers_50_step_samples(tm
     one_step_before, trajectory_before = errors()
     job = jobs.LcmJob(name="demo_lcm", prompts=[caption(*c) for c in all_combinations()], mixed_precision="no",
                       **DEMO_TRAINING)
-    result = run_job(job, handle, _ctx(tmp_path))
+    # The teacher's 200 images come from the cache the mode keeps (keyed by the UNet's weights, the prompts
+    # and the settings); the repository carries the entry for the demo model, so no run regenerates them.
+    shutil.copytree(TEACHER_CACHE, tmp_path / "cache" / "lcm_teacher")
+    logs: list[str] = []
+    result = run_job(job, handle, _ctx(tmp_path, logs))
+    generated = [m for m in logs if m.startswith("teacher: generating")]
+    if generated:
+        shutil.copytree(tmp_path / "cache" / "lcm_teacher", TEACHER_CACHE, dirs_exist_ok=True)
+        print(f"the teacher set was not cached for this demo model or recipe: generated and stored in {TEACHER_CACHE} "
+              "(commit the new file)")
     network = build_network(handle, jobs.LcmJob(name="x", prompts=["x"], init_lora=str(result.final),
                                                 **{k: DEMO_TRAINING[k] for k in ("target_set", "network_dim",
                                                                                  "network_alpha", "conv_dim",
