@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from trainer import data
+from trainer.data.dataset import inspect_image, short_reason
 from trainer import jobs
 from trainer.jobs.vocabulary import Phase
 from trainer.lora import files as lora_files
@@ -196,10 +197,10 @@ def _image_item(path: str, field: str) -> data.ImageItem:
     if not p.is_file():
         raise jobs.JobError(f"{field.replace('_', ' ')} '{path}' does not exist", field=field)
     try:
-        width, height, digest = data._inspect_image(p, verify=True)
+        width, height, digest = inspect_image(p, verify=True)
     except Exception as e:  # PIL raises many types for broken files
         raise jobs.JobError(f"{field.replace('_', ' ')} '{path}' is not a readable image "
-                            f"({data._short_reason(e)})", field=field) from None
+                            f"({short_reason(e)})", field=field) from None
     return data.ImageItem(p, "", 1, width, height, digest)
 
 
