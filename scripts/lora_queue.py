@@ -1,7 +1,7 @@
 """WebUI entry point (AUTOMATIC1111 1.10, Forge): the tab, the worker, the x/y/z axes and settings.
 
-Thin on purpose: this file only fetches the WebUI's objects and hands them to trainer/ (webui_host,
-ui.app, xyz_axes), where every decision lives and is tested.
+Thin on purpose: this file only fetches the WebUI's objects and hands them to trainer/ (host.webui,
+ui.app, host.xyz_axes), where every decision lives and is tested.
 """
 import sys
 from pathlib import Path
