@@ -71,8 +71,13 @@ def source() -> str:
         if parts:
             listed = ", ".join(f"{k!r}: {v}" for k, v in parts.items())
             out.append(f"    parts: ClassVar[dict[str, type]] = {{{listed}}}")
+        base_scope = next((c[0] for c in CLASSES if c[1] == bases), None)   # a generated base class
+        inherited = {f.name: f.default_for(base_scope) for f in fields_for(base_scope)} if base_scope else {}
         for f in fields_for(scope):
-            out.append(f"    {f.name}: {annotation(f)} = {default_expression(f.default_for(scope))}")
+            default = f.default_for(scope)
+            if f.name in inherited and inherited[f.name] == default:
+                continue                     # the base class declares it with this default
+            out.append(f"    {f.name}: {annotation(f)} = {default_expression(default)}")
         for part, part_type in parts.items():
             out.append(f"    {part}: {part_type} = field(default_factory={part_type})")
         out.append("")

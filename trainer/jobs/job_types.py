@@ -39,21 +39,7 @@ class DifferencePass(PassSettings):
 
     network_dim: int = 8
     network_alpha: float = 8.0
-    conv_dim: int = 0
-    conv_alpha: float = 1.0
-    blocks: list[str] = field(default_factory=list)
-    steps: int = 500
-    batch_size: int = 2
     lr: float = 0.0001
-    optimizer: OptimizerName = 'AdamW'
-    optimizer_args: str = ''
-    lr_scheduler: LrSchedule = 'cosine'
-    lr_warmup_steps: int = 0
-    lr_scheduler_num_cycles: int = 1
-    lr_scheduler_power: float = 1.0
-    timestep_min: int = 0
-    timestep_max: int = 1000
-    seed: int = 42
     same_as_pass1: bool = True
 
 
