@@ -240,6 +240,27 @@ def test_standard_training_runs_on_the_ldm_model_with_finite_loss(sd_model, tmp_
     assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in keys
 
 
+def test_a_job_computes_no_gradient_for_the_hosts_weights_and_leaves_their_flags_as_they_were(sd_model, tmp_path):
+    # A1111 leaves most of the UNet with requires_grad on; each step would keep a second UNet of gradients
+    for i, p in enumerate(sd_model.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    flags = [p.requires_grad for p in sd_model.parameters()]
+    accumulated = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.shape))
+             for p in sd_model.parameters() if p.requires_grad]
+    _dataset(tmp_path / "data", n=2)
+    job = _job(tmp_path, steps=2, train_text_encoder=True, text_encoder_lr=1e-4)
+    try:
+        run_job(job, WebUIHandle(sd_model), JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                                                       log=lambda m: None))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert accumulated == [], f"{len(accumulated)} gradients of host weights were computed"
+    assert all(p.grad is None for p in sd_model.parameters())
+    assert [p.requires_grad for p in sd_model.parameters()] == flags
+
+
 # -- the WebUI's own LoRAs stay out of training ------------------------------------------------------------
 
 def _emulate_a1111_lora(model: nn.Module, module: nn.Module, delta: torch.Tensor):

@@ -37,10 +37,10 @@ class DiffusersHandle(ModelHandle):
         self._layout = naming.UNetLayout.from_config(pipe.unet.config)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self._identity: str | None = None
-        for module in self._frozen_modules():
+        for module in self.base_modules():
             module.requires_grad_(False)
 
-    def _frozen_modules(self):
+    def base_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder,
                             getattr(self.pipe, "text_encoder_2", None)) if m is not None]
 

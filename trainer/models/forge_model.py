@@ -144,6 +144,9 @@ class ForgeHandle(WebUIHandle):
             found.append((prefix, embedder))
         return found
 
+    def base_modules(self) -> list[nn.Module]:
+        return [self.unet, self._first_stage] + [e for _, e in self._text_embedders()]
+
     def _host_modules(self) -> list[nn.Module]:
         return [self.unet] + [e for _, e in self._text_embedders()]
 

@@ -188,6 +188,27 @@ class ModelHandle(ABC):
         """Recompute activations in the backward pass (less memory, ~30 % more time)."""
         raise ModelError(f"{type(self).__name__} cannot use gradient checkpointing")
 
+    def base_modules(self) -> list[torch.nn.Module]:
+        """Every module of the host's model; a job trains only its own LoRA, never these."""
+        return [self.unet] + [m for _, m in self.text_encoders()]
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The host's weights frozen while a job holds the model: ``requires_grad`` off (a host such as A1111
+        leaves it on, and every step would then compute and keep a second UNet of gradients), and afterwards
+        the flags as they were and no ``.grad`` left on any base weight."""
+        params = list({id(p): p for m in self.base_modules() for p in m.parameters()}.values())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags):
+                p.grad = None
+                if flag and (p.is_leaf and not p.is_inference()):
+                    p.requires_grad_(True)
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Held around each training step so generation and training never share the model."""

@@ -266,6 +266,9 @@ class WebUIHandle(ModelHandle):
     def _text_embedders(self) -> list[tuple[str, nn.Module]]:
         return text_embedders(self.sd_model, self.arch)
 
+    def base_modules(self) -> list[nn.Module]:
+        return [self.sd_model]        # UNet, VAE and text encoders: A1111 leaves many with requires_grad on
+
     def _host_modules(self) -> list[nn.Module]:
         conditioner = self.sd_model.conditioner if self.arch == "sdxl" else self.sd_model.cond_stage_model
         return list(self.sd_model.model.modules()) + list(conditioner.modules())
