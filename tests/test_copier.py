@@ -133,7 +133,8 @@ def test_both_passes_report_as_one_job_and_the_file_holds_only_the_difference(tm
     reconstruction = json.loads(meta["lq_copier_reconstruction"])
     assert reconstruction["step"] == 2 and reconstruction["timesteps"] == [200, 500, 800]
     assert not (tmp_path / "out" / "diff_copier.safetensors").exists(), "the copier is kept only on request"
-    assert not list((tmp_path / "out").glob(".*state.pt"))
+    assert not list((tmp_path / "work").rglob("*.state.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["diff.safetensors"]
 
 
 def _networks_hooked_on(module) -> list[LoraNetwork]:
@@ -207,7 +208,8 @@ def test_a_job_cancelled_in_pass_2_resumes_there_with_its_copier_and_ends_as_if_
     cut = _job(tmp_path, name="cut", save_precision="fp32", save_every_n_steps=1)
     with pytest.raises(Stopped):
         run_job(cut, sd1, ctx)
-    assert (tmp_path / "out" / "cut_copier.safetensors").is_file(), "the copier waits for the resumed pass 2"
+    assert (tmp_path / "work" / "cut" / "cut_copier.safetensors").is_file(), "the copier waits for the resumed pass 2"
+    assert not (tmp_path / "out" / "cut_copier.safetensors").exists(), "in the job's folder: save_copier is off"
     events = []
     resumed = run_job(cut, sd1, _ctx(tmp_path, resume=True, events=events.append))
     assert [(e.phase, e.step) for e in events if not e.message] == [("pass 2 of 2", 4)], \
@@ -215,7 +217,7 @@ def test_a_job_cancelled_in_pass_2_resumes_there_with_its_copier_and_ends_as_if_
     a, b = load_file(str(full.final)), load_file(str(resumed.final))
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, f"the resumed difference differs by {worst}"
-    assert not (tmp_path / "out" / "cut_copier.safetensors").exists(), "not kept: save_copier is off"
+    assert not (tmp_path / "work" / "cut" / "cut_copier.safetensors").exists(), "not kept: save_copier is off"
 
 
 def test_swap_ab_makes_the_copier_learn_b(tmp_path, sd1):

@@ -343,7 +343,9 @@ def test_prompts_only_job_generates_the_teacher_images_once_and_saves_lcm_previe
     job = _job(sample_prompts=["red circle"], save_every_n_steps=1, use_ema_target=True)
     result = run_job(job, handle, _ctx(tmp_path, logs))
     assert [p.name for p in result.saved] == ["lcm-000001.safetensors", "lcm.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["lcm-000001.preview.png", "lcm.preview.png"]
+    # the final preview is the LoRA's card picture beside it; the step previews stay in the job's folder
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["lcm.preview.png"]
+    assert sorted(p.name for p in (tmp_path / "work" / "lcm").glob("*.png")) == ["lcm-000001.preview.png"]
     meta = read_metadata(result.final)
     assert meta["ss_lcm_guidance_scale"] == "7.5" and meta["ss_lcm_num_ddim_timesteps"] == "50"
     assert sum("teacher: generating" in m for m in logs) == 1

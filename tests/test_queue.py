@@ -323,7 +323,9 @@ def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninte
     assert not (out / "crash.safetensors").exists()
     for written in out.glob("*.safetensors"):              # every LoRA under its real name is whole
         lora_files.read_header(written)
-    assert (out / ".crash.state.pt").exists()
+    work = db.parent / "jobs" / str(job_id)
+    assert (work / "crash.state.safetensors").exists()
+    assert all(p.suffix == ".safetensors" for p in out.iterdir()), "no state, log or temporary file in the LoRA folder"
 
     handle = load_handle(str(tmp_path / "model"))
     worker = _worker(queue, handle, tmp_path)
@@ -332,7 +334,7 @@ def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninte
     worker.run_until_empty()
     assert [queue.get(i).state for i in (job_id, uninterrupted)] == ["done", "done"]
     assert _max_difference(out / "whole.safetensors", out / "crash.safetensors") <= 1e-6
-    log = (out / "crash.loss.csv").read_text().splitlines()
+    log = (work / "crash.loss.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 61)), "the resumed loss log has each step once"
     assert not list(out.glob(".*.tmp"))
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tiny import sd1_pipeline
@@ -66,9 +67,11 @@ def test_ten_images_in_two_aspect_ratios_train_through_two_buckets(tmp_path, han
     result = run_job(job, handle, _ctx(tmp_path, events=events.append))
     assert [p.name for p in result.saved] == ["t-000002.safetensors", "t.safetensors"]
     assert [e.step for e in events] == [1, 2, 3, 4]
-    rows = (tmp_path / "out" / "t.loss.csv").read_text().splitlines()
+    rows = (tmp_path / "work" / "t" / "t.loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,smoothed_loss,lr" and len(rows) == 5
-    assert not (tmp_path / "out" / ".t.state.pt").exists(), "the resumable state is removed once the job is done"
+    assert not (tmp_path / "work" / "t" / "t.state.safetensors").exists(), "the state is removed once the job is done"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t-000002.safetensors", "t.safetensors"], \
+        "the LoRA folder holds the finished LoRA and the checkpoints asked for, nothing else"
     assert handle.encoded == 10
     latents = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
     f = handle.vae_scale
@@ -103,14 +106,41 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, handle):
     from trainer.train.loop import Stopped
     with pytest.raises(Stopped):
         run_job(_job(tmp_path, name="cut", steps=6, seed=3, save_every_n_steps=2), handle, ctx)
-    assert (tmp_path / "out" / ".cut.state.pt").exists()
-    resumed = run_job(_job(tmp_path, name="cut", steps=6, seed=3, save_every_n_steps=2), handle,
-                      _ctx(tmp_path, resume=True))
+    assert (tmp_path / "work" / "cut" / "cut.state.safetensors").exists()
+    assert all(p.suffix == ".safetensors" and not p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+    # A1111 replaces torch.load by a "safe" loader that returns None for what current torch writes:
+    # the state must not need it (no pickle at all)
+    import torch
+    real_load = torch.load
+    torch.load = lambda *a, **k: None
+    try:
+        resumed = run_job(_job(tmp_path, name="cut", steps=6, seed=3, save_every_n_steps=2), handle,
+                          _ctx(tmp_path, resume=True))
+    finally:
+        torch.load = real_load
     assert resumed.losses == pytest.approx(full.losses, rel=1e-6)
+    full_log = (tmp_path / "work" / "full" / "full.loss.csv").read_text().splitlines()
+    cut_log = (tmp_path / "work" / "cut" / "cut.loss.csv").read_text().splitlines()
+    assert [r.split(",")[2] for r in cut_log] == [r.split(",")[2] for r in full_log], "the smoothed loss continues exactly"
     a, b = load_file(str(full.final)), load_file(str(resumed.final))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, f"resumed weights differ by up to {worst}"
+
+
+def test_a_damaged_state_is_refused_naming_the_file(tmp_path, handle):
+    from trainer.train.state import StateError, read_state, write_state
+
+    path = write_state(tmp_path / "s.safetensors", {"step": 3, "opt": {0: {"m": torch.ones(2)}}, "rng": (3, (1, 2), None),
+                                                   "smoothed": float("nan")})
+    back = read_state(path)
+    assert back["step"] == 3 and torch.equal(back["opt"][0]["m"], torch.ones(2)) and back["rng"] == (3, (1, 2), None)
+    assert path.read_bytes()[:2] != b"PK" and b"\x80\x04" not in path.read_bytes()[:16], "not a pickle"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(StateError, match="s.safetensors is damaged.*retry the job"):
+        read_state(path)
+    with pytest.raises(StateError, match="no saved state at"):
+        read_state(tmp_path / "missing.safetensors")
 
 
 def test_nan_loss_stops_the_job_and_keeps_the_last_good_save(tmp_path, handle):

@@ -59,7 +59,7 @@ def demo(out: Path, steps: int = 200) -> list[Path]:
                            size=(64, 64))
     grid_path = out / "demo_square_grid.png"
     grid.save(grid_path)
-    return [result.final, out / "demo_square.loss.csv", grid_path]
+    return [result.final, grid_path]
 
 
 def run(args: argparse.Namespace) -> int:

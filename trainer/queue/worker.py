@@ -141,8 +141,10 @@ class Worker:
             job = row.job
             handle = self.handle_provider(job)
             ctx = replace(self.ctx_factory(row), events=on_progress, control=control, resume=row.resume)
-            if row.resume:
-                _remove_stale_temporaries(Path(job.output_dir) if job.output_dir else ctx.output_dir, job.name)
+            if ctx.work_dir is None:       # each queued job works in its own folder beside the store
+                ctx = replace(ctx, work_dir=self.queue.db_path.parent / "jobs" / str(row.id))
+            _remove_stale_temporaries(Path(job.output_dir) if job.output_dir else ctx.output_dir, ctx.work_dir,
+                                      job.name)
             result = run_job(job, handle, ctx)
             state, outputs = "done", [str(p) for p in result.saved]
             if result.stopped_early:
@@ -160,11 +162,9 @@ class Worker:
         return state
 
 
-def _remove_stale_temporaries(folder: Path, name: str) -> None:
+def _remove_stale_temporaries(lora_folder: Path, work_folder: Path, name: str) -> None:
     """Delete the temporary files a killed process left while writing ``name``'s outputs."""
-    if not folder.is_dir():
-        return
-    for pattern in (f".{name}.safetensors.*.tmp", f".{name}-[0-9]*.safetensors.*.tmp", f".{name}.loss.csv.*.tmp",
-                    f"..{name}.state.pt.*.tmp"):
-        for tmp in folder.glob(pattern):
-            tmp.unlink(missing_ok=True)
+    found = list(lora_folder.glob(f".{name}*.safetensors.*.tmp")) if lora_folder.is_dir() else []
+    found += list(work_folder.glob(".*.tmp")) if work_folder.is_dir() else []
+    for tmp in found:
+        tmp.unlink(missing_ok=True)

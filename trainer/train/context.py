@@ -18,13 +18,18 @@ class JobContext:
     cache_dir: Path                  # latent cache, shared across jobs
     events: EventSink | None = None
     control: Control = field(default_factory=Control)
-    resume: bool = False             # continue from the resumable state beside the output
+    resume: bool = False             # continue from the job's saved state
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
+    #: The job's own folder (state, loss log, previews, temporary files); None = ``work/NAME`` beside the cache.
+    work_dir: Path | None = None
+
+    def job_folder(self, name: str) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else Path(self.cache_dir).parent / "work" / name
 
 
 def job_outputs(job, ctx: JobContext) -> Outputs:
     """The output paths of a job; refuses to overwrite a finished LoRA unless asked."""
-    outputs = Outputs(Path(job.output_dir) if job.output_dir else ctx.output_dir, job.name)
+    outputs = Outputs(Path(job.output_dir) if job.output_dir else ctx.output_dir, job.name, ctx.job_folder(job.name))
     if outputs.final.exists() and not job.overwrite and not ctx.resume:
         raise jobs.JobError(f"{outputs.final} already exists: choose another name or tick overwrite", field="name")
     return outputs

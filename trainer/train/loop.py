@@ -22,6 +22,7 @@ from trainer import device as devices
 from trainer.train import optim
 from trainer.diffusion import schedules
 from trainer.paths import write_atomic
+from trainer.train.state import read_state, write_state
 from trainer.lora.metadata import TrainingFacts, lora_metadata
 from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork
@@ -90,11 +91,13 @@ def diffusion_loss(handle: ModelHandle, latents: torch.Tensor, cond: Cond, setti
 
 @dataclass
 class Outputs:
-    """Where a job writes: ``dir/name.safetensors``, ``name-000500.safetensors``, ``name.loss.csv``,
-    and the resumable state ``.name.state.pt``."""
+    """Where a job writes. In ``dir`` (the LoRA folder, which lists only finished LoRAs): ``NAME.safetensors``
+    and the ``NAME-000500.safetensors`` checkpoints the job asks for. In ``work`` (the job's own folder under
+    the data folder): the loss log ``NAME.loss.csv``, the resumable state and whatever else a run needs."""
 
     dir: Path
     name: str
+    work: Path
 
     @property
     def final(self) -> Path:
@@ -105,11 +108,11 @@ class Outputs:
 
     @property
     def loss_log(self) -> Path:
-        return self.dir / f"{self.name}.loss.csv"
+        return self.work / f"{self.name}.loss.csv"
 
     @property
     def state(self) -> Path:
-        return self.dir / f".{self.name}.state.pt"
+        return self.work / f"{self.name}.state.safetensors"
 
 
 @dataclass
@@ -178,6 +181,7 @@ class TrainingLoop:
         self.scaler = devices.grad_scaler(settings.mixed_precision, self.device)
         self.step = 0
         self.losses: list[float] = []
+        self.smoothed = math.nan      # the smoothed loss, kept in the state so a resumed run continues it exactly
         self.saved: list[Path] = []
         self._last_good: Path | None = None
 
@@ -186,7 +190,7 @@ class TrainingLoop:
     def state_dict(self) -> dict:
         return {"step": self.step, "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": rng_state(self.generator), "losses": list(self.losses),
+                "rng": rng_state(self.generator), "losses": list(self.losses), "smoothed_loss": self.smoothed,
                 "saved": [str(p) for p in self.saved], "extra": self.extra_state()}
 
     def load_state_dict(self, state: dict) -> dict:
@@ -197,18 +201,16 @@ class TrainingLoop:
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["rng"]["generator"])
         self.losses = list(state["losses"])
+        self.smoothed = state["smoothed_loss"]
         self.saved = [Path(p) for p in state["saved"]]
         return state["extra"]
 
     def save_state(self) -> None:
-        buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        write_atomic(self.outputs.state, buffer.getvalue())
+        write_state(self.outputs.state, self.state_dict())
 
     @staticmethod
     def read_state(path: Path) -> dict:
-        # Our own file; weights_only keeps even a tampered one from running code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_state(path)
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -242,8 +244,8 @@ class TrainingLoop:
     def run(self, compute_loss: Callable[[int], torch.Tensor]) -> LoopResult:
         s = self.settings
         self.outputs.dir.mkdir(parents=True, exist_ok=True)
+        self.outputs.work.mkdir(parents=True, exist_ok=True)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        smoothed = self.losses[-1] if self.losses else math.nan
         started, first_step = time.perf_counter(), self.step
         if self.step:
             self._truncate_log(self.step)
@@ -271,7 +273,8 @@ class TrainingLoop:
                         self.handle.set_gradient_checkpointing(False)
             self.step += 1
             self.losses.append(loss_value)
-            smoothed = loss_value if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss_value
+            self.smoothed = loss_value if math.isnan(self.smoothed) else 0.9 * self.smoothed + 0.1 * loss_value
+            smoothed = self.smoothed
             lr = self.optimizer.param_groups[0]["lr"]
             self._write_log_row(loss_value, smoothed, lr)
             if s.save_every_n_steps and self.step % s.save_every_n_steps == 0 and self.step < s.steps:

@@ -406,7 +406,8 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
     first, second = job.passes()
     # -- everything that can fail, before anything trains -----------------------------------
     outputs = job_outputs(job, ctx)
-    copier_outputs = Outputs(outputs.dir, f"{job.name}_copier")
+    # The copier goes to the LoRA folder only when the job asks to keep it; otherwise it lives in the job's folder.
+    copier_outputs = Outputs(outputs.dir if job.save_copier else outputs.work, f"{job.name}_copier", outputs.work)
     pair_files = check_pairs(job, handle)
     resuming_pass_2 = ctx.resume and not job.copier_file and not copier_outputs.state.is_file() \
         and copier_outputs.final.is_file()

@@ -291,7 +291,8 @@ PREVIEW_SEEDS_FROM = 1
 
 
 def preview_path(outputs: Outputs, step: int, final: bool) -> Path:
-    return outputs.dir / (f"{outputs.name}.preview.png" if final else f"{outputs.name}-{step:06d}.preview.png")
+    # The final preview sits beside the LoRA (the WebUI shows NAME.preview.png as its card); the others in the job's folder.
+    return outputs.dir / f"{outputs.name}.preview.png" if final else outputs.work / f"{outputs.name}-{step:06d}.preview.png"
 
 
 def render_preview(handle: ModelHandle, network: LoraNetwork, prompts: list[str], size: tuple[int, int], path: Path
