@@ -137,6 +137,30 @@ def test_lora_list_filters_by_words_and_resolves_names(tmp_path):
         loras.resolve_inputs("nothere:1", tmp_path)
 
 
+def test_a_merge_tells_the_host_so_the_webui_lists_the_new_lora(tmp_path):
+    import torch
+
+    from trainer.lora.network import LoraNetwork, NetworkShape
+    from trainer.merge.svd_merge import RankPolicy
+    from trainer.models.diffusers_model import DiffusersHandle
+    from trainer.models.handle import TargetOptions
+    from tiny import sd1_pipeline
+
+    handle = DiffusersHandle(sd1_pipeline(tmp_path / "model"))
+    for name, seed in (("a", 1), ("b", 2)):
+        net = LoraNetwork(handle.lora_targets(TargetOptions("attn")), NetworkShape(2, 2.0), seed=seed)
+        for lora in net.lora.values():
+            torch.nn.init.normal_(lora.lora_up.weight, std=0.1)
+        net.save(tmp_path / f"{name}.safetensors")
+    written = []
+    report = loras.merge_into_folder("a:0.5\nb:0.5", RankPolicy(rank=2), "ab", "fp16", False, tmp_path,
+                                     written.append)
+    assert written == [tmp_path / "ab.safetensors"] and "merged 2 LoRAs" in report
+    with pytest.raises(MergeError, match="already exists"):
+        loras.merge_into_folder("a:1", RankPolicy(rank=2), "ab", "fp16", False, tmp_path, written.append)
+    assert len(written) == 1, "a refused merge writes nothing and tells nobody"
+
+
 def test_results_list_final_then_checkpoints_by_step(tmp_path):
     job = jobs.StandardJob(name="style", output_dir=str(tmp_path))
     for name in ("style", "style-000200", "style-000100", "style_other"):

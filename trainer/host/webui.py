@@ -62,7 +62,8 @@ class WebUIHost:
         label = getattr(self.get_sd_model(), "sd_checkpoint_info", None)
         return UiServices(queue=self._worker.queue, handle_for=self.handle_for, lora_dir=self.output_dir,
                           data_dir=self.data_dir, cache_dir=self.data_dir / "cache", worker=self._worker,
-                          model_label=getattr(label, "name", "") or "the WebUI's loaded model")
+                          model_label=getattr(label, "name", "") or "the WebUI's loaded model",
+                          lora_written=lambda path: self.refresh_loras())
 
     def start(self) -> Worker:
         """Start the worker once per process (idempotent across UI reloads)."""

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
+from typing import Callable
 
-from trainer.merge.svd_merge import MergeError, MergeInput, parse_input_spec
+from trainer import jobs
+from trainer.merge.svd_merge import MergeError, MergeInput, RankPolicy, format_report, merge_files, parse_input_spec
 
 
 def list_loras(folder: Path, filter_text: str = "") -> list[str]:
@@ -44,3 +47,24 @@ def resolve_inputs(text: str, folder: Path) -> list[MergeInput]:
             raise MergeError(f"{spec.path!r}: no such LoRA in {folder} (give a name from the list or a full path)")
         out.append(MergeInput(str(found), spec.ratio, spec.blocks))
     return out
+
+
+def merge_into_folder(text: str, policy: RankPolicy, output: str, precision: str, overwrite: bool, folder: Path,
+                      written: Callable[[Path], None] = lambda path: None) -> str:
+    """Merge the entries of ``text`` into ``folder/OUTPUT.safetensors``; the report. ``written`` is told of
+    the new file (the WebUI re-lists its LoRAs, as after a job). Raises MergeError/ValueError/OSError."""
+    name = (output or "").strip()
+    problem = jobs.output_name_problem(name)
+    if problem:
+        raise MergeError(problem)
+    out = Path(folder) / f"{name}.safetensors"
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out} already exists: choose another output name or tick overwrite")
+    inputs = resolve_inputs(text or "", folder)
+    policy.validate()
+    started = time.perf_counter()
+    result = merge_files(inputs, out, policy, dtype=precision)
+    written(out)
+    head = (f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {policy.describe()}) -> {out} "
+            f"in {time.perf_counter() - started:.1f} s")
+    return head + "\n" + format_report(result)

@@ -1,13 +1,11 @@
 """Merge panel: pick LoRAs from the LoRA folder, choose the rank policy, merge, read the report."""
 from __future__ import annotations
 
-import time
 
 import gradio as gr
 
-from trainer import jobs
 from trainer.jobs.vocabulary import SAVE_PRECISIONS
-from trainer.merge.svd_merge import MergeError, RankPolicy, format_report, merge_files
+from trainer.merge.svd_merge import MergeError, RankPolicy
 from trainer.ui import loras
 from trainer.ui.services import UiServices
 
@@ -67,20 +65,8 @@ class MergePanel:
     def merge(self, text, mode, rank, conv_rank, energy, output, precision, overwrite):
         folder = self.services.lora_dir
         try:
-            name = (output or "").strip()
-            problem = jobs.output_name_problem(name)
-            if problem:
-                raise MergeError(problem)
-            out = folder / f"{name}.safetensors"
-            if out.exists() and not overwrite:
-                raise MergeError(f"{out} already exists: choose another output name or tick overwrite")
-            inputs = loras.resolve_inputs(text or "", folder)
-            policy = rank_policy(mode, rank, conv_rank, energy)
-            policy.validate()
-            started = time.perf_counter()
-            result = merge_files(inputs, out, policy, dtype=precision)
+            report = loras.merge_into_folder(text, rank_policy(mode, rank, conv_rank, energy), output, precision,
+                                             overwrite, folder, self.services.lora_written)
         except (MergeError, ValueError, OSError) as e:
             return f"error: {e}", gr.update()
-        head = (f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {policy.describe()}) -> {out} "
-                f"in {time.perf_counter() - started:.1f} s")
-        return head + "\n" + format_report(result), loras.lora_list_html(loras.list_loras(folder))
+        return report, loras.lora_list_html(loras.list_loras(folder))

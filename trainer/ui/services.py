@@ -34,6 +34,7 @@ class UiServices:
     worker: Worker | None = None                     # None when the host runs the worker elsewhere
     model_label: str = ""                            # shown in the header: which model jobs train on
     root: Path = field(default_factory=Path.cwd)     # relative paths in a job are taken from here
+    lora_written: Callable[[Path], None] = lambda path: None   # a merge wrote a LoRA (the WebUI re-lists them)
 
     @property
     def presets_dir(self) -> Path:
