@@ -455,6 +455,7 @@ def test_demo_model_one_step_output_moves_toward_the_teachers_50_step_samples(tm
                                                 **{k: DEMO_TRAINING[k] for k in ("target_set", "network_dim",
                                                                                  "network_alpha", "conv_dim",
                                                                                  "conv_alpha")}))
+    network.enable()   # attached switched off, as every network a job builds
     try:
         one_step_after, trajectory_after = errors()
     finally:

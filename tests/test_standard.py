@@ -128,6 +128,24 @@ def test_resume_after_an_interruption_gives_the_same_weights(tmp_path, handle):
     assert worst <= 1e-6, f"resumed weights differ by up to {worst}"
 
 
+def test_a_jobs_network_is_attached_switched_off_so_a_generation_before_its_first_step_sees_the_base(tmp_path, handle):
+    from trainer.train.plan import build_network
+
+    _dataset(tmp_path / "data", n=2)
+    trained = run_job(_job(tmp_path, name="init", steps=2, lr=1e-2), handle, _ctx(tmp_path))
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    cond = handle.encode_prompts(["a"], (32, 32))
+    with torch.no_grad():
+        base = handle.predict(x, t, cond)
+        network = build_network(handle, _job(tmp_path, init_lora=str(trained.final)))
+        between = handle.predict(x, t, cond)           # e.g. the WebUI generating while the job sets up
+        network.enable()
+        on = handle.predict(x, t, cond)
+    network.detach()
+    assert torch.equal(between, base)
+    assert not torch.allclose(on, base), "the network holds the trained LoRA"
+
+
 def test_a_damaged_state_is_refused_naming_the_file(tmp_path, handle):
     from trainer.train.state import StateError, read_state, write_state
 

@@ -369,6 +369,55 @@ def test_open_clip_trains_attention_and_mlp_under_hf_names_and_skips_unused_laye
     assert len(text_encoder_lora_targets(sdxl_encoder, "lora_te2_", "attn_mlp")) == 18
 
 
+def test_a_vae_swapped_in_place_changes_the_cache_identity_and_the_latents_are_encoded_again(sd_model, tmp_path):
+    from trainer import data
+
+    _dataset(tmp_path / "data", n=1)
+    handle = WebUIHandle(sd_model)
+    options = data.DatasetOptions(folder=tmp_path / "data", resolution=64, min_bucket_reso=64, max_bucket_reso=128)
+    dataset = data.scan_dataset(options)
+    items = list(zip(dataset.items, data.assign_buckets(dataset, options)))
+    cache = data.LatentCache(tmp_path / "latents")
+    before_id, before = handle.identity, cache.get_latents(items, handle)
+    assert handle.identity == before_id, "unchanged weights keep their identity"
+    vae = sd_model.first_stage_model       # A1111's sd_vae.load_vae: load_state_dict into the same module
+    vae.load_state_dict({k: v * 1.05 if v.is_floating_point() else v for k, v in vae.state_dict().items()})
+    after = cache.get_latents(items, handle)
+    assert handle.identity != before_id
+    (key_before,), (key_after,) = before, after
+    assert key_before != key_after
+    assert float((before[key_before] - after[key_after]).abs().max()) > 1e-3, "the new VAE's latents, not stale ones"
+
+
+def test_two_networks_on_one_fused_attention_detach_in_any_order_and_each_keeps_working():
+    # e.g. a results grid on the text encoder of an SD2/SDXL job that trains it: attach A, attach B, detach B
+    torch.manual_seed(0)
+    encoder = _OpenClipEmbedder(32, layers=2, layer_idx=1, always_return_pooled=True)
+    mha = next(m for m in encoder.modules() if isinstance(m, nn.MultiheadAttention))
+    targets = [t for t in text_encoder_lora_targets(encoder, "lora_te2_", "attn") if t.module is mha]
+    x = torch.randn(3, 2, 32)
+    run = lambda: mha(x, x, x, need_weights=False)[0].detach().clone()
+    base = run()
+    nets = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        nets[name] = LoraNetwork(targets, NetworkShape(4, 4.0), seed=seed)
+        _randomize(nets[name])
+    nets["a"].attach()
+    only_a = run()
+    nets["b"].attach()
+    both = run()
+    nets["b"].detach()
+    assert torch.allclose(run(), only_a, atol=1e-6), "detaching B must leave A at work"
+    nets["b"].attach()
+    nets["a"].detach()
+    nets["a"].attach()
+    assert torch.allclose(run(), both, atol=1e-6)
+    nets["a"].detach()
+    nets["b"].detach()
+    assert torch.equal(run(), base) and "forward" not in mha.__dict__, "the original forward is back"
+    assert not torch.allclose(only_a, base) and not torch.allclose(both, only_a)
+
+
 def _tiny_sdxl_pipeline(text_encoder, tmp_path):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),

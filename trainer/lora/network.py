@@ -117,36 +117,61 @@ class _FusedAttention:
     """LoRA on the projections ``nn.MultiheadAttention`` passes as bare weights to
     ``F.multi_head_attention_forward`` (fused q/k/v ``in_proj_weight``, ``out_proj.weight``): a forward
     hook on them would never run, so the attention's forward runs with weight + delta swapped in, and the
-    parameters are always put back."""
+    parameters are always put back.
+
+    Several networks may sit on one attention (a results grid while a job trains the text encoder): the
+    module gets one dispatching ``forward`` that adds the deltas of every attached network, and detaching
+    one leaves the others working; the original ``forward`` comes back when the last one leaves."""
+
+    _ATTR = "_loraq_fused"
 
     def __init__(self, network: "LoraNetwork", mha: nn.MultiheadAttention, parts: dict[str, "LoraModule"]):
         if not mha._qkv_same_embed_dim or mha.in_proj_weight is None:
             raise NetworkError("LoRA on nn.MultiheadAttention needs its fused in_proj_weight (kdim = vdim = embed_dim)")
         self.network, self.mha, self.parts = network, mha, parts
-        self.original = mha.forward
 
     def install(self) -> None:
-        self.mha.forward = self.forward
+        attached = self.mha.__dict__.get(self._ATTR)
+        if attached is None:
+            attached = self.mha.__dict__[self._ATTR] = []
+            self.mha.forward = _dispatching_forward(self.mha, type(self.mha).forward.__get__(self.mha), attached)
+        attached.append(self)
 
     def remove(self) -> None:
-        if self.mha.__dict__.get("forward") == self.forward:
-            del self.mha.forward
+        attached = self.mha.__dict__.get(self._ATTR, [])
+        if self in attached:
+            attached.remove(self)
+        if not attached:
+            self.mha.__dict__.pop(self._ATTR, None)
+            self.mha.__dict__.pop("forward", None)
 
-    def forward(self, *args, **kwargs):
+    def deltas(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(delta of in_proj_weight, delta of out_proj.weight) as this network applies them now."""
         net = self.network
         if not net.enabled or net.multiplier == 0:
-            return self.original(*args, **kwargs)
-        mha, e = self.mha, self.mha.embed_dim
-        in_proj = out_proj = None
+            return None, None
+        e, w = self.mha.embed_dim, self.mha.in_proj_weight
+        d_in = d_out = None
         if any(p in self.parts for p in "qkv"):
-            w = mha.in_proj_weight
-            deltas = [self.parts[p].delta_weight() if p in self.parts else w.new_zeros(e, e) for p in "qkv"]
-            in_proj = w + (net.multiplier * torch.cat(deltas).to(w.device)).to(w.dtype)
+            parts = [self.parts[p].delta_weight() if p in self.parts else w.new_zeros(e, e) for p in "qkv"]
+            d_in = net.multiplier * torch.cat(parts).to(w.device)
         if "out" in self.parts:
-            w = mha.out_proj.weight
-            out_proj = w + (net.multiplier * self.parts["out"].delta_weight().to(w.device)).to(w.dtype)
+            d_out = net.multiplier * self.parts["out"].delta_weight().to(self.mha.out_proj.weight.device)
+        return d_in, d_out
+
+
+def _dispatching_forward(mha: nn.MultiheadAttention, original, attached: list[_FusedAttention]):
+    def forward(*args, **kwargs):
+        d_in = d_out = None
+        for wrapper in attached:
+            i, o = wrapper.deltas()
+            d_in = i if d_in is None else (d_in if i is None else d_in + i)
+            d_out = o if d_out is None else (d_out if o is None else d_out + o)
+        in_proj = None if d_in is None else mha.in_proj_weight + d_in.to(mha.in_proj_weight.dtype)
+        out_proj = None if d_out is None else mha.out_proj.weight + d_out.to(mha.out_proj.weight.dtype)
         with _swapped(mha, "in_proj_weight", in_proj), _swapped(mha.out_proj, "weight", out_proj):
-            return self.original(*args, **kwargs)
+            return original(*args, **kwargs)
+    return forward
 
 
 class LoraNetwork(nn.Module):

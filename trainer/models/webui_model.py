@@ -232,6 +232,7 @@ class WebUIHandle(ModelHandle):
         encoder = getattr(self._first_stage, "encoder", None)
         self.vae_scale = 2 ** (encoder.num_resolutions - 1) if encoder is not None else 8
         self._identity: str | None = None
+        self._identity_stamp = 0
         self._suspended = False
 
     def _schedule(self) -> tuple[str, torch.Tensor]:
@@ -369,8 +370,11 @@ class WebUIHandle(ModelHandle):
 
     @property
     def identity(self) -> str:
-        """Changes with the VAE and text-encoder weights (computed once per handle)."""
-        if self._identity is None:
-            encoders = [m for _, m in self.text_encoders()]
-            self._identity = weights_fingerprint(self.arch, [self._first_stage] + encoders)
+        """Changes with the VAE and text-encoder weights. A1111 swaps a VAE in place (``sd_vae`` loads the new
+        weights into the same module), so the fingerprint is recomputed whenever a weight was replaced or
+        written to since the last time (torch's per-tensor version counter: a cheap check per call)."""
+        modules = [self._first_stage] + [m for _, m in self.text_encoders()]
+        stamp = hash(tuple((id(p), p._version) for m in modules for p in m.parameters()))
+        if self._identity is None or stamp != self._identity_stamp:
+            self._identity, self._identity_stamp = weights_fingerprint(self.arch, modules), stamp
         return self._identity

@@ -62,13 +62,18 @@ def network_shape(settings) -> NetworkShape:
 
 
 def build_network(handle: ModelHandle, job, settings=None) -> LoraNetwork:
-    """The network of a job (or copier pass), attached, optionally started from ``init_lora``."""
+    """The network of a job (or copier pass), optionally started from ``init_lora``, attached switched off
+    under the model lock: a generation before the first step sees the base model (the loop switches the
+    network on only inside each step)."""
     settings = settings or job
     options = TargetOptions(job.target_set, declared(job, "train_text_encoder"), tuple(settings.blocks))
     network = LoraNetwork(handle.lora_targets(options), network_shape(settings), seed=settings.seed)
     if declared(job, "init_lora"):
         network.load_weights(job.init_lora, handle.arch)
-    return network.to(handle.device).attach()
+    network.to(handle.device).disable()
+    with handle.lock():
+        network.attach()
+    return network
 
 
 def settings_metadata(job, settings=None) -> dict[str, str]:

@@ -306,7 +306,7 @@ def copier_network(handle: ModelHandle, path: str) -> LoraNetwork:
         raise jobs.JobError(f"saved copier: {e}", field="copier_file") from None
 
 
-def freeze(network: LoraNetwork) -> LoraNetwork:
+def freeze(network: LoraNetwork, handle: ModelHandle) -> LoraNetwork:
     """The copier during pass 2: attached at multiplier 1, without gradients, applied only inside a step.
 
     Like the loop's own network, it is disabled between steps so that an image generated meanwhile
@@ -314,8 +314,9 @@ def freeze(network: LoraNetwork) -> LoraNetwork:
     """
     network.requires_grad_(False)
     network.multiplier = 1.0
-    network.attach()
     network.disable()
+    with handle.lock():
+        network.attach()
     return network
 
 
@@ -451,7 +452,7 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
                     events.message(PASS_2, not_converged_warning(reconstruction), done)
 
         # -- pass 2: the difference learns B over the frozen copier --------------------------------
-        freeze(copier)
+        freeze(copier, handle)
         difference = build_network(handle, job, second)
         conds = _conditions(handle, job.prompt, pairs, copier)
         extra = {"lq_mode": "copier_difference", IMAGES_KEY: a_hashes}

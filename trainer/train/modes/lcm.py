@@ -274,7 +274,8 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
         buckets = data.assign_buckets(dataset, options)
         latents = data.LatentCache(ctx.cache_dir / "latents").get_latents(list(zip(dataset.items, buckets)), handle)
         sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
-        return TrainingBatches(sampler, lambda b: data.collate(b, dataset, latents, handle.identity, options),
+        identity = handle.identity
+        return TrainingBatches(sampler, lambda b: data.collate(b, dataset, latents, identity, options),
                                len(dataset.items), dataset.tag_frequency())
     prompts = read_prompts(job)
     size = (job.resolution, job.resolution)

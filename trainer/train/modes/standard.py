@@ -26,6 +26,7 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
         ctx.log(f"warning: {warning}")
     buckets = data.assign_buckets(dataset, options)
     cache = data.LatentCache(ctx.cache_dir / "latents")
+    identity = handle.identity     # the latents' key for the whole job (a VAE changed meanwhile counts next job)
     latents = cache.get_latents(list(zip(dataset.items, buckets)), handle, batch_size=4,
                                 flip=options.flip_horizontal)
     sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
@@ -39,7 +40,7 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
 
     def compute_loss(micro_step: int) -> torch.Tensor:
         batch = next(sampler)
-        x0, captions = data.collate(batch, dataset, latents, handle.identity, options)
+        x0, captions = data.collate(batch, dataset, latents, identity, options)
         size = (batch.bucket[1], batch.bucket[0])
         if text_cache is not None:
             cond = text_cache.get(captions, size, handle)
