@@ -333,6 +333,38 @@ def test_webui_samplers_register_once_through_the_modules_the_glue_passes():
     assert sd_samplers.refreshed == 1 and len(sd_samplers.all_samplers) == 2
     kind, func, model = sd_samplers.all_samplers_map["LCM alternative"].constructor("the model")
     assert model == "the model" and func.__name__ == "sample_lcm_alternative"
+    assert sd_samplers.all_samplers_map["LCM alternative"].options == {"scheduler": "sgm_uniform"}
+
+
+class _SeededTorch:
+    """What A1111/Forge put in k_diffusion.sampling.torch for a generation (sd_samplers_common.TorchHijack)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def randn_like(self, x):
+        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def test_webui_samplers_take_step_noise_from_the_hosts_seeded_k_diffusion_torch():
+    k_sampling = SimpleNamespace(torch=None)
+    sd_samplers = SimpleNamespace(all_samplers=[], all_samplers_map={}, set_samplers=lambda: None)
+    common = SimpleNamespace(SamplerData=lambda name, constructor, aliases, options: SimpleNamespace(
+        constructor=constructor))
+    kdiff = SimpleNamespace(KDiffusionSampler=lambda func, model: func, k_diffusion=SimpleNamespace(sampling=k_sampling))
+    webui_samplers.register_webui_samplers(sd_samplers, common, kdiff)
+    sample = sd_samplers.all_samplers_map["LCM alternative ancestral"].constructor(None)
+    model = lambda x, sigma, **kw: 0.5 * x
+    sigmas = torch.tensor([14.6, 3.0, 1.0, 0.3, 0.0])
+    images = []
+    for seed in (1111, 1111, 2222):
+        k_sampling.torch = _SeededTorch(seed)      # the host seeds each generation
+        images.append(sample(model, torch.ones(1, 4, 8, 8) * 14.6, sigmas))
+    assert torch.equal(images[0], images[1]), "the same seed gives the same image"
+    assert not torch.equal(images[0], images[2])
 
 
 # -- the mode --------------------------------------------------------------------------------------
