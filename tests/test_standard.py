@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiny import sd1_pipeline
-from trainer import jobs
+from trainer import data, jobs
 from trainer.models.diffusers_model import DiffusersHandle
 from trainer.models.demo.shapes import draw
 from trainer.train.loop import NonFiniteLoss
@@ -144,6 +144,42 @@ def test_a_jobs_network_is_attached_switched_off_so_a_generation_before_its_firs
     network.detach()
     assert torch.equal(between, base)
     assert not torch.allclose(on, base), "the network holds the trained LoRA"
+
+
+def test_the_file_names_its_base_model_dataset_and_buckets_as_a1111s_metadata_view_reads_them(tmp_path, handle):
+    import hashlib
+    import json
+
+    from trainer.lora.files import read_metadata
+
+    checkpoint = tmp_path / "my_model.safetensors"       # stands for the checkpoint the handle was loaded from
+    checkpoint.write_bytes(bytes(range(256)) * 8192)
+    handle.source = str(checkpoint)
+    _dataset(tmp_path / "data", n=4)
+    meta = read_metadata(run_job(_job(tmp_path, steps=2), handle, _ctx(tmp_path)).final)
+    blob = checkpoint.read_bytes()
+    assert meta["ss_sd_model_name"] == "my_model"
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]   # A1111's model_hash
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(blob).hexdigest()
+    assert json.loads(meta["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 4}}
+    from collections import Counter
+
+    from trainer.train.plan import dataset_options
+    options = dataset_options(_job(tmp_path))
+    dataset = data.scan_dataset(options)
+    trained_buckets = Counter(tuple(b) for b in data.assign_buckets(dataset, options))
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert {tuple(b["resolution"]): b["count"] for b in buckets.values()} == dict(trained_buckets)
+    assert meta["ss_epoch"] == "1" and float(meta["ss_training_finished_at"]) >= float(meta["ss_training_started_at"])
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_clip_skip"] == "None"
+
+
+def test_v_prediction_files_say_so_in_the_version_as_kohya_writes_it():
+    from trainer.lora.metadata import file_metadata
+
+    assert file_metadata("sd2", "v", 768, 8, 8.0)["ss_base_model_version"] == "sd_v2_v"
+    assert file_metadata("sd1", "v", 512, 8, 8.0)["ss_base_model_version"] == "sd_v1_v"
+    assert file_metadata("sdxl", "eps", 1024, 8, 8.0)["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 def test_a_damaged_state_is_refused_naming_the_file(tmp_path, handle):

@@ -43,6 +43,15 @@ class TrainingFacts:
     settings: dict[str, str] = field(default_factory=dict)
     num_images: int = 0
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: kohya's ``ss_dataset_dirs`` ({folder: {"n_repeats", "img_count"}}) and ``ss_bucket_info``
+    #: ({"buckets": {i: {"resolution": [w, h], "count"}}}): A1111's metadata view shows the dataset size
+    #: and the resolutions from them.
+    dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)
+    bucket_info: dict = field(default_factory=dict)
+    epochs: int = 1
+    base_model_name: str = ""
+    base_model_hash: str = ""          # legacy 8-hex (ss_sd_model_hash)
+    base_model_sha256: str = ""        # ss_new_sd_model_hash
     training_started_at: float = field(default_factory=time.time)
     session_id: int = field(default_factory=lambda: uuid.uuid4().int >> 96)
     extra: dict[str, str] = field(default_factory=dict)
@@ -66,7 +75,8 @@ def file_metadata(arch: str, prediction: str, resolution: int | None, dim: int |
         "ss_network_dim": str(dim),
         "ss_network_alpha": _num(alpha),
         "ss_network_args": json.dumps(network_args),
-        "ss_base_model_version": BASE_MODEL_VERSION[arch],
+        # kohya marks v-prediction SD1/SD2 models with "_v" (sd_v2_v); SDXL has one version name
+        "ss_base_model_version": BASE_MODEL_VERSION[arch] + ("_v" if prediction == "v" and arch != "sdxl" else ""),
         "ss_v2": str(arch == "sd2"),
         "ss_v_parameterization": str(prediction == "v"),
         "ss_output_name": title,
@@ -101,6 +111,16 @@ def lora_metadata(facts: TrainingFacts) -> dict[str, str]:
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_session_id": str(facts.session_id),
         "ss_training_started_at": _num(facts.training_started_at),
+        "ss_training_finished_at": _num(time.time()),
+        "ss_epoch": str(facts.epochs),
+        "ss_num_epochs": str(facts.epochs),
+        "ss_dataset_dirs": json.dumps(facts.dataset_dirs),
+        "ss_bucket_info": json.dumps(facts.bucket_info) if facts.bucket_info else "null",
+        # The conditioning is the host's own (A1111 applies its CLIP skip setting); kohya writes None when unset
+        "ss_clip_skip": "None",
+        "ss_sd_model_name": facts.base_model_name,
+        "ss_sd_model_hash": facts.base_model_hash,
+        "ss_new_sd_model_hash": facts.base_model_sha256,
     })
     meta.setdefault("ss_max_train_steps", str(facts.steps))
     meta.setdefault("ss_text_encoder_lr", lr)

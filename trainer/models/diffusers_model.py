@@ -7,7 +7,10 @@ import torch
 
 from trainer.diffusion import schedules
 from trainer.models import naming
-from trainer.models.handle import Cond, LoraTarget, weights_fingerprint, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, unet_path_in_target_set
+from trainer.models.handle import (
+    BaseModel, Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, checkpoint_hashes, text_encoder_path_in_target_set,
+    unet_path_in_target_set, weights_fingerprint,
+)
 
 
 def arch_of_pipeline(pipe) -> str:
@@ -37,8 +40,22 @@ class DiffusersHandle(ModelHandle):
         self._layout = naming.UNetLayout.from_config(pipe.unet.config)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         self._identity: str | None = None
+        self._base_model: BaseModel | None = None
         for module in self.base_modules():
             module.requires_grad_(False)
+
+    #: What the pipeline was loaded from ('demo', a folder, a checkpoint file); set by ``load_handle``.
+    source: str = ""
+
+    def base_model(self) -> BaseModel:
+        if not self.source:
+            return BaseModel()
+        path = Path(self.source).expanduser()
+        if not path.is_file():
+            return BaseModel(path.name if self.source != "demo" else "demo")
+        if self._base_model is None:            # hashing a 2-7 GB file takes seconds: once per handle
+            self._base_model = BaseModel(path.stem, *checkpoint_hashes(str(path)))
+        return self._base_model
 
     def base_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder,
@@ -213,4 +230,6 @@ def load_pipeline(model: str, *, device: str | torch.device = "cpu", dtype: torc
 def load_handle(model: str, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
                 prediction: str | None = None) -> DiffusersHandle:
     from trainer.device import default_device
-    return DiffusersHandle(load_pipeline(model, device=device or default_device(), dtype=dtype), prediction)
+    handle = DiffusersHandle(load_pipeline(model, device=device or default_device(), dtype=dtype), prediction)
+    handle.source = model
+    return handle

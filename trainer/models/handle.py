@@ -131,6 +131,28 @@ def weights_fingerprint(arch: str, modules: list[torch.nn.Module]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class BaseModel:
+    """The checkpoint a LoRA was trained on: kohya's ``ss_sd_model_name``, ``ss_sd_model_hash`` (the 8-hex
+    legacy hash of 64 KiB at 1 MiB, as A1111's ``model_hash``) and ``ss_new_sd_model_hash`` (sha256 of the file)."""
+
+    name: str = ""
+    legacy_hash: str = ""
+    sha256: str = ""
+
+
+def checkpoint_hashes(path: str) -> tuple[str, str]:
+    """(legacy 8-hex hash, full sha256) of a checkpoint file, as A1111 and kohya compute them."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(0)
+        full = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            full.update(block)
+    return legacy, full.hexdigest()
+
+
 class ModelHandle(ABC):
     """What a training mode may ask of a loaded model."""
 
@@ -187,6 +209,10 @@ class ModelHandle(ABC):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass (less memory, ~30 % more time)."""
         raise ModelError(f"{type(self).__name__} cannot use gradient checkpointing")
+
+    def base_model(self) -> BaseModel:
+        """Which checkpoint this is (name and hashes as the WebUIs and kohya write them); empty when unknown."""
+        return BaseModel()
 
     def base_modules(self) -> list[torch.nn.Module]:
         """Every module of the host's model; a job trains only its own LoRA, never these."""

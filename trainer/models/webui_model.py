@@ -35,7 +35,10 @@ import torch
 from torch import nn
 
 from trainer.models import naming
-from trainer.models.handle import Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set, weights_fingerprint, unet_path_in_target_set
+from trainer.models.handle import (
+    BaseModel, Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set,
+    unet_path_in_target_set, weights_fingerprint,
+)
 
 
 class Prompts(list):
@@ -266,6 +269,14 @@ class WebUIHandle(ModelHandle):
 
     def _text_embedders(self) -> list[tuple[str, nn.Module]]:
         return text_embedders(self.sd_model, self.arch)
+
+    def base_model(self) -> BaseModel:
+        """The loaded checkpoint as A1111 names and hashes it (``sd_checkpoint_info``)."""
+        info = getattr(self.sd_model, "sd_checkpoint_info", None)
+        if info is None:
+            return BaseModel()
+        return BaseModel(getattr(info, "model_name", "") or getattr(info, "name", "") or "",
+                         getattr(info, "hash", "") or "", getattr(info, "sha256", "") or "")
 
     def base_modules(self) -> list[nn.Module]:
         return [self.sd_model]        # UNet, VAE and text encoders: A1111 leaves many with requires_grad on

@@ -76,6 +76,22 @@ def build_network(handle: ModelHandle, job, settings=None) -> LoraNetwork:
     return network
 
 
+def dataset_facts(dataset: data.Dataset, buckets: list[tuple[int, int]], steps: int, batch_size: int
+                  ) -> dict:
+    """kohya's dataset_dirs / bucket_info / epochs for a scanned dataset and its buckets."""
+    dirs: dict[str, dict[str, int]] = {}
+    for item in dataset.items:
+        entry = dirs.setdefault(item.group or dataset.root.name, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    counts: dict[tuple[int, int], int] = {}
+    for bucket in buckets:
+        counts[tuple(bucket)] = counts.get(tuple(bucket), 0) + 1
+    info = {"buckets": {str(i): {"resolution": list(b), "count": n} for i, (b, n) in enumerate(sorted(counts.items()))},
+            "mean_img_ar_error": 0.0}
+    epochs = max(1, -(-steps * batch_size // max(1, dataset.num_samples)))
+    return {"dataset_dirs": dirs, "bucket_info": info, "epochs": epochs}
+
+
 def settings_metadata(job, settings=None) -> dict[str, str]:
     """The job's settings under the ``ss_*`` keys their fields declare (a copier pass's own first)."""
     out = {}
@@ -89,7 +105,9 @@ def settings_metadata(job, settings=None) -> dict[str, str]:
 
 def facts_for(handle: ModelHandle, job, settings, prediction: str, **extra) -> TrainingFacts:
     shape = network_shape(settings)
+    base = handle.base_model()
     return TrainingFacts(
+        base_model_name=base.name, base_model_hash=base.legacy_hash, base_model_sha256=base.sha256,
         arch=handle.arch, prediction=prediction, output_name=job.name, network_dim=shape.network_dim,
         network_alpha=shape.network_alpha, conv_dim=shape.conv_dim, conv_alpha=shape.conv_alpha,
         resolution=job.resolution, train_text_encoder=declared(job, "train_text_encoder"),

@@ -15,7 +15,7 @@ from trainer import jobs
 from trainer.models.handle import ModelHandle
 from trainer.train.loop import LoopResult, TrainingLoop, diffusion_loss
 from trainer.train.context import JobContext, job_outputs, run_loop
-from trainer.train.plan import build_network, dataset_options, facts_for, loop_settings, noise_settings
+from trainer.train.plan import build_network, dataset_facts, dataset_options, facts_for, loop_settings, noise_settings
 
 
 def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext) -> LoopResult:
@@ -34,6 +34,7 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
     noise = noise_settings(handle, job)
     network = build_network(handle, job)
     facts = facts_for(handle, job, job, noise.prediction, num_images=len(dataset.items),
+                      **dataset_facts(dataset, buckets, job.steps, job.batch_size * job.gradient_accumulation),
                       tag_frequency=dataset.tag_frequency())
     loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, ctx.events, ctx.control,
                         extra_state=lambda: {"sampler": sampler.state_dict()})
