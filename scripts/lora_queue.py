@@ -40,6 +40,15 @@ def _forge_load_model_gpu():
     return memory_management.load_model_gpu
 
 
+def _forge_model_reload():
+    """Forge's model loading (None on A1111): a job queued before the first generation loads the model."""
+    try:
+        from modules.sd_models import forge_model_reload
+    except ImportError:
+        return None
+    return forge_model_reload
+
+
 def host() -> WebUIHost:
     global _host
     if _host is None:
@@ -47,7 +56,7 @@ def host() -> WebUIHost:
         _host = WebUIHost(get_sd_model=lambda: shared.sd_model, queue_lock=call_queue.queue_lock,
                           lora_dir=_lora_dir(), data_dir=Path(data), refresh_loras=_refresh_loras,
                           output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"),
-                          forge_load_model_gpu=_forge_load_model_gpu(),
+                          forge_load_model_gpu=_forge_load_model_gpu(), load_model=_forge_model_reload(),
                           resume_interrupted=bool(shared.opts.data.get("loraq_resume_interrupted", False)))
     return _host
 

@@ -86,13 +86,64 @@ def k_model(unet: nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str 
     return kmodel
 
 
+class ForgeLinear(nn.Module):
+    """``backend.operations.ForgeOperations.Linear``: a plain ``nn.Module`` (not an ``nn.Linear``) with
+    ``in_features``, ``out_features``, ``weight`` and ``bias``; Forge builds its UNet and CLIP from it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _forge_layers(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, ForgeLinear(child))
+        else:
+            _forge_layers(child)
+
+
+def _forge_block_forward(self, x, context=None):
+    """``backend/nn/unet.py`` BasicTransformerBlock: the attention outputs are added in place (``x += n``)."""
+    n = self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+    x += n
+    n = self.attn2(self.norm2(x), context=context)
+    x += n
+    x += self.ff(self.norm3(x))
+    return x
+
+
+class FakeInitialModel:
+    """``modules.sd_models.FakeInitialModel``: Forge's ``shared.sd_model`` until the first generation loads one."""
+
+    def __init__(self):
+        self.cond_stage_model = None
+        self.chunk_length = 75
+
+
 class ForgeSD15:
-    """``backend/diffusion_engine/sd15.py``: the parts LoRA Queue uses."""
+    """``backend/diffusion_engine/sd15.py``: the parts LoRA Queue uses, with Forge's own layers (plain-Module
+    Linear, in-place transformer blocks) and its tied token embedding."""
 
     def __init__(self, ldm, prediction_type: str = "epsilon"):
+        import types
+
         self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
         self._ldm = ldm
         unet = ldm.model.diffusion_model
+        _forge_layers(unet)
+        _forge_layers(ldm.cond_stage_model.transformer)
+        for block in unet.modules():
+            if type(block).__name__ == "BasicTransformerBlock":
+                block._forward = types.MethodType(_forge_block_forward, block)
+        clip_l = ldm.cond_stage_model.transformer
+        embeddings = getattr(clip_l, "text_model", clip_l).embeddings    # transformers 5 dropped text_model
+        embeddings.tied = nn.Module()                  # the token embedding under a second name, as Forge ties it
+        embeddings.tied.register_parameter("weight", embeddings.token_embedding.weight)
         unet.computation_dtype = torch.float32
         kmodel = k_model(unet, ldm.alphas_cumprod, prediction_type)
         text = nn.ModuleDict({"clip_l": IntegratedCLIP(ldm.cond_stage_model.transformer)})
@@ -253,3 +304,73 @@ def test_sdxl_keys_equal_the_diffusers_backends_with_every_layer_of_both_text_en
     assert ours == theirs
     assert "lora_te2_text_model_encoder_layers_1_self_attn_k_proj" in ours
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in ours
+
+
+
+def test_forges_layers_are_all_targeted_and_a_step_trains_through_its_in_place_blocks(forge, clip_folder):  # noqa: F811
+    assert not any(type(m) is nn.Linear for m in _unet(forge).modules()), "the stand-in has Forge's own Linear"
+    handle = ForgeHandle(forge)
+    options = TargetOptions("attn_mlp", text_encoder=True)
+    a1111 = WebUIHandle(_ldm_sd1(clip_folder)).lora_targets(options)
+    targets = handle.lora_targets(options)
+    assert [t.key for t in targets] == [t.key for t in a1111], "every Linear Forge has, as A1111's are found"
+    net = LoraNetwork(targets, NetworkShape(2, 2.0)).attach()
+    x, t = _inputs()
+    with handle.lock():
+        cond = handle.encode_prompts(["a red circle", "blue"], (32, 32))
+        handle.predict(x, t, cond).square().mean().backward()    # Forge's x += n after norm2 saved x
+    assert sum(float(m.lora_up.weight.grad.abs().sum()) for m in net.lora.values()) > 0
+    net.detach()
+    with torch.no_grad(), handle.lock():
+        latents = handle.encode_images(torch.zeros(1, 3, 32, 32))   # Forge's VAE returns the latent tensor
+    assert latents.shape[:2] == (1, 4) and torch.isfinite(latents).all()
+
+
+def test_a_tied_weight_stays_one_tensor_when_forges_inference_weights_are_made_ordinary(forge):
+    from trainer.models.forge_model import ordinary_weights_in_place
+
+    with torch.inference_mode():                     # Forge ties CLIP's token embedding under a second name
+        owner = nn.Module()
+        owner.embedding = nn.Embedding(8, 4)
+        owner.tied = nn.Module()
+        owner.tied.register_parameter("weight", owner.embedding.weight)
+    assert ordinary_weights_in_place(owner) == 1, "one copy, not one per name"
+    assert owner.tied.weight is owner.embedding.weight and not owner.embedding.weight.is_inference()
+    ForgeHandle(forge)
+    clip_l = forge.forge_objects.clip.cond_stage_model.clip_l.transformer
+    embeddings = getattr(clip_l, "text_model", clip_l).embeddings
+    assert embeddings.tied.weight is embeddings.token_embedding.weight and not embeddings.tied.weight.is_inference()
+
+
+def test_a_job_queued_before_forges_first_generation_loads_the_model_and_trains(clip_folder, tmp_path):  # noqa: F811
+    import threading
+
+    from safetensors.torch import load_file
+
+    from test_standard import _dataset, _job
+    from trainer.host.webui import WebUIHost
+
+    state = {"model": FakeInitialModel()}
+    loaded = []
+
+    def forge_model_reload():                          # Forge's own loading, as the first generation does it
+        with torch.inference_mode():
+            state["model"] = ForgeSD15(_ldm_sd1(clip_folder))
+        loaded.append(True)
+
+    host = WebUIHost(get_sd_model=lambda: state["model"], queue_lock=threading.Lock(), lora_dir=tmp_path / "loras",
+                     data_dir=tmp_path / "data", load_model=forge_model_reload)
+    _dataset(tmp_path / "images", n=2)
+    job = _job(tmp_path, steps=2, dataset_dir=str(tmp_path / "images"), train_text_encoder=True,
+               text_encoder_lr=1e-4, target_set="attn_mlp")
+    from trainer.queue.store import JobQueue
+    from trainer.queue.worker import Worker
+    queue = JobQueue(tmp_path / "data" / "queue.sqlite")
+    job_id = queue.add(job)
+    Worker(queue, host.handle_for, host.job_context).run_until_empty()
+    row = queue.get(job_id)
+    assert row.state == "done", row.error
+    assert loaded == [True]
+    keys = {k.split(".")[0] for k in load_file(row.outputs[-1])}
+    expected = {t.key for t in WebUIHandle(_ldm_sd1(clip_folder)).lora_targets(TargetOptions("attn_mlp", True))}
+    assert keys == expected, "the same modules as on A1111: UNet and text encoder"

@@ -30,6 +30,9 @@ class WebUIHost:
     output_subdir: str = ""              # default output folder inside the LoRA folder
     forge_load_model_gpu: Callable[[Any], None] | None = None   # Forge: backend.memory_management.load_model_gpu
     resume_interrupted: bool = False     # at start, resume jobs a crash or kill of the WebUI interrupted
+    #: Forge: ``modules.sd_models.forge_model_reload``. Forge loads the checkpoint at the first generation; until
+    #: then ``shared.sd_model`` is a placeholder (``FakeInitialModel``) and a job loads the model through this.
+    load_model: Callable[[], Any] | None = None
     _worker: Worker | None = field(default=None, init=False, repr=False)
     _handles: dict = field(default_factory=dict, init=False, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -41,7 +44,11 @@ class WebUIHost:
     def handle_for(self, job: jobs.Job | None = None) -> ModelHandle:
         """The loaded model as a ModelHandle (Forge's or A1111's); one handle per loaded model object."""
         sd_model = self.get_sd_model()
-        if sd_model is None:
+        if self.load_model is not None and _is_placeholder(sd_model):
+            with self.queue_lock:                 # Forge's own loading, as its first generation does it
+                self.load_model()
+            sd_model = self.get_sd_model()
+        if sd_model is None or _is_placeholder(sd_model):
             raise ModelError("no model is loaded in the WebUI: choose a checkpoint at the top of the page")
         handle = self._handles.get(id(sd_model))
         if handle is None or handle.sd_model is not sd_model:
@@ -92,3 +99,8 @@ class WebUIHost:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+
+
+def _is_placeholder(sd_model) -> bool:
+    """Forge's stand-in before the first load (``modules.sd_models.FakeInitialModel``)."""
+    return sd_model is not None and type(sd_model).__name__ == "FakeInitialModel"

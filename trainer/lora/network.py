@@ -18,7 +18,7 @@ from torch import nn
 from trainer.lora import files as lora_files
 from trainer.lora.reading import read_lora_factors
 from trainer.lora.svd import resize_factors
-from trainer.models.handle import LoraTarget, ModelHandle, TargetOptions
+from trainer.models.handle import LoraTarget, ModelHandle, TargetOptions, is_linear
 
 
 class NetworkError(ValueError):
@@ -48,8 +48,8 @@ class LoraModule(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
-        if isinstance(base, (nn.Linear, nn.MultiheadAttention)):
-            features = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else (base.embed_dim,) * 2
+        if is_linear(base) or isinstance(base, nn.MultiheadAttention):
+            features = (base.in_features, base.out_features) if is_linear(base) else (base.embed_dim,) * 2
             self.lora_down = nn.Linear(features[0], rank, bias=False)
             self.lora_up = nn.Linear(rank, features[1], bias=False)
         elif isinstance(base, nn.Conv2d):

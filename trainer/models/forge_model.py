@@ -47,14 +47,19 @@ _NO_LORA = str([])
 
 
 def ordinary_weights_in_place(module: nn.Module) -> int:
-    """Replace inference-tensor parameters and buffers by ordinary copies; returns how many were replaced."""
+    """Replace inference-tensor parameters and buffers by ordinary copies; returns how many were replaced.
+
+    A tensor shared under several names (Forge ties CLIP's token embedding) is copied once and stays shared."""
     replaced = 0
+    copies: dict[int, nn.Parameter] = {}
     with outside_inference_mode():
         for owner in module.modules():
             for name, p in list(owner._parameters.items()):
                 if p is not None and p.is_inference():
-                    owner._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
-                    replaced += 1
+                    if id(p) not in copies:
+                        copies[id(p)] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                        replaced += 1
+                    owner._parameters[name] = copies[id(p)]
             for name, b in list(owner._buffers.items()):
                 if b is not None and b.is_inference():
                     owner._buffers[name] = b.clone()
@@ -167,9 +172,25 @@ class ForgeHandle(WebUIHandle):
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        with self._host_lock, outside_inference_mode(), self.host_networks_suspended():
+        with self._host_lock, outside_inference_mode(), self.host_networks_suspended(), self._layer_norms_copy_input():
             self._ordinary_weights()          # Forge moved or reloaded weights since our last step
             yield
+
+    @contextlib.contextmanager
+    def _layer_norms_copy_input(self) -> Iterator[None]:
+        """Forge's transformer blocks add in place (``x += n``, backend/nn/unet.py) to a tensor a LayerNorm saved
+        for the backward pass, which autograd refuses once a LoRA needs gradients. While we hold the model,
+        the UNet's LayerNorms work on a copy of their input when gradients are on; generation never sees it."""
+        def own_copy(module, inputs):
+            if torch.is_grad_enabled() and inputs and isinstance(inputs[0], torch.Tensor):
+                return (inputs[0].clone(), *inputs[1:])
+            return None
+        hooks = [m.register_forward_pre_hook(own_copy) for m in self.unet.modules() if isinstance(m, nn.LayerNorm)]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     # -- host calls ------------------------------------------------------------------------------------
 

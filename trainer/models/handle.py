@@ -105,6 +105,16 @@ _TE_ATTN_RE = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 _TE_MLP_RE = r"mlp\.(fc1|fc2)$"
 
 
+def is_linear(module: torch.nn.Module) -> bool:
+    """A linear layer: ``nn.Linear``, or a host's own module of that form (Forge's ``backend.operations.Linear``
+    is a plain ``nn.Module`` with ``in_features``, ``out_features`` and a 2-D ``weight``)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+
 def unet_path_in_target_set(diffusers_path: str, target_set: TargetSet) -> bool:
     """Whether a UNet module (diffusers spelling) belongs to a target set."""
     if re.search(_ATTN_RE, diffusers_path):

@@ -36,7 +36,7 @@ from torch import nn
 
 from trainer.models import naming
 from trainer.models.handle import (
-    BaseModel, Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set,
+    BaseModel, Cond, LoraTarget, ModelError, ModelHandle, TargetOptions, is_linear, text_encoder_path_in_target_set,
     unet_path_in_target_set, weights_fingerprint,
 )
 
@@ -85,7 +85,7 @@ def unet_lora_targets(unet: nn.Module, arch: str, layout: naming.UNetLayout,
     """LoRA targets on an ldm/sgm UNet, selected and keyed exactly as the diffusers backend does."""
     targets = []
     for ldm_path, module in unet.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not (is_linear(module) or isinstance(module, nn.Conv2d)):
             continue
         # 1. the same module under its diffusers name decides membership of the target set
         diffusers_path = naming.unet_ldm_to_diffusers(ldm_path, layout)
@@ -142,7 +142,7 @@ def text_encoder_lora_targets(embedder: nn.Module, prefix: str, target_set: str)
     targets = []
     if not _is_open_clip(embedder):
         for path, module in embedder.transformer.named_modules():   # HF CLIPTextModel
-            if isinstance(module, nn.Linear) and text_encoder_path_in_target_set(path, target_set):
+            if is_linear(module) and text_encoder_path_in_target_set(path, target_set):
                 targets.append(LoraTarget(naming.text_encoder_kohya_key(path, prefix), module, "BASE"))
         return targets
     transformer = embedder.model.transformer
@@ -160,7 +160,7 @@ def text_encoder_lora_targets(embedder: nn.Module, prefix: str, target_set: str)
                 if text_encoder_path_in_target_set(projection, target_set):
                     targets.append(LoraTarget(naming.text_encoder_kohya_key(projection, prefix), module, "BASE",
                                               fused=part))
-        elif isinstance(module, nn.Linear) and text_encoder_path_in_target_set(hf_path, target_set):
+        elif is_linear(module) and text_encoder_path_in_target_set(hf_path, target_set):
             targets.append(LoraTarget(naming.text_encoder_kohya_key(hf_path, prefix), module, "BASE"))
     return targets
 
@@ -346,8 +346,9 @@ class WebUIHandle(ModelHandle):
         dtype = next(self._first_stage.parameters()).dtype
         with self.host_networks_suspended():
             posterior = self.sd_model.encode_first_stage(pixels.to(self.device, dtype))
-            # The posterior mean (ldm returns the distribution), so that cached latents are deterministic.
-            if hasattr(posterior, "mode"):
+            # The posterior mean (ldm returns the distribution), so that cached latents are deterministic. Forge's
+            # VAE returns the latent tensor itself (whose .mode() would be the statistical mode).
+            if not isinstance(posterior, torch.Tensor) and hasattr(posterior, "mode"):
                 posterior = posterior.mode()
             return self.sd_model.get_first_stage_encoding(posterior).float()
 
@@ -385,7 +386,9 @@ class WebUIHandle(ModelHandle):
         weights into the same module), so the fingerprint is recomputed whenever a weight was replaced or
         written to since the last time (torch's per-tensor version counter: a cheap check per call)."""
         modules = [self._first_stage] + [m for _, m in self.text_encoders()]
-        stamp = hash(tuple((id(p), p._version) for m in modules for p in m.parameters()))
+        # (inference tensors, as Forge makes them, keep no version counter: their storage address stands in)
+        stamp = hash(tuple((id(p), p.data_ptr(), -1 if p.is_inference() else p._version)
+                           for m in modules for p in m.parameters()))
         if self._identity is None or stamp != self._identity_stamp:
             self._identity, self._identity_stamp = weights_fingerprint(self.arch, modules), stamp
         return self._identity

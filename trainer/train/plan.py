@@ -61,13 +61,27 @@ def network_shape(settings) -> NetworkShape:
     return NetworkShape(settings.network_dim, settings.network_alpha, settings.conv_dim, settings.conv_alpha)
 
 
+def check_targets(targets: list, options: TargetOptions) -> None:
+    """Refuse a target search that found less than the target set implies (a host whose layers we did not
+    recognise), rather than train a LoRA that silently leaves them out."""
+    unet = [t.key for t in targets if t.key.startswith("lora_unet_")]
+    if not options.blocks and not any("_attn1_" in k or "_attn2_" in k for k in unet):   # every block: some attend
+        raise jobs.JobError(f"no attention layer of this model's UNet was found to train ({len(unet)} other modules): "
+                            "the model's layers are of a kind LoRA Queue does not recognise", field="target_set")
+    if options.text_encoder and not any(t.key.startswith("lora_te") for t in targets):
+        raise jobs.JobError("train text encoder is on but no layer of this model's text encoder was found to train",
+                            field="train_text_encoder")
+
+
 def build_network(handle: ModelHandle, job, settings=None) -> LoraNetwork:
     """The network of a job (or copier pass), optionally started from ``init_lora``, attached switched off
     under the model lock: a generation before the first step sees the base model (the loop switches the
     network on only inside each step)."""
     settings = settings or job
     options = TargetOptions(job.target_set, declared(job, "train_text_encoder"), tuple(settings.blocks))
-    network = LoraNetwork(handle.lora_targets(options), network_shape(settings), seed=settings.seed)
+    targets = handle.lora_targets(options)
+    check_targets(targets, options)
+    network = LoraNetwork(targets, network_shape(settings), seed=settings.seed)
     if declared(job, "init_lora"):
         network.load_weights(job.init_lora, handle.arch)
     network.to(handle.device).disable()
