@@ -238,7 +238,7 @@ def test_a_job_whose_dataset_vanished_fails_clearly_and_the_queue_goes_on(tmp_pa
     assert queue.get(broken).error == f"dataset_dir: dataset folder '{tmp_path / 'gone'}' does not exist"
 
 
-@pytest.mark.parametrize("operation,state", [("cancel", "cancelled"), ("stop_and_save", "done")])
+@pytest.mark.parametrize("operation,state", [("cancel", "cancelled"), ("stop_and_save", "stopped")])
 def test_cancel_and_stop_and_save_take_effect_within_one_step(tmp_path, queue, handle, operation, state):
     _dataset(tmp_path / "data", n=1)
     job_id = queue.add(_job(tmp_path, steps=50, save_every_n_steps=2))
@@ -290,6 +290,32 @@ def test_generation_between_training_steps_sees_the_base_model_and_leaves_traini
 
 
 # -- crash safety ------------------------------------------------------------------------------------
+
+def test_ctrl_c_on_queue_run_stops_after_the_step_saves_marks_the_job_stopped_and_exits_0(tmp_path):
+    _dataset(tmp_path / "data")
+    db = tmp_path / "queue.sqlite"
+    job_id = JobQueue(db).add(_job(tmp_path, "night", steps=400, save_every_n_steps=50))
+    env = {**os.environ, "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "trainer", "queue", "--db", str(db), "run", "--until-empty",
+                               "--model", "demo", "--out", str(tmp_path / "out")],
+                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watcher = JobQueue(db)
+    deadline = time.monotonic() + 240
+    while watcher.get(job_id).step < 3:
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the worker did not reach step 3 in 4 minutes"
+        time.sleep(0.05)
+    pressed = time.monotonic()
+    worker.send_signal(signal.SIGINT)
+    assert worker.wait(60) == 0, worker.stderr.read().decode()[-2000:]
+    assert time.monotonic() - pressed < 30
+    row = watcher.get(job_id)
+    assert row.state == "stopped" and "stopped and saved" in row.error, (row.state, row.error)
+    assert 3 <= row.step < 400
+    assert (tmp_path / "out" / "night.safetensors").is_file(), "the LoRA so far is saved"
+    assert (db.parent / "jobs" / str(job_id) / "night.state.safetensors").is_file(), "and the state to resume from"
+    stderr = worker.stderr.read().decode()
+    assert "Traceback" not in stderr and "terminate called" not in stderr
 
 def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninterrupted_run(tmp_path):
     pipe = micro_pipeline(tmp_path)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from trainer import jobs, paths
@@ -111,17 +114,31 @@ def cmd_run(args) -> int:
     worker = Worker(queue, ModelCache(args.model),
                     lambda row: JobContext(output_dir=out, cache_dir=paths.cache_dir()), poll_s=args.poll)
     worker.subscribe(report)
+    # The worker trains in a thread; this (main) thread only waits, so Ctrl+C never lands inside torch.
     if args.until_empty:
-        worker.run_until_empty()
-        return 1 if failed else 0
-    worker.start()
+        thread = threading.Thread(target=worker.run_until_empty, name="lora-queue-run", daemon=True)
+        thread.start()
+    else:
+        worker.start()
+        thread = worker._thread
+    interrupted = []
+
+    def on_ctrl_c(signum, frame) -> None:
+        if interrupted:                       # the second press: leave at once (the job stays resumable)
+            print("leaving now; the job continues from its last save with `queue resume`", file=sys.stderr)
+            os._exit(130)
+        interrupted.append(True)
+        print("Ctrl+C: the running job stops after its current step and is saved "
+              "(`queue resume ID` continues it); Ctrl+C again to leave at once", file=sys.stderr)
+        worker.request_stop()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        while True:
-            worker._thread.join(3600)
-    except KeyboardInterrupt:
-        print("stopping after the running job (Ctrl+C again to leave it interrupted)", file=sys.stderr)
-        worker.stop()
-    return 1 if failed else 0
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0 if interrupted else (1 if failed else 0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,8 @@ Store: one SQLite file (WAL) in the data folder. A row per job holds its spec JS
 error, output files and a summary of its latest progress (what a listing shows); the per-step
 progress lives in its own table, bounded (see :func:`thinning_stride`). States::
 
-    queued -> running -> done | failed | cancelled | interrupted
-    interrupted | cancelled | failed --resume--> queued (continues from the last saved state)
+    queued -> running -> done | stopped | failed | cancelled | interrupted
+    interrupted | stopped | cancelled | failed --resume--> queued (continues from the last saved state)
     failed | cancelled | interrupted --retry--> queued (starts again)
 
 Every process may open the store (WebUI, CLI); requests to a running job (cancel, stop-and-save)
@@ -34,10 +34,11 @@ from trainer import jobs
 if TYPE_CHECKING:
     from trainer.train.loop import Progress
 
-STATES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
-FINISHED = ("done", "failed", "cancelled", "interrupted")
-RESUMABLE = ("interrupted", "cancelled", "failed")
-RETRYABLE = ("failed", "cancelled", "interrupted")
+STATES = ("queued", "running", "done", "stopped", "failed", "cancelled", "interrupted")
+FINISHED = ("done", "stopped", "failed", "cancelled", "interrupted")
+#: "stopped": stop-and-save (the tab's button, Ctrl+C on ``queue run``) saved the LoRA so far and the state.
+RESUMABLE = ("interrupted", "stopped", "cancelled", "failed")
+RETRYABLE = ("failed", "stopped", "cancelled", "interrupted")
 
 #: Per-step progress kept in full for the latest RECENT_STEPS steps of a running job; older steps,
 #: and every step of a finished job, are thinned to at most HISTORY_ROWS rows per phase.
@@ -400,10 +401,7 @@ class JobQueue:
     def resume(self, job_id: int) -> None:
         """Queue an interrupted, cancelled, failed or stopped-early job at the front, to continue from
         its last saved state (the worker starts it from scratch if no state was saved)."""
-        row = self.get(job_id)
-        stopped_early = row.state == "done" and row.total and row.step < row.total
-        self._requeue(job_id, RESUMABLE + (("done",) if stopped_early else ()), resume=True, front=True,
-                      verb="resumed")
+        self._requeue(job_id, RESUMABLE, resume=True, front=True, verb="resumed")
 
     def resume_interrupted(self) -> list[int]:
         """Resume every interrupted job (a crash or kill ended it), keeping their order at the front of the

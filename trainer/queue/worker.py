@@ -101,6 +101,13 @@ class Worker:
         """Look for a queued job now rather than at the next poll."""
         self._wake.set()
 
+    def request_stop(self) -> None:
+        """Take no further job, and stop-and-save the running one after its current step (without waiting)."""
+        self._stopping.set()
+        if self.current is not None:
+            self.queue.stop_and_save(self.current)
+        self._wake.set()
+
     def stop(self, cancel_running: bool = False, timeout: float | None = None) -> None:
         """Stop taking jobs; the running job finishes first unless ``cancel_running``."""
         self._stopping.set()
@@ -148,7 +155,7 @@ class Worker:
             result = run_job(job, handle, ctx)
             state, outputs = "done", [str(p) for p in result.saved]
             if result.stopped_early:
-                error = f"stopped and saved at step {result.steps_done}; resume continues it"
+                state, error = "stopped", f"stopped and saved at step {result.steps_done}; resume continues it"
         except Stopped as e:
             state, error = "cancelled", str(e)
         except jobs.JobError as e:
