@@ -144,7 +144,7 @@ def test_operations_follow_the_job_states(tmp_path, queue):
     assert running.id == c and queue.get(c).state == "running"
     with pytest.raises(QueueError, match="running: cancel it first"):
         queue.delete(c)
-    with pytest.raises(QueueError, match="only interrupted, cancelled, failed jobs can be resumed"):
+    with pytest.raises(QueueError, match="only interrupted, stopped, cancelled, failed jobs can be resumed"):
         queue.resume(b)
     assert queue.cancel(c) == "running" and queue.get(c).request == "cancel"
     copy = queue.duplicate(b, {"network_dim": 8})
@@ -380,7 +380,7 @@ def test_cli_adds_lists_shows_cancels_and_explains_refusals(tmp_path, capsys):
     assert cli(["queue", "--db", db, "show", "1", "--spec"]) == 0
     assert '"name": "one"' in capsys.readouterr().out
     assert cli(["queue", "--db", db, "resume", "1"]) == 2
-    assert "job 1 (one) is queued; only interrupted, cancelled, failed jobs can be resumed" in capsys.readouterr().err
+    assert "job 1 (one) is queued; only interrupted, stopped, cancelled, failed jobs can be resumed" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text(json.dumps({**jobs.job_to_dict(_job(tmp_path, "bad")), "lr": -1}))
     assert cli(["queue", "--db", db, "add", str(tmp_path / "bad.json")]) == 2
     assert "lr:" in capsys.readouterr().err
