@@ -304,3 +304,21 @@ def test_collate_stacks_cached_latents_and_processes_captions(tmp_path):
     batch = Batch([0, 1], (128, 128), epoch=0, position=0, seed=1)
     stacked, captions = collate(batch, ds, latents, "fake")
     assert stacked.shape == (2, 4, 16, 16) and captions == ["sks", "sks"]
+
+
+def test_a_link_loop_in_the_dataset_is_followed_once_and_the_scan_ends(tmp_path):
+    import os
+    import threading
+
+    folder = tmp_path / "set"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    (folder / "a.txt").write_text("a")
+    os.symlink(folder, folder / "sub" / "loop")          # a link back up the tree
+    os.symlink(folder / "sub", folder / "again")          # the same folder under two names
+    found = []
+    scan = threading.Thread(target=lambda: found.append(scan_dataset(DatasetOptions(folder=folder))), daemon=True)
+    scan.start()
+    scan.join(20)
+    assert not scan.is_alive(), "the scan never ended"
+    assert [item.path.name for item in found[0].items] == ["a.png"]

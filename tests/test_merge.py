@@ -1,6 +1,7 @@
 """The SVD merge: exact in factor space, true to diffusers, careful with bad input."""
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 import os
@@ -495,3 +496,21 @@ def test_merged_file_in_diffusers_matches_the_inputs_loaded_together_at_their_ra
     rank6_gap, totals = results["rank 6"]
     assert totals["relative_error"] > 0.05                       # rank 6 < 12 does truncate
     assert rank6_gap < 2.0 * totals["relative_error"]            # ... and the output moves by about that much
+
+
+@pytest.mark.parametrize("tail", [1e-6, 3e-4])
+def test_the_reported_error_is_right_in_fp32_against_fp64(tail):
+    from trainer.lora.svd import factor_space_svd, frobenius_error_of_factors, split_singular_values
+
+    g = torch.Generator().manual_seed(0)
+    out_dim, in_dim, rank, keep = 320, 768, 16, 8
+    u = torch.linalg.qr(torch.randn(out_dim, rank, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(in_dim, rank, generator=g, dtype=torch.float64))[0]
+    s = torch.cat([torch.linspace(1.0, 0.5, keep, dtype=torch.float64), torch.full((rank - keep,), tail, dtype=torch.float64)])
+    U, V = u * s, v                                        # delta = U V^T, its tail known exactly
+    exact = float(torch.linalg.matrix_norm(U @ V.T - (u[:, :keep] * s[:keep]) @ v[:, :keep].T))
+    svd = factor_space_svd(U.float(), V.float())
+    up, down = split_singular_values(svd, keep, 1.0)
+    reported = frobenius_error_of_factors(svd, up, down, 1.0)
+    assert exact == pytest.approx(tail * math.sqrt(rank - keep), rel=1e-9)
+    assert reported == pytest.approx(exact, rel=0.05), f"fp32 report {reported:.3g} for a true {exact:.3g}"

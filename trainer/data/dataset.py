@@ -160,14 +160,20 @@ def scan_dataset(options: DatasetOptions, verify: bool = True) -> Dataset:
     return Dataset(root, options, items, warnings)
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, seen: set[Path] | None = None) -> Iterator[Path]:
     # Hidden files and folders are skipped: .DS_Store, editors' swap files, and a cache folder a
-    # user may have put inside the dataset.
-    for entry in root.iterdir():
+    # user may have put inside the dataset. A linked folder is followed once: a link back up the tree
+    # (a loop) would otherwise keep the scan, and the whole queue, busy forever.
+    seen = set() if seen is None else seen
+    real = root.resolve()
+    if real in seen:
+        return
+    seen.add(real)
+    for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            yield from _walk(entry)
+            yield from _walk(entry, seen)
         elif entry.is_file():
             yield entry
 
