@@ -291,20 +291,30 @@ def test_generation_between_training_steps_sees_the_base_model_and_leaves_traini
 
 # -- crash safety ------------------------------------------------------------------------------------
 
+def _worker_process(tmp_path: Path, db: Path, model: str) -> subprocess.Popen:
+    """``python -m trainer queue run --until-empty`` in a process of its own, one torch thread."""
+    env = {**os.environ, "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "trainer", "queue", "--db", str(db), "run", "--until-empty",
+                             "--model", model, "--out", str(tmp_path / "out")],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for_step(worker: subprocess.Popen, db: Path, job_id: int, step: int) -> JobQueue:
+    watcher = JobQueue(db)
+    deadline = time.monotonic() + 240
+    while watcher.get(job_id).step < step:
+        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, f"the worker did not reach step {step} in 4 minutes"
+        time.sleep(0.02)
+    return watcher
+
+
 def test_ctrl_c_on_queue_run_stops_after_the_step_saves_marks_the_job_stopped_and_exits_0(tmp_path):
     _dataset(tmp_path / "data")
     db = tmp_path / "queue.sqlite"
     job_id = JobQueue(db).add(_job(tmp_path, "night", steps=400, save_every_n_steps=50))
-    env = {**os.environ, "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-m", "trainer", "queue", "--db", str(db), "run", "--until-empty",
-                               "--model", "demo", "--out", str(tmp_path / "out")],
-                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    watcher = JobQueue(db)
-    deadline = time.monotonic() + 240
-    while watcher.get(job_id).step < 3:
-        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the worker did not reach step 3 in 4 minutes"
-        time.sleep(0.05)
+    worker = _worker_process(tmp_path, db, "demo")
+    watcher = _wait_for_step(worker, db, job_id, 3)
     pressed = time.monotonic()
     worker.send_signal(signal.SIGINT)
     assert worker.wait(60) == 0, worker.stderr.read().decode()[-2000:]
@@ -317,6 +327,7 @@ def test_ctrl_c_on_queue_run_stops_after_the_step_saves_marks_the_job_stopped_an
     stderr = worker.stderr.read().decode()
     assert "Traceback" not in stderr and "terminate called" not in stderr
 
+
 def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninterrupted_run(tmp_path):
     pipe = micro_pipeline(tmp_path)
     pipe.save_pretrained(tmp_path / "model")
@@ -324,19 +335,8 @@ def test_kill_9_mid_job_leaves_no_half_written_lora_and_resume_matches_an_uninte
     db = tmp_path / "queue.sqlite"
     job = _job(tmp_path, "crash", steps=60, save_every_n_steps=5, batch_size=2)
     job_id = JobQueue(db).add(job)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-c", "import torch, sys; torch.set_num_threads(1); "
-                               "from trainer.cli import main; sys.exit(main())",
-                               "queue", "--db", str(db), "run", "--until-empty", "--model", str(tmp_path / "model"),
-                               "--out", str(tmp_path / "out")],
-                              env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    watcher = JobQueue(db)
-    deadline = time.monotonic() + 240
-    while watcher.get(job_id).step < 8:
-        assert worker.poll() is None, worker.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the worker did not reach step 8 in 4 minutes"
-        time.sleep(0.02)
+    worker = _worker_process(tmp_path, db, str(tmp_path / "model"))
+    watcher = _wait_for_step(worker, db, job_id, 8)
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     killed_at = watcher.get(job_id).step
