@@ -255,3 +255,25 @@ def test_long_prompts_are_chunked_like_the_webui(tmp_path):
     assert cond.crossattn.shape[1] == 2 * 16
     first_chunk = handle.encode_prompts([" ".join("a" * 14)], (64, 64))
     assert torch.equal(cond.crossattn[:1, :16], first_chunk.crossattn)
+
+
+
+def test_a_lower_rank_file_grown_to_the_network_rank_trains_every_rank(tmp_path):
+    handle = DiffusersHandle(sd1_pipeline(tmp_path))
+    targets = handle.lora_targets(TargetOptions("attn"))
+    small = LoraNetwork(targets, NetworkShape(1, 1.0), seed=3)
+    for lora in small.lora.values():
+        torch.nn.init.normal_(lora.lora_up.weight, std=0.5)
+    small.save(tmp_path / "r1.safetensors")
+    grown = LoraNetwork(targets, NetworkShape(8, 8.0), seed=4)
+    grown.load_weights(tmp_path / "r1.safetensors", "sd1")
+    key = next(iter(grown.lora))
+    assert torch.allclose(grown.lora[key].delta_weight(), small.lora[key].delta_weight(), atol=1e-6), \
+        "the delta is unchanged by growing"
+    grown.attach()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    cond = handle.encode_prompts(["a"], (32, 32))
+    handle.predict(x, t, cond).square().mean().backward()
+    grown.detach()
+    per_rank = torch.stack([m.lora_up.weight.grad.abs().sum(0) for m in grown.lora.values()]).sum(0)
+    assert per_rank.shape == (8,) and bool((per_rank > 0).all()), f"gradient per rank: {per_rank.tolist()}"

@@ -182,6 +182,16 @@ def test_v_prediction_files_say_so_in_the_version_as_kohya_writes_it():
     assert file_metadata("sdxl", "eps", 1024, 8, 8.0)["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
+def test_a_prediction_override_reaches_everything_that_calls_the_model_and_ends_with_the_job(tmp_path, handle):
+    _dataset(tmp_path / "data", n=2)
+    seen = []
+    ctx = _ctx(tmp_path, events=lambda p: seen.append(handle.prediction))
+    result = run_job(_job(tmp_path, steps=2, prediction="v", sample_prompts=["a red circle"]), handle, ctx)
+    assert seen == ["v", "v"] and handle.prediction == "eps", "v while the job runs, the model's own afterwards"
+    from trainer.lora.files import read_metadata
+    assert read_metadata(result.final)["ss_v_parameterization"] == "True"
+
+
 def test_a_damaged_state_is_refused_naming_the_file(tmp_path, handle):
     from trainer.train.state import StateError, read_state, write_state
 

@@ -185,6 +185,7 @@ class LoraNetwork(nn.Module):
         self.multiplier = multiplier
         self.lora = nn.ModuleDict()
         self._targets: dict[str, LoraTarget] = {}
+        self.seed = seed
         generator = torch.Generator().manual_seed(seed)
         for target in targets:
             rank, alpha = shape.for_module(target.module)
@@ -285,6 +286,7 @@ class LoraNetwork(nn.Module):
     def load_weights(self, path: str | Path, arch: str | None = None) -> list[str]:
         """Start from a LoRA file; a different rank is resized by SVD. Returns keys not in the file."""
         factors = read_lora_factors(path, expected_arch=arch)
+        growth = torch.Generator().manual_seed(self.seed + 1)   # directions added when the file's rank is lower
         unknown = sorted(set(factors) - set(self.lora))
         if unknown and not set(factors) & set(self.lora):
             raise NetworkError(f"{Path(path).name}: none of its {len(factors)} modules match this model's "
@@ -299,7 +301,7 @@ class LoraNetwork(nn.Module):
                                    " the LoRA is for another architecture")
             scale = alpha / down.shape[0]
             if down.shape[0] != lora.rank:
-                down, up = resize_factors(down, up, scale, lora.rank)
+                down, up = resize_factors(down, up, scale, lora.rank, growth)
                 scale = 1.0
             # Keep the module's own alpha: fold the file's scale into the factors.
             fold = math.sqrt(scale / lora.scale)

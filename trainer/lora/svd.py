@@ -140,18 +140,23 @@ def frobenius_error_of_factors(svd: ThinSVD, up: torch.Tensor, down: torch.Tenso
 
 
 @torch.no_grad()
-def resize_factors(down: torch.Tensor, up: torch.Tensor, scale: float, rank: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def resize_factors(down: torch.Tensor, up: torch.Tensor, scale: float, rank: int,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors (scale 1) of ``scale * up @ down``, by the merge's factor-space SVD.
 
-    Returns factors in the input shapes' layout; a larger rank pads with zeros (exact).
+    Returns factors in the input shapes' layout. A larger rank grows trainable directions: the new rows of
+    ``down`` are drawn as a fresh LoRA's (U(+-1/sqrt(fan_in)), from ``generator``) and the new columns of
+    ``up`` are zero, so the delta is unchanged and every rank receives gradient (zeros in both factors would
+    give the new ranks exactly zero gradient forever).
     """
     out_dim = up.shape[0]
     svd = factor_space_svd((up.flatten(1) * scale).double(), down.flatten(1).T.double())
     keep = min(rank, svd.s.numel())
     new_up, new_down = split_singular_values(svd, keep, 1.0)
     if keep < rank:
+        fan_in = new_down.shape[1]
+        fresh = (torch.rand((rank - keep, fan_in), generator=generator, dtype=torch.float64) * 2 - 1) / math.sqrt(fan_in)
         new_up = torch.cat([new_up, new_up.new_zeros(out_dim, rank - keep)], 1)
-        new_down = torch.cat([new_down, new_down.new_zeros(rank - keep, new_down.shape[1])], 0)
+        new_down = torch.cat([new_down, fresh.to(new_down.dtype)], 0)
     return (new_down.reshape(rank, *down.shape[1:]).to(down.dtype),
             new_up.reshape(out_dim, rank, *up.shape[2:]).to(up.dtype))

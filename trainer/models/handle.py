@@ -229,6 +229,19 @@ class ModelHandle(ABC):
         return [self.unet] + [m for _, m in self.text_encoders()]
 
     @contextlib.contextmanager
+    def predicting(self, prediction: str) -> Iterator[None]:
+        """The model read as predicting ``prediction`` (a job's override; "auto" keeps what the model says)
+        for the duration: the loss, the teacher, previews, grids and the copier's checks all ask ``prediction``."""
+        if prediction in ("", "auto") or prediction == self.prediction:
+            yield
+            return
+        detected, self.prediction = self.prediction, prediction
+        try:
+            yield
+        finally:
+            self.prediction = detected
+
+    @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """The host's weights frozen while a job holds the model: ``requires_grad`` off (a host such as A1111
         leaves it on, and every step would then compute and keep a second UNet of gradients), and afterwards

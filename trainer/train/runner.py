@@ -18,7 +18,7 @@ RUNNERS: dict[str, Callable[..., LoopResult]] = {"standard": train_standard, "co
 def run_job(job: jobs.Job, handle: ModelHandle, ctx: JobContext) -> LoopResult:
     jobs.check_job(job, model_given=True)
     try:
-        with handle.frozen():
+        with handle.frozen(), handle.predicting(job.prediction):
             return RUNNERS[job.mode](job, handle, ctx)
     finally:
         free_memory()
