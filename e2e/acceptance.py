@@ -222,7 +222,24 @@ class Page:
     def field(self, elem_id: str):
         return self.page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox]):not([type=file])").first
 
+    def reveal(self, elem_id: str):
+        """Open the closed accordions (groups, "advanced") around a control, outermost first."""
+        for part, title in (("copier_pass", "Pass 1"), ("difference_pass", "Pass 2")):
+            if f"loraq_f_{part}__" in elem_id:   # the two copier passes are tabs
+                self.page.locator("#loraq_copier_passes button").filter(has_text=title).first.click()
+                self.page.wait_for_timeout(300)
+        ids = self.page.evaluate("""(id) => { const el = document.getElementById(id); const out = [];
+            for (let n = el && el.parentElement; n; n = n.parentElement)
+                if (n.id && n.classList && n.classList.contains('gradio-accordion')) out.push(n.id);
+            return out.reverse(); }""", elem_id)
+        for acc in ids:
+            wrap = self.page.locator(f"#{acc} > .label-wrap").first
+            if wrap.count() and "open" not in (wrap.get_attribute("class") or ""):
+                wrap.click()
+                self.page.wait_for_timeout(300)
+
     def set_text(self, elem_id: str, value):
+        self.reveal(elem_id)
         f = self.field(elem_id)
         f.fill(str(value))
         f.dispatch_event("input")
@@ -230,6 +247,7 @@ class Page:
         f.blur()
 
     def set_check(self, elem_id: str, on: bool):
+        self.reveal(elem_id)
         box = self.page.locator(f"#{elem_id} input[type=checkbox]").first
         if box.is_checked() != on:
             box.click()
@@ -576,9 +594,10 @@ class Run:
             resumed_id = int(next(g for g in m.groups() if g))
         # the resumed job must reach its last step
         end = time.time() + timeout / 2
-        final = {}
+        final, seen = {}, []
         while time.time() < end:
             final = p.job_row(resumed_id)
+            seen.append(f"{final.get('state')} {final.get('progress')}")
             if final.get("state") == "done" and final.get("progress", "").startswith("100"):
                 break
             if final.get("state") in ("failed", "cancelled"):
@@ -591,7 +610,8 @@ class Run:
         name = self.facts.get("long_name")
         nums = {"stop_message": msg, "stopped_row": stopped, "stopped_at": step.group(0) if step else None,
                 "files_after_stop": files_stopped, "name_listed_after_stop": name in listed_stopped,
-                "resume_message": msg2, "resumed_job": resumed_id, "final_row": final, "final_summary": summary_final}
+                "resume_message": msg2, "resumed_job": resumed_id, "final_row": final, "final_summary": summary_final,
+                "progress_seen_after_resume": list(dict.fromkeys(seen))[:12]}
         if not (final.get("state") == "done" and final.get("progress", "").startswith("100")):
             e = CheckFailed(f"resumed job did not finish all steps in time: {final}")
             e.numbers = nums
@@ -783,10 +803,11 @@ class Run:
         p = self.page
         after_restart = p.job_row(job)
         msg = p.operation(job, "loraq_op_resume") if after_restart.get("state") != "running" else "(running by itself)"
-        final = {}
+        final, seen = {}, []
         end = time.time() + timeout / 3
         while time.time() < end:
             final = p.job_row(job)
+            seen.append(f"{final.get('state')} {final.get('progress')}")
             if final.get("state") == "done" and final.get("progress", "").startswith("100"):
                 break
             if final.get("state") in ("failed", "cancelled"):
@@ -800,6 +821,7 @@ class Run:
                 "restart_out": r.stdout.strip().splitlines()[-1:], "api_up_after_s": up_s,
                 "state_after_restart": after_restart, "resume_message": msg, "final_row": final,
                 "final_summary": summary, "files_after_kill": files_after_kill,
+                "progress_seen_after_resume": list(dict.fromkeys(seen))[:12],
                 "total_s": round(time.time() - t0, 1)}
         if not (final.get("state") == "done" and final.get("progress", "").startswith("100")):
             e = CheckFailed(f"job did not finish after the restart: {final}")
