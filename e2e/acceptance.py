@@ -258,7 +258,13 @@ class Page:
 
     def set_files(self, elem_id: str, paths):
         self.page.locator(f"#{elem_id} input[type=file]").first.set_input_files([str(p) for p in paths])
-        self.page.wait_for_timeout(2500)
+        end = time.time() + 30   # wait until the component lists every uploaded file
+        while time.time() < end:
+            shown = self.page.locator(f"#{elem_id}").first.inner_text()
+            if all(Path(p).name in shown for p in paths):
+                break
+            self.page.wait_for_timeout(500)
+        self.page.wait_for_timeout(3000)
 
     def text(self, elem_id: str) -> str:
         return self.page.locator(f"#{elem_id}").first.inner_text()
@@ -277,18 +283,27 @@ class Page:
             self.set_check("loraq_f_" + k.replace(".", "__"), v)
         for k, v in (files or {}).items():
             self.set_files("loraq_f_" + k.replace(".", "__"), v)
-        before = self.text("loraq_train_status")
+        last = self.max_job_id()
+        self.loraq_tab("Train")
         self.page.locator("#loraq_add").click()
         end = time.time() + timeout
         while time.time() < end:
             status = self.text("loraq_train_status")
             m = re.search(r"as job (\d+)", status)
-            if m and status != before:
+            if m and int(m.group(1)) > last:
                 return int(m.group(1))
             if "not queued" in status or status.strip().startswith("⚠"):
                 raise CheckFailed(f"not queued: {status.strip()!r}")
             self.page.wait_for_timeout(500)
         raise Timeout(f"no 'queued' message after {timeout} s (status {self.text('loraq_train_status')!r})")
+
+    def max_job_id(self) -> int:
+        self.loraq_tab("Queue")
+        self.page.locator("#loraq_queue_refresh").click()
+        self.page.wait_for_timeout(800)
+        ids = [int(x) for x in self.page.eval_on_selector_all(
+            "#loraq_queue_table tr[data-job-id]", "rows => rows.map(r => r.dataset.jobId)")]
+        return max(ids, default=0)
 
     def select(self, job_id: int):
         self.loraq_tab("Queue")
@@ -297,6 +312,8 @@ class Page:
 
     def job_row(self, job_id: int) -> dict:
         """State, progress and error of a job as the queue table shows it (after a Refresh click)."""
+        if not self.page.locator("#loraq_queue_refresh").first.is_visible():
+            self.loraq_tab("Queue")
         self.page.locator("#loraq_queue_refresh").click()
         self.page.wait_for_timeout(700)
         row = self.page.locator(f"#loraq_queue_table tr[data-job-id='{job_id}']")
@@ -726,8 +743,12 @@ class Run:
         p.top_tab("txt2img")
         pick(p.page, "#script_list", "X/Y/Z plot")
         p.page.wait_for_selector("#script_txt2img_xyz_plot_x_type", state="visible", timeout=30000)
+        p.page.wait_for_timeout(1500)
+        errors_script = p.console_errors[errors_before:]
+        n = len(p.console_errors)
         options = pick(p.page, "#script_txt2img_xyz_plot_x_type", "[LoRA Queue] LoRA")
         p.page.wait_for_timeout(2000)
+        errors_axis = p.console_errors[n:]
         dd = p.page.locator("#script_txt2img_xyz_plot_x_values_dropdown")
         dd_visible = dd.count() > 0 and dd.first.is_visible()
         dd_options = []
@@ -741,16 +762,24 @@ class Run:
         args = [x_idx, "", names, y_idx, "0.5, 1", [], 0, "", [], True, True, False, False, 0, 0, 0, 0, False]
         runs = []
         for _ in range(2):
-            imgs, dt, _ = self.api.txt2img("a photo of a loraqtok shape", seed=5, timeout=timeout / 2,
-                                           script_name="x/y/z plot", script_args=args)
+            imgs, dt, info = self.api.txt2img("a photo of a loraqtok shape", seed=5, timeout=timeout / 2,
+                                              script_name="x/y/z plot", script_args=args)
             runs.append((imgs, dt))
+            out = Path(self.args.json).with_name(f"xyz-{self.args.host}-run{len(runs)}")
+            out.mkdir(parents=True, exist_ok=True)
+            for k, im in enumerate(imgs):
+                im.save(out / f"{k}.png")
+            infotexts = json.loads(info.get("info") or "{}").get("infotexts", [])
+            (out / "infotexts.json").write_text(json.dumps(infotexts, indent=1))
         (a, ta), (b, tb) = runs
         n = min(len(a), len(b))
         same = [image_diff(a[i], b[i]) == 0 for i in range(n)]
         cells_a = a[1:] if len(a) > 1 else a
         distinct = len({c.tobytes() for c in cells_a})
         nums = {"axis_options": len(options), "x_index": x_idx, "y_index": y_idx, "values_dropdown_visible": dd_visible,
-                "dropdown_choices": dd_options, "console_errors": console, "images_per_run": [len(a), len(b)],
+                "dropdown_choices": dd_options, "console_errors": console,
+                "console_errors_on_script_pick": errors_script, "console_errors_on_lora_axis_pick": errors_axis,
+                "x_values": names, "prompts": [t.split("\n")[0] for t in infotexts], "images_per_run": [len(a), len(b)],
                 "identical": f"{sum(same)}/{n}", "distinct_cells": distinct, "seconds": [round(ta, 1), round(tb, 1)]}
         if console or not all(same) or len(a) < 2 or distinct < 2:
             e = CheckFailed(f"console errors {console[:3]}; identical {sum(same)}/{n}; distinct cells {distinct}")
