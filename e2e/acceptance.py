@@ -34,7 +34,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 RES = 64
 RUN_TAG = time.strftime("%H%M%S")
-OURS_BAD = re.compile(r"(\.state|\.loss\.csv|\.tmp|_copier)", re.I)
+OURS_BAD = re.compile(r"(\.state|\.loss\.csv|\.tmp|_copier\.safetensors$)", re.I)
 
 
 class CheckFailed(Exception):
@@ -188,7 +188,9 @@ class Page:
         self.page = self.ctx.new_page()
         self.page.set_default_timeout(30000)
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.console_errors.append(f"pageerror: {e}"))
+        self.page.on("pageerror", lambda e: self.console_errors.append(
+            f"pageerror: {e}" + (" @ " + " | ".join((getattr(e, "stack", "") or "").splitlines()[1:3]).strip()
+                                  if getattr(e, "stack", "") else "")))
         self.page.goto(self.url, wait_until="domcontentloaded", timeout=120000)
         self.page.wait_for_selector("#tabs", timeout=180000)
         self.page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
@@ -522,6 +524,11 @@ class Run:
             skipped = sum(int(x.group(4)) for x in loaded if x)
             total = sum(int(x.group(3)) for x in loaded if x)
             nums.update(forge_keys_loaded=total, forge_keys_skipped=skipped)
+            bad_lines = [x for x in m if "Mismatch" in x or "unmatched keys" in x or "mismatch" in x]
+            if bad_lines:
+                problems.append(f"Forge reports: {bad_lines[:3]}")
+            if total and total != len(keys):
+                problems.append(f"Forge loaded {total} keys of the file's {len(keys)}")
             if not any(loaded):
                 problems.append("no '[LORA] Loaded ... (skipped K keys)' line in the log")
             elif skipped:
@@ -599,7 +606,7 @@ class Run:
         if row.get("state") != "running":
             raise CheckFailed(f"long job not running when stop and save was to be pressed: {row}")
         msg = p.operation(job, "loraq_op_stop")
-        stopped = p.wait_state(job, "done", timeout / 2)
+        stopped = p.wait_state(job, ("stopped", "done"), timeout / 2)   # "stopped" since main 0fb1b1d
         summary_stopped, _ = p.job_summary(job)
         step = re.search(r"step (\d+)/(\d+)", summary_stopped)
         files_stopped = all_files(self.lora_dir)
@@ -641,7 +648,7 @@ class Run:
     def check_g_copier(self, timeout):
         p = self.page
         a, b = make_pair(self.data / "pair")
-        name = f"e2e_copier_{RUN_TAG}"
+        name = f"e2e_cop_{RUN_TAG}"
         s = self.args.steps
         job = p.add_job("copier", {"name": name, "resolution": RES, "prompt": "a photo of a ball",
                                    "copier_pass.steps": s, "copier_pass.batch_size": 1,
