@@ -527,8 +527,8 @@ class Run:
             bad_lines = [x for x in m if "Mismatch" in x or "unmatched keys" in x or "mismatch" in x]
             if bad_lines:
                 problems.append(f"Forge reports: {bad_lines[:3]}")
-            if total and total != len(keys):
-                problems.append(f"Forge loaded {total} keys of the file's {len(keys)}")
+            if total and total != len(modules):   # Forge counts a module (down, up, alpha) as one key
+                problems.append(f"Forge loaded {total} modules of the file's {len(modules)}")
             if not any(loaded):
                 problems.append("no '[LORA] Loaded ... (skipped K keys)' line in the log")
             elif skipped:
