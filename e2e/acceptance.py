@@ -210,8 +210,8 @@ class Page:
 
     # top-level tabs
     def top_tab(self, name: str):
-        btn = self.page.locator("#tabs > .tab-nav button, #tabs > div > button").filter(has_text=re.compile(rf"^\s*{re.escape(name)}\s*$"))
-        btn.first.click()
+        btn = self.page.locator("#tabs > .tab-nav button, #tabs > div > button").filter(has_text=re.compile(rf"^\s*{re.escape(name)}\s*$", re.I))
+        btn.first.click()   # case-insensitive: Forge labels the tab "Txt2img"
         self.page.wait_for_timeout(500)
 
     def loraq_tab(self, inner: str | None = None):
