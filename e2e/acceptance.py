@@ -740,6 +740,9 @@ class Run:
     def check_i(self, timeout):
         p = self.page
         names = [n for n in (self.names.get("standard"), self.names.get("long"), self.names.get("lcm")) if n]
+        if not names:   # run on its own (--only i): the newest standard LoRA an earlier run left
+            found = sorted(self.out_dir.glob("e2e_std_*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+            names = [f.stem for f in found[:1]]
         if not names:
             raise_skip("no LoRA for the x/y/z axis")
         names = names[:2]
@@ -756,11 +759,25 @@ class Run:
         options = pick(p.page, "#script_txt2img_xyz_plot_x_type", "[LoRA Queue] LoRA")
         p.page.wait_for_timeout(2000)
         errors_axis = p.console_errors[n:]
-        dd = p.page.locator("#script_txt2img_xyz_plot_x_values_dropdown")
-        dd_visible = dd.count() > 0 and dd.first.is_visible()
-        dd_options = []
-        if dd_visible:
-            dd_options = pick(p.page, "#script_txt2img_xyz_plot_x_values_dropdown", names[0])
+        # the "X values" dropdown has no elem_id: it is the other dropdown in the x_type's row, shown
+        # instead of the X values textbox for an axis with choices
+        textbox_visible = p.page.locator("#script_txt2img_xyz_plot_x_values").first.is_visible()
+        row = p.page.locator("#script_txt2img_xyz_plot_x_type").locator("xpath=..")
+        inputs = row.locator("input[role=listbox], input[aria-expanded], .wrap input, input.border-none")
+        dd_visible, dd_options = False, []
+        for k in range(inputs.count()):
+            inp = inputs.nth(k)
+            inside_type = inp.evaluate("e => !!e.closest('#script_txt2img_xyz_plot_x_type')")
+            if inside_type or not inp.is_visible():
+                continue
+            dd_visible = True
+            inp.click()
+            p.page.wait_for_timeout(600)
+            opts = p.page.locator("ul.options li")
+            dd_options = [t.lstrip("✓").strip() for t in opts.all_inner_texts()]
+            p.page.keyboard.press("Escape")
+            break
+        errors_values = p.console_errors[n:]
         console = p.console_errors[errors_before:]
         console = [c for c in console if "iframeResizer" not in c and "cdn" not in c.lower()]
         if "[LoRA Queue] LoRA" not in options or "[LoRA Queue] Strength" not in options:
@@ -783,13 +800,16 @@ class Run:
         same = [image_diff(a[i], b[i]) == 0 for i in range(n)]
         cells_a = a[1:] if len(a) > 1 else a
         distinct = len({c.tobytes() for c in cells_a})
-        nums = {"axis_options": len(options), "x_index": x_idx, "y_index": y_idx, "values_dropdown_visible": dd_visible,
+        nums = {"axis_options": len(options), "x_index": x_idx, "y_index": y_idx, "values_dropdown_visible": dd_visible, "values_textbox_visible": textbox_visible,
                 "dropdown_choices": dd_options, "console_errors": console,
                 "console_errors_on_script_pick": errors_script, "console_errors_on_lora_axis_pick": errors_axis,
                 "x_values": names, "prompts": [t.split("\n")[0] for t in infotexts], "images_per_run": [len(a), len(b)],
                 "identical": f"{sum(same)}/{n}", "distinct_cells": distinct, "seconds": [round(ta, 1), round(tb, 1)]}
-        if console or not all(same) or len(a) < 2 or distinct < 2:
-            e = CheckFailed(f"console errors {console[:3]}; identical {sum(same)}/{n}; distinct cells {distinct}")
+        missing = [x for x in names if x not in dd_options]
+        nums["lora_choices_missing_from_dropdown"] = missing
+        if console or not all(same) or len(a) < 2 or distinct < 2 or not dd_visible or missing:
+            e = CheckFailed(f"console errors {console[:3]}; values dropdown shown {dd_visible}, our LoRAs missing "
+                            f"from it {missing}; identical {sum(same)}/{n}; distinct cells {distinct}")
             e.numbers = nums
             raise e
         return nums
