@@ -1,0 +1,979 @@
+"""Acceptance test of LoRA Queue inside a running AUTOMATIC1111 / Forge, as a user would do it.
+
+    python e2e/acceptance.py --url http://127.0.0.1:7860 --webui-dir /work/webui/a1111 --host a1111 \
+        [--log /work/webui/a1111.log] [--restart-cmd /work/webui/start_a1111.sh] [--json out.json] [--only b,c]
+
+Drives the LoRA Queue tab in a headless Chromium (Playwright, Debian's /usr/bin/chromium) and checks
+the results through the WebUI API (the WebUI must run with --api). One line per check, PASS/FAIL/SKIP
+with its numbers, and a JSON summary. Every check has its own timeout; a failure does not stop the
+others (later checks that need an earlier one's LoRA are skipped).
+
+Needs: playwright (python), Pillow. Nothing of the extension is imported: this is the user's view.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageDraw
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+RES = 64
+RUN_TAG = time.strftime("%H%M%S")
+OURS_BAD = re.compile(r"(\.state|\.loss\.csv|\.tmp|_copier\.safetensors$)", re.I)
+
+
+class CheckFailed(Exception):
+    pass
+
+
+class Timeout(CheckFailed):
+    pass
+
+
+# -- WebUI API ----------------------------------------------------------------------------------
+
+class Api:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def call(self, method: str, path: str, body=None, timeout: float = 120):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            raise CheckFailed(f"{method} {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
+
+    def get(self, path, timeout=60):
+        return self.call("GET", path, timeout=timeout)
+
+    def post(self, path, body, timeout=600):
+        return self.call("POST", path, body, timeout=timeout)
+
+    def up(self) -> bool:
+        try:
+            self.get("/sdapi/v1/sd-models", timeout=5)
+            self.get("/sdapi/v1/loras", timeout=5)
+            return True
+        except Exception:
+            return False
+
+    def txt2img(self, prompt: str, seed: int = 7, steps: int = 4, timeout: float = 600, **extra):
+        body = {"prompt": prompt, "negative_prompt": "", "width": RES, "height": RES, "steps": steps,
+                "seed": seed, "cfg_scale": 5, "sampler_name": "Euler", "batch_size": 1, "n_iter": 1, **extra}
+        t0 = time.perf_counter()
+        r = self.post("/sdapi/v1/txt2img", body, timeout=timeout)
+        dt = time.perf_counter() - t0
+        images = [Image.open(io.BytesIO(base64.b64decode(b.split(",", 1)[-1]))).convert("RGB") for b in r["images"]]
+        return images, dt, r
+
+    def lora_names(self) -> dict[str, str]:
+        return {x["name"]: x.get("path", "") for x in self.get("/sdapi/v1/loras")}
+
+
+# -- process, memory, files ---------------------------------------------------------------------
+
+def webui_pid(webui_dir: Path, pidfile: Path | None) -> int | None:
+    """The WebUI's python process: the start script's pid file, else a launch.py running in webui_dir."""
+    if pidfile and pidfile.is_file():
+        try:
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (ValueError, OSError):
+            pass
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            if any(c.endswith(b"launch.py") or c.endswith(b"webui.py") for c in cmd) and \
+                    os.readlink(d / "cwd") == str(webui_dir):
+                return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+def rss_gb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 2)
+    except OSError:
+        return None
+    return None
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return [k for k in header if k != "__metadata__"]
+
+
+def lora_modules(keys: list[str]) -> list[str]:
+    return sorted({k.split(".", 1)[0] for k in keys if k.endswith(".lora_down.weight") or ".lora_down." in k})
+
+
+def all_files(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def image_diff(a: Image.Image, b: Image.Image) -> float:
+    """Mean absolute pixel difference (0-255)."""
+    d = ImageChops.difference(a, b)
+    hist = d.convert("L").histogram()
+    return sum(i * n for i, n in enumerate(hist)) / max(1, sum(hist))
+
+
+def make_dataset(folder: Path, n: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (200, 40, 200), (30, 200, 200)]
+    for i in range(n):
+        img = Image.new("RGB", (128, 128), colours[i % len(colours)])
+        d = ImageDraw.Draw(img)
+        d.ellipse((20 + 5 * i, 20, 100, 100 - 5 * i), fill=(255, 255, 255))
+        d.rectangle((10, 90, 60 + 8 * i, 120), fill=(0, 0, 0))
+        img.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a photo of a loraqtok shape, number {i}")
+
+
+def make_pair(folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    a = Image.new("RGB", (RES, RES), (90, 120, 160))
+    ImageDraw.Draw(a).ellipse((12, 12, 52, 52), fill=(240, 220, 200))
+    b = a.copy()
+    ImageDraw.Draw(b).rectangle((24, 24, 40, 40), fill=(200, 0, 0))
+    pa, pb = folder / "copier_a.png", folder / "copier_b.png"
+    a.save(pa)
+    b.save(pb)
+    return pa, pb
+
+
+# -- the browser --------------------------------------------------------------------------------
+
+class Page:
+    """The WebUI page with the LoRA Queue tab; gradio 3.41 (A1111) and 4.40 (Forge)."""
+
+    def __init__(self, pw, url: str, log):
+        self.url, self.log = url, log
+        self.browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        self.console_errors: list[str] = []
+        self.open()
+
+    def open(self):
+        self.ctx = self.browser.new_context(viewport={"width": 1500, "height": 1100})
+        self.page = self.ctx.new_page()
+        self.page.set_default_timeout(30000)
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.console_errors.append(
+            f"pageerror: {e}" + (" @ " + " | ".join((getattr(e, "stack", "") or "").splitlines()[1:3]).strip()
+                                  if getattr(e, "stack", "") else "")))
+        self.page.goto(self.url, wait_until="domcontentloaded", timeout=120000)
+        self.page.wait_for_selector("#tabs", timeout=180000)
+        self.page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
+
+    def reload(self):
+        try:
+            self.ctx.close()
+        except Exception:
+            pass
+        self.open()
+
+    def close(self):
+        try:
+            self.browser.close()
+        except Exception:
+            pass
+
+    # top-level tabs
+    def top_tab(self, name: str):
+        btn = self.page.locator("#tabs > .tab-nav button, #tabs > div > button").filter(has_text=re.compile(rf"^\s*{re.escape(name)}\s*$", re.I))
+        btn.first.click()   # case-insensitive: Forge labels the tab "Txt2img"
+        self.page.wait_for_timeout(500)
+
+    def loraq_tab(self, inner: str | None = None):
+        self.top_tab("LoRA Queue")
+        if inner:
+            self.page.locator("#loraq_tabs button").filter(has_text=re.compile(rf"^\s*{inner}\s*$")).first.click()
+            self.page.wait_for_timeout(400)
+
+    # form controls
+    def field(self, elem_id: str):
+        return self.page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox]):not([type=file])").first
+
+    def reveal(self, elem_id: str):
+        """Open the closed accordions (groups, "advanced") around a control, outermost first."""
+        for part, title in (("copier_pass", "Pass 1"), ("difference_pass", "Pass 2")):
+            if f"loraq_f_{part}__" in elem_id:   # the two copier passes are tabs
+                self.page.locator("#loraq_copier_passes button").filter(has_text=title).first.click()
+                self.page.wait_for_timeout(300)
+        ids = self.page.evaluate("""(id) => { const el = document.getElementById(id); const out = [];
+            for (let n = el && el.parentElement; n; n = n.parentElement)
+                if (n.id && n.classList && n.classList.contains('gradio-accordion')) out.push(n.id);
+            return out.reverse(); }""", elem_id)
+        for acc in ids:
+            wrap = self.page.locator(f"#{acc} > .label-wrap").first
+            if wrap.count() and "open" not in (wrap.get_attribute("class") or ""):
+                wrap.click()
+                self.page.wait_for_timeout(300)
+
+    def set_text(self, elem_id: str, value):
+        self.reveal(elem_id)
+        f = self.field(elem_id)
+        f.fill(str(value))
+        f.dispatch_event("input")
+        f.dispatch_event("change")
+        f.blur()
+
+    def set_check(self, elem_id: str, on: bool):
+        self.reveal(elem_id)
+        box = self.page.locator(f"#{elem_id} input[type=checkbox]").first
+        if box.is_checked() != on:
+            box.click()
+
+    def set_radio(self, elem_id: str, label: str):
+        self.page.locator(f"#{elem_id} label").filter(has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")).first.click()
+        self.page.wait_for_timeout(800)
+
+    def set_files(self, elem_id: str, paths):
+        self.page.locator(f"#{elem_id} input[type=file]").first.set_input_files([str(p) for p in paths])
+        end = time.time() + 30   # wait until the component lists every uploaded file
+        while time.time() < end:
+            shown = self.page.locator(f"#{elem_id}").first.inner_text()
+            if all(Path(p).name in shown for p in paths):
+                break
+            self.page.wait_for_timeout(500)
+        self.page.wait_for_timeout(3000)
+
+    def text(self, elem_id: str) -> str:
+        return self.page.locator(f"#{elem_id}").first.inner_text()
+
+    def value(self, elem_id: str) -> str:
+        return self.field(elem_id).input_value()
+
+    # actions
+    def add_job(self, mode: str, fields: dict, checks: dict | None = None, files: dict | None = None,
+                timeout: float = 60) -> int:
+        self.loraq_tab("Train")
+        self.set_radio("loraq_mode", mode)
+        for k, v in fields.items():
+            self.set_text("loraq_f_" + k.replace(".", "__"), v)
+        for k, v in (checks or {}).items():
+            self.set_check("loraq_f_" + k.replace(".", "__"), v)
+        for k, v in (files or {}).items():
+            self.set_files("loraq_f_" + k.replace(".", "__"), v)
+        last = self.max_job_id()
+        self.loraq_tab("Train")
+        self.page.locator("#loraq_add").click()
+        end = time.time() + timeout
+        while time.time() < end:
+            status = self.text("loraq_train_status")
+            m = re.search(r"as job (\d+)", status)
+            if m and int(m.group(1)) > last:
+                return int(m.group(1))
+            if "not queued" in status or status.strip().startswith("⚠"):
+                raise CheckFailed(f"not queued: {status.strip()!r}")
+            self.page.wait_for_timeout(500)
+        raise Timeout(f"no 'queued' message after {timeout} s (status {self.text('loraq_train_status')!r})")
+
+    def max_job_id(self) -> int:
+        self.loraq_tab("Queue")
+        self.page.locator("#loraq_queue_refresh").click()
+        self.page.wait_for_timeout(800)
+        ids = [int(x) for x in self.page.eval_on_selector_all(
+            "#loraq_queue_table tr[data-job-id]", "rows => rows.map(r => r.dataset.jobId)")]
+        return max(ids, default=0)
+
+    def select(self, job_id: int):
+        self.loraq_tab("Queue")
+        self.set_text("loraq_selected_job", job_id)
+        self.page.wait_for_timeout(1200)
+
+    def job_row(self, job_id: int) -> dict:
+        """State, progress and error of a job as the queue table shows it (after a Refresh click)."""
+        if not self.page.locator("#loraq_queue_refresh").first.is_visible():
+            self.loraq_tab("Queue")
+        self.page.locator("#loraq_queue_refresh").click()
+        self.page.wait_for_timeout(700)
+        row = self.page.locator(f"#loraq_queue_table tr[data-job-id='{job_id}']")
+        if row.count() == 0:
+            return {"state": None}
+        cells = row.first.locator("td").all_inner_texts()
+        return {"state": row.first.locator(".loraq-state").inner_text().strip(), "progress": cells[4].strip(),
+                "loss": cells[5].strip(), "error": row.first.get_attribute("title") or ""}
+
+    def job_summary(self, job_id: int) -> tuple[str, str]:
+        """(summary line, error text incl. detail) of the selected job."""
+        self.select(job_id)
+        self.page.wait_for_timeout(2500)
+        summary = self.text("loraq_job_summary")
+        err = ""
+        box = self.page.locator("#loraq_job_error textarea")
+        if box.count() and box.first.is_visible():
+            err = box.first.input_value()
+        return summary.strip(), err.strip()
+
+    def wait_state(self, job_id: int, states, timeout: float, on_poll=None) -> dict:
+        states = (states,) if isinstance(states, str) else tuple(states)
+        self.loraq_tab("Queue")
+        end, row = time.time() + timeout, {}
+        while time.time() < end:
+            row = self.job_row(job_id)
+            if on_poll:
+                on_poll(row)
+            if row.get("state") in states:
+                return row
+            if row.get("state") in ("failed", "cancelled") and row["state"] not in states:
+                _, err = self.job_summary(job_id)
+                raise CheckFailed(f"job {job_id} {row['state']}: {err or row.get('error')}")
+            self.page.wait_for_timeout(3000)
+        raise Timeout(f"job {job_id} not {'/'.join(states)} after {timeout:.0f} s (last: {row})")
+
+    def operation(self, job_id: int, elem: str) -> str:
+        self.select(job_id)
+        self.page.locator(f"#{elem}").click()
+        self.page.wait_for_timeout(1500)
+        return self.text("loraq_queue_status").strip()
+
+
+# -- the checks ---------------------------------------------------------------------------------
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.api = Api(args.url)
+        self.webui = Path(args.webui_dir).resolve()
+        self.lora_dir = Path(args.lora_dir) if args.lora_dir else self.webui / "models" / "Lora"
+        self.out_dir = self.lora_dir / "lora_queue"
+        self.log_path = Path(args.log) if args.log else Path(f"/work/webui/{args.host}.log")
+        self.pidfile = Path(args.pidfile) if args.pidfile else Path(f"/work/webui/{args.host}.pid")
+        self.data = self.webui / "models" / "loraq_e2e" / RUN_TAG
+        self.results: list[dict] = []
+        self.facts: dict = {"host": args.host, "url": args.url, "run_tag": RUN_TAG}
+        self.page: Page | None = None
+        self.names: dict[str, str] = {}
+
+    def pid(self):
+        return webui_pid(self.webui, self.pidfile)
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def record(self, check: str, title: str, fn, timeout: float):
+        t0 = time.time()
+        entry = {"check": check, "title": title, "timeout_s": timeout}
+        try:
+            numbers = fn(timeout) or {}
+            entry.update(result="PASS", numbers=numbers)
+        except Skip as e:
+            entry.update(result="SKIP", error=str(e))
+        except CheckFailed as e:
+            entry.update(result="FAIL", error=str(e), numbers=getattr(e, "numbers", {}))
+        except Exception as e:  # a bug or a page that did not behave: a failure with its traceback
+            entry.update(result="FAIL", error=f"{type(e).__name__}: {e}".strip()[:2000],
+                         traceback=traceback.format_exc()[-3000:])
+        entry["seconds"] = round(time.time() - t0, 1)
+        self.results.append(entry)
+        nums = json.dumps(entry.get("numbers", {}), default=str)
+        line = f"{entry['result']:4}  {check}  {title}  ({entry['seconds']} s)  {nums}"
+        if entry.get("error"):
+            line += f"\n      error: {entry['error']}"
+        print(line, flush=True)
+        self.write_json()
+        return entry["result"] == "PASS"
+
+    def write_json(self):
+        out = Path(self.args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"facts": self.facts, "checks": self.results}, indent=2, default=str))
+
+    def ensure_page(self, pw):
+        if self.page is None:
+            self.page = Page(pw, self.args.url, print)
+        return self.page
+
+    # a. the tab and the settings section
+    def check_a(self, timeout):
+        p = self.page
+        t0 = time.time()
+        p.loraq_tab("Train")
+        seen = {}
+        for inner, elems in (("Train", ["loraq_mode", "loraq_f_name", "loraq_f_dataset_dir", "loraq_f_steps",
+                                        "loraq_add"]),
+                             ("Queue", ["loraq_queue_table", "loraq_selected_job", "loraq_op_stop",
+                                        "loraq_op_resume", "loraq_results"]),
+                             ("Merge", ["loraq_lora_list", "loraq_merge_inputs", "loraq_merge_run"])):
+            p.loraq_tab(inner)
+            for e in elems:
+                seen[e] = p.page.locator(f"#{e}").first.is_visible()
+        missing = [e for e, v in seen.items() if not v]
+        n_controls = p.page.locator("[id^=loraq_f_]").count()
+        p.top_tab("Settings")
+        p.page.wait_for_timeout(1000)
+        section = p.page.locator("#settings .tab-nav button, #settings button").filter(has_text=re.compile(r"^\s*LoRA Queue\s*$"))
+        has_section = section.count() > 0
+        if has_section:
+            section.first.click()
+            p.page.wait_for_timeout(600)
+        opts = {k: p.page.locator(f"#setting_{k}").count() > 0 and p.page.locator(f"#setting_{k}").first.is_visible()
+                for k in ("loraq_data_dir", "loraq_output_subdir", "loraq_resume_interrupted")}
+        nums = {"form_controls": n_controls, "visible": sum(seen.values()), "of": len(seen),
+                "settings_section": has_section, "settings_options_visible": opts,
+                "seconds": round(time.time() - t0, 1)}
+        if missing or not has_section or not all(opts.values()):
+            e = CheckFailed(f"not visible: {missing}; settings section {has_section}; options {opts}")
+            e.numbers = nums
+            raise e
+        return nums
+
+    # b. a standard job reaches done; its file is listed, nothing else of ours is
+    def check_b(self, timeout):
+        p = self.page
+        ds = self.data / "dataset"
+        make_dataset(ds, 4)
+        name = f"e2e_std_{RUN_TAG}"
+        self.facts["rss_before_job_gb"] = rss_gb(self.pid())
+        t0 = time.time()
+        job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES, "steps": self.args.steps,
+                                     "network_dim": 4, "network_alpha": 4, "batch_size": 1,
+                                     "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3},
+                        checks={"train_text_encoder": True})
+        queued = time.time() - t0
+        row = p.wait_state(job, "done", timeout)
+        took = time.time() - t0
+        summary, _ = p.job_summary(job)
+        self.facts["rss_after_job_gb"] = rss_gb(self.pid())
+        listed = self.api.lora_names()
+        files = all_files(self.lora_dir)
+        ours_bad = [f for f in files if OURS_BAD.search(f) or not f.endswith(".safetensors")]
+        listed_bad = [n for n, path in listed.items() if OURS_BAD.search(path or n)]
+        f = self.out_dir / f"{name}.safetensors"
+        nums = {"job": job, "queue_s": round(queued, 1), "done_after_s": round(took, 1), "row": row,
+                "summary": summary, "listed_in_api": name in listed, "file": str(f), "file_exists": f.is_file(),
+                "files_under_lora_dir": files, "unexpected_files": ours_bad, "unexpected_listed": listed_bad,
+                "rss_before_gb": self.facts["rss_before_job_gb"], "rss_after_gb": self.facts["rss_after_job_gb"]}
+        if f.is_file():
+            self.names["standard"] = name
+        if name not in listed or ours_bad or listed_bad or not f.is_file():
+            e = CheckFailed("LoRA not listed or unexpected files under the LoRA folder")
+            e.numbers = nums
+            raise e
+        return nums
+
+    # c. the host's LoRA loader loads every module; the image changes
+    def check_c(self, timeout):
+        name = self.names.get("standard") or raise_skip("no LoRA from check b")
+        f = self.out_dir / f"{name}.safetensors"
+        keys = safetensors_keys(f)
+        modules = lora_modules(keys)
+        te = [m for m in modules if m.startswith("lora_te")]
+        base, t_base, _ = self.api.txt2img("a photo of a loraqtok shape", seed=11, timeout=timeout)
+        off = self.log_size()
+        with_lora, t_lora, info = self.api.txt2img(f"a photo of a loraqtok shape <lora:{name}:1>", seed=11,
+                                                   timeout=timeout)
+        time.sleep(1)
+        log = self.log_since(off)
+        self.facts["rss_after_lora_gen_gb"] = rss_gb(self.pid())
+        diff = image_diff(base[0], with_lora[0])
+        infotext = json.loads(info.get("info") or "{}").get("infotexts", [""])[0]
+        nums = {"keys_in_file": len(keys), "modules_in_file": len(modules), "text_encoder_modules": len(te),
+                "unet_modules": len(modules) - len(te), "mean_pixel_diff": round(diff, 2),
+                "txt2img_s_without": round(t_base, 1), "txt2img_s_with": round(t_lora, 1),
+                "lora_in_infotext": "Lora hashes" in infotext or name in infotext,
+                "rss_after_lora_gen_gb": self.facts["rss_after_lora_gen_gb"]}
+        self.facts["txt2img_idle_s"] = round(t_base, 1)
+        problems = []
+        if self.args.host == "forge":
+            m = [x for x in re.findall(r"\[LORA\][^\n]*", log)]
+            nums["forge_log"] = m
+            loaded = [re.search(r"Loaded\s+(.*?)\s+for\s+(\S+).*?(\d+)\s+keys.*?skipped\s+(\d+)\s+keys", x) for x in m]
+            skipped = sum(int(x.group(4)) for x in loaded if x)
+            total = sum(int(x.group(3)) for x in loaded if x)
+            nums.update(forge_keys_loaded=total, forge_keys_skipped=skipped)
+            bad_lines = [x for x in m if "Mismatch" in x or "unmatched keys" in x or "mismatch" in x]
+            if bad_lines:
+                problems.append(f"Forge reports: {bad_lines[:3]}")
+            if total and total != len(modules):   # Forge counts a module (down, up, alpha) as one key
+                problems.append(f"Forge loaded {total} modules of the file's {len(modules)}")
+            if not any(loaded):
+                problems.append("no '[LORA] Loaded ... (skipped K keys)' line in the log")
+            elif skipped:
+                problems.append(f"Forge skipped {skipped} keys")
+        else:
+            failed = re.findall(r"didn't match keys: (\{.*?\})\s*$", log, re.M)
+            unsupported = re.findall(r"Network \S+ layer (\S+): couldn't find supported operation", log)
+            errors = re.findall(r"(?:Error|error) (?:loading|applying) network[^\n]*|Traceback[^\n]*", log)
+            debug_on = bool(re.search(r"DEBUG", log)) or self.args.loglevel_debug
+            n_failed = sum(len(re.findall(r"': '", x)) for x in failed)
+            nums.update(a1111_debug_log=debug_on, unmatched_keys=n_failed, unsupported_layers=len(unsupported),
+                        load_errors=errors[:3], modules_loaded=len(modules) - len(set(unsupported)) if not failed else None)
+            if not debug_on:
+                problems.append("A1111 log not at DEBUG level: unmatched keys cannot be counted (start with --loglevel DEBUG)")
+            if failed:
+                problems.append(f"A1111 did not match keys: {failed[0][:500]}")
+            if unsupported or errors:
+                problems.append(f"unsupported layers {unsupported[:5]} / errors {errors[:3]}")
+        if diff < 0.5:
+            problems.append(f"image with the LoRA is (almost) the same as without: mean diff {diff:.3f}")
+        if not nums["lora_in_infotext"]:
+            problems.append("infotext does not mention the LoRA")
+        if problems:
+            e = CheckFailed("; ".join(problems))
+            e.numbers = nums
+            raise e
+        return nums
+
+    # d. memory
+    def check_d(self, timeout):
+        nums = {k: self.facts.get(k) for k in ("rss_start_gb", "rss_before_job_gb", "rss_after_job_gb",
+                                                 "rss_after_lora_gen_gb")}
+        nums["rss_now_gb"] = rss_gb(self.pid())
+        nums["pid"] = self.pid()
+        if nums["rss_now_gb"] is None:
+            raise CheckFailed("no WebUI process found to measure")
+        return nums
+
+    # e + f. txt2img during a running job; stop and save, then resume
+    def check_e(self, timeout):
+        p = self.page
+        ds = self.data / "dataset"
+        make_dataset(ds, 4)
+        name = f"e2e_long_{RUN_TAG}"
+        job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES,
+                                     "steps": self.args.long_steps, "network_dim": 4, "network_alpha": 4,
+                                     "batch_size": 1, "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3},
+                        checks={"train_text_encoder": False})
+        self.facts["long_job"] = job
+        self.facts["long_name"] = name
+        t0 = time.time()
+        p.wait_state(job, "running", timeout / 2)
+        # wait until training steps are under way (past caching)
+        end = time.time() + timeout / 2
+        row = {}
+        while time.time() < end:
+            row = p.job_row(job)
+            m = re.match(r"(\d+)%", row.get("progress", ""))
+            if row.get("state") != "running" or (m and int(m.group(1)) >= 5):
+                break
+            p.page.wait_for_timeout(2000)
+        if row.get("state") != "running":
+            raise CheckFailed(f"job {job} not running any more before txt2img: {row}")
+        progress_before = row.get("progress")
+        _, dt, _ = self.api.txt2img("a photo of a cat", seed=3, timeout=timeout)
+        row_after = p.job_row(job)
+        return {"job": job, "job_progress_at_call": progress_before, "txt2img_latency_s": round(dt, 1),
+                "txt2img_idle_s": self.facts.get("txt2img_idle_s"), "job_after_call": row_after,
+                "waited_for_running_s": round(time.time() - t0 - dt, 1)}
+
+    def check_f(self, timeout):
+        p = self.page
+        job = self.facts.get("long_job") or raise_skip("no long job from check e")
+        row = p.job_row(job)
+        if row.get("state") != "running":
+            raise CheckFailed(f"long job not running when stop and save was to be pressed: {row}")
+        msg = p.operation(job, "loraq_op_stop")
+        stopped = p.wait_state(job, ("stopped", "done"), timeout / 2)   # "stopped" since main 0fb1b1d
+        summary_stopped, _ = p.job_summary(job)
+        step = re.search(r"step (\d+)/(\d+)", summary_stopped)
+        files_stopped = all_files(self.lora_dir)
+        listed_stopped = list(self.api.lora_names())
+        msg2 = p.operation(job, "loraq_op_resume")
+        m = re.search(r"job (\d+) duplicated|as job (\d+)|resumed as job (\d+)", msg2)
+        resumed_id = job
+        if m:
+            resumed_id = int(next(g for g in m.groups() if g))
+        # the resumed job must reach its last step
+        end = time.time() + timeout / 2
+        final, seen = {}, []
+        while time.time() < end:
+            final = p.job_row(resumed_id)
+            seen.append(f"{final.get('state')} {final.get('progress')}")
+            if final.get("state") == "done" and final.get("progress", "").startswith("100"):
+                break
+            if final.get("state") in ("failed", "cancelled"):
+                _, err = p.job_summary(resumed_id)
+                e = CheckFailed(f"resumed job {resumed_id} {final['state']}: {err or final.get('error')}")
+                e.numbers = {"stop_message": msg, "resume_message": msg2, "stopped_summary": summary_stopped}
+                raise e
+            p.page.wait_for_timeout(3000)
+        summary_final, _ = p.job_summary(resumed_id)
+        name = self.facts.get("long_name")
+        nums = {"stop_message": msg, "stopped_row": stopped, "stopped_at": step.group(0) if step else None,
+                "files_after_stop": files_stopped, "name_listed_after_stop": name in listed_stopped,
+                "resume_message": msg2, "resumed_job": resumed_id, "final_row": final, "final_summary": summary_final,
+                "progress_seen_after_resume": list(dict.fromkeys(seen))[:12]}
+        if not (final.get("state") == "done" and final.get("progress", "").startswith("100")):
+            e = CheckFailed(f"resumed job did not finish all steps in time: {final}")
+            e.numbers = nums
+            raise e
+        if (self.out_dir / f"{name}.safetensors").is_file():
+            self.names["long"] = name
+        return nums
+
+    # g. copier and LCM jobs
+    def check_g_copier(self, timeout):
+        p = self.page
+        a, b = make_pair(self.data / "pair")
+        name = f"e2e_cop_{RUN_TAG}"
+        s = self.args.steps
+        job = p.add_job("copier", {"name": name, "resolution": RES, "prompt": "a photo of a ball",
+                                   "copier_pass.steps": s, "copier_pass.batch_size": 1,
+                                   "copier_pass.network_dim": 4, "copier_pass.network_alpha": 4,
+                                   "difference_pass.network_dim": 4, "difference_pass.network_alpha": 4},
+                        files={"image_a": [a], "image_b": [b]})
+        t0 = time.time()
+        row = p.wait_state(job, "done", timeout)
+        summary, _ = p.job_summary(job)
+        f = self.out_dir / f"{name}.safetensors"
+        files = all_files(self.lora_dir)
+        bad = [x for x in files if OURS_BAD.search(x)]
+        nums = {"job": job, "done_after_s": round(time.time() - t0, 1), "row": row, "summary": summary,
+                "file_exists": f.is_file(), "listed": name in self.api.lora_names(), "unexpected_files": bad}
+        if not f.is_file() or bad:
+            e = CheckFailed("copier output missing or unexpected files")
+            e.numbers = nums
+            raise e
+        self.names["copier"] = name
+        return nums
+
+    def check_g_lcm(self, timeout):
+        p = self.page
+        ds = self.data / "dataset"
+        make_dataset(ds, 4)
+        name = f"e2e_lcm_{RUN_TAG}"
+        job = p.add_job("lcm", {"name": name, "resolution": RES, "dataset_dir": ds, "steps": self.args.steps,
+                                "batch_size": 1, "network_dim": 4, "network_alpha": 4, "prompts": "a photo of a cat",
+                                "num_generated_images": 2})
+        t0 = time.time()
+        row = p.wait_state(job, "done", timeout)
+        summary, _ = p.job_summary(job)
+        f = self.out_dir / f"{name}.safetensors"
+        nums = {"job": job, "done_after_s": round(time.time() - t0, 1), "row": row, "summary": summary,
+                "file_exists": f.is_file(), "listed": name in self.api.lora_names()}
+        if not f.is_file():
+            e = CheckFailed("LCM output missing")
+            e.numbers = nums
+            raise e
+        self.names["lcm"] = name
+        return nums
+
+    # h. merge from the merge panel
+    def check_h(self, timeout):
+        p = self.page
+        inputs = [n for n in (self.names.get("standard"), self.names.get("long"), self.names.get("lcm"),
+                              self.names.get("copier")) if n][:2]
+        if len(inputs) < 1:
+            raise_skip("no LoRA to merge")
+        if len(inputs) < 2:
+            inputs = inputs * 2
+        p.loraq_tab("Merge")
+        p.page.locator("#loraq_lora_refresh").click()
+        p.page.wait_for_timeout(1500)
+        clicked = 0
+        p.set_text("loraq_merge_inputs", "")
+        for n in dict.fromkeys(inputs):
+            btn = p.page.locator(f"#loraq_lora_list .loraq-lora[data-name='{n}']")
+            if btn.count():
+                btn.first.click()
+                clicked += 1
+                p.page.wait_for_timeout(400)
+        text = p.value("loraq_merge_inputs")
+        if clicked < len(dict.fromkeys(inputs)):
+            p.set_text("loraq_merge_inputs", "\n".join(f"{n}:0.5" for n in dict.fromkeys(inputs)))
+            text = p.value("loraq_merge_inputs")
+        out = f"e2e_merged_{RUN_TAG}"
+        p.set_text("loraq_merge_output", out)
+        p.set_text("loraq_merge_rank", 4)
+        before = set(self.api.lora_names())
+        p.page.locator("#loraq_merge_run").click()
+        end, report = time.time() + timeout, ""
+        while time.time() < end:
+            report = p.page.locator("#loraq_merge_report textarea").first.input_value()
+            if report.strip():
+                break
+            p.page.wait_for_timeout(1000)
+        listed = self.api.lora_names()
+        nums = {"inputs_text": text, "names_clicked": clicked, "report_head": report.splitlines()[:2],
+                "file_exists": (self.out_dir / f"{out}.safetensors").is_file(), "listed_without_restart": out in listed,
+                "was_listed_before": out in before}
+        if not report.startswith("merged") or out not in listed:
+            e = CheckFailed(f"merge report {report[:300]!r}; listed {out in listed}")
+            e.numbers = nums
+            raise e
+        return nums
+
+    # i. x/y/z plot with our axes
+    def check_i(self, timeout):
+        p = self.page
+        names = [n for n in (self.names.get("standard"), self.names.get("long"), self.names.get("lcm")) if n]
+        if not names:   # run on its own (--only i): the newest standard LoRA an earlier run left
+            found = sorted(self.out_dir.glob("e2e_std_*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+            names = [f.stem for f in found[:1]]
+        if not names:
+            raise_skip("no LoRA for the x/y/z axis")
+        names = names[:2]
+        p.page.reload(wait_until="domcontentloaded")   # a fresh page: the LoRA choices are read when it builds
+        p.page.wait_for_selector("#tabs", timeout=120000)
+        p.page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
+        errors_before = len(p.console_errors)
+        p.top_tab("txt2img")
+        pick(p.page, "#script_list", "X/Y/Z plot")
+        p.page.wait_for_selector("#script_txt2img_xyz_plot_x_type", state="visible", timeout=30000)
+        p.page.wait_for_timeout(1500)
+        errors_script = p.console_errors[errors_before:]
+        n = len(p.console_errors)
+        options = pick(p.page, "#script_txt2img_xyz_plot_x_type", "[LoRA Queue] LoRA")
+        p.page.wait_for_timeout(2000)
+        errors_axis = p.console_errors[n:]
+        # the "X values" dropdown has no elem_id: it is the other dropdown in the x_type's row, shown
+        # instead of the X values textbox for an axis with choices
+        textbox_visible = p.page.locator("#script_txt2img_xyz_plot_x_values").first.is_visible()
+        row = p.page.locator("#script_txt2img_xyz_plot_x_type").locator("xpath=..")
+        inputs = row.locator("input[role=listbox], input[aria-expanded], .wrap input, input.border-none")
+        dd_visible, dd_options = False, []
+        for k in range(inputs.count()):
+            inp = inputs.nth(k)
+            inside_type = inp.evaluate("e => !!e.closest('#script_txt2img_xyz_plot_x_type')")
+            if inside_type or not inp.is_visible():
+                continue
+            dd_visible = True
+            inp.click()
+            p.page.wait_for_timeout(600)
+            opts = p.page.locator("ul.options li")
+            dd_options = [t.lstrip("✓").strip() for t in opts.all_inner_texts()]
+            p.page.keyboard.press("Escape")
+            break
+        errors_values = p.console_errors[n:]
+        console = p.console_errors[errors_before:]
+        console = [c for c in console if "iframeResizer" not in c and "cdn" not in c.lower()]
+        if "[LoRA Queue] LoRA" not in options or "[LoRA Queue] Strength" not in options:
+            raise CheckFailed(f"axes not offered: {options}")
+        x_idx, y_idx = options.index("[LoRA Queue] LoRA"), options.index("[LoRA Queue] Strength")
+        args = [x_idx, "", names, y_idx, "0.5, 1", [], 0, "", [], True, True, False, False, 0, 0, 0, 0, False]
+        runs = []
+        for _ in range(2):
+            imgs, dt, info = self.api.txt2img("a photo of a loraqtok shape", seed=5, timeout=timeout / 2,
+                                              script_name="x/y/z plot", script_args=args)
+            runs.append((imgs, dt))
+            out = Path(self.args.json).with_name(f"xyz-{self.args.host}-run{len(runs)}")
+            out.mkdir(parents=True, exist_ok=True)
+            for k, im in enumerate(imgs):
+                im.save(out / f"{k}.png")
+            infotexts = json.loads(info.get("info") or "{}").get("infotexts", [])
+            (out / "infotexts.json").write_text(json.dumps(infotexts, indent=1))
+        (a, ta), (b, tb) = runs
+        n = min(len(a), len(b))
+        same = [image_diff(a[i], b[i]) == 0 for i in range(n)]
+        cells_a = a[1:] if len(a) > 1 else a
+        distinct = len({c.tobytes() for c in cells_a})
+        nums = {"axis_options": len(options), "x_index": x_idx, "y_index": y_idx, "values_dropdown_visible": dd_visible, "values_textbox_visible": textbox_visible,
+                "dropdown_choices": dd_options, "console_errors": console,
+                "console_errors_on_script_pick": errors_script, "console_errors_on_lora_axis_pick": errors_axis,
+                "x_values": names, "prompts": [t.split("\n")[0] for t in infotexts], "images_per_run": [len(a), len(b)],
+                "identical": f"{sum(same)}/{n}", "distinct_cells": distinct, "seconds": [round(ta, 1), round(tb, 1)]}
+        missing = [x for x in names if x not in dd_options]
+        nums["lora_choices_missing_from_dropdown"] = missing
+        if console or not all(same) or len(a) < 2 or distinct < 2 or not dd_visible or missing:
+            e = CheckFailed(f"console errors {console[:3]}; values dropdown shown {dd_visible}, our LoRAs missing "
+                            f"from it {missing}; identical {sum(same)}/{n}; distinct cells {distinct}")
+            e.numbers = nums
+            raise e
+        return nums
+
+    # j. kill -9 mid-job, restart, resume
+    def check_j(self, timeout):
+        if not self.args.restart_cmd:
+            raise_skip("no --restart-cmd given")
+        p = self.page
+        ds = self.data / "dataset"
+        make_dataset(ds, 4)
+        name = f"e2e_kill_{RUN_TAG}"
+        steps = self.args.long_steps
+        job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES, "steps": steps,
+                                     "network_dim": 4, "network_alpha": 4, "batch_size": 1,
+                                     "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3,
+                                     "save_every_n_steps": max(2, steps // 4)})
+        t0 = time.time()
+        p.wait_state(job, "running", timeout / 3)
+        end, row = time.time() + timeout / 3, {}
+        while time.time() < end:
+            row = p.job_row(job)
+            m = re.match(r"(\d+)%", row.get("progress", ""))
+            if row.get("state") != "running" or (m and int(m.group(1)) >= 40):
+                break
+            p.page.wait_for_timeout(2000)
+        if row.get("state") != "running":
+            raise CheckFailed(f"job {job} not running before the kill: {row}")
+        pid = self.pid()
+        os.kill(pid, signal.SIGKILL)
+        killed_at = row.get("progress")
+        for _ in range(60):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.5)
+        # the dead process' pid file
+        files_after_kill = all_files(self.lora_dir)
+        p.close()
+        self.page = None
+        t1 = time.time()
+        r = subprocess.run(self.args.restart_cmd, shell=True, capture_output=True, text=True, timeout=timeout / 3)
+        end = time.time() + 180
+        while time.time() < end and not self.api.up():
+            time.sleep(2)
+        up_s = round(time.time() - t1, 1)
+        self.page = Page(self._pw, self.args.url, print)
+        p = self.page
+        after_restart = p.job_row(job)
+        msg = p.operation(job, "loraq_op_resume") if after_restart.get("state") != "running" else "(running by itself)"
+        final, seen = {}, []
+        end = time.time() + timeout / 3
+        while time.time() < end:
+            final = p.job_row(job)
+            seen.append(f"{final.get('state')} {final.get('progress')}")
+            if final.get("state") == "done" and final.get("progress", "").startswith("100"):
+                break
+            if final.get("state") in ("failed", "cancelled"):
+                _, err = p.job_summary(job)
+                e = CheckFailed(f"job {job} {final['state']} after resume: {err or final.get('error')}")
+                e.numbers = {"killed_at": killed_at, "after_restart": after_restart, "resume_message": msg}
+                raise e
+            p.page.wait_for_timeout(3000)
+        summary, _ = p.job_summary(job)
+        nums = {"job": job, "killed_pid": pid, "killed_at": killed_at, "restart_rc": r.returncode,
+                "restart_out": r.stdout.strip().splitlines()[-1:], "api_up_after_s": up_s,
+                "state_after_restart": after_restart, "resume_message": msg, "final_row": final,
+                "final_summary": summary, "files_after_kill": files_after_kill,
+                "progress_seen_after_resume": list(dict.fromkeys(seen))[:12],
+                "total_s": round(time.time() - t0, 1)}
+        if not (final.get("state") == "done" and final.get("progress", "").startswith("100")):
+            e = CheckFailed(f"job did not finish after the restart: {final}")
+            e.numbers = nums
+            raise e
+        return nums
+
+
+class Skip(Exception):
+    pass
+
+
+def raise_skip(why):
+    raise Skip(why)
+
+
+def pick(page, selector: str, label: str) -> list[str]:
+    """Choose ``label`` in a gradio dropdown (3.41 and 4.x: an input with a list of options); its options."""
+    box = page.locator(f"{selector} input").first
+    box.click()
+    page.wait_for_timeout(500)
+    opts = page.locator(f"{selector} ul.options li")
+    options = [t.strip() for t in opts.all_inner_texts()]
+    if not options:  # gradio 4 renders the option list elsewhere
+        opts = page.locator("ul.options li")
+        options = [t.strip() for t in opts.all_inner_texts()]
+    want = [i for i, t in enumerate(options) if t.strip().lstrip("✓").strip() == label]
+    options = [t.lstrip("✓").strip() for t in options]
+    if not want:
+        page.keyboard.press("Escape")
+        raise CheckFailed(f"{label!r} not among the options of {selector}: {options}")
+    opts.nth(want[0]).click()
+    page.wait_for_timeout(700)
+    return options
+
+
+CHECKS = [
+    ("a", "tab renders (form, queue, merge) and Settings has the LoRA Queue section", "check_a", 180),
+    ("b", "standard job from the tab reaches done; listed in /sdapi/v1/loras; nothing else of ours", "check_b", 1500),
+    ("c", "host's LoRA loader loads every module; image differs", "check_c", 600),
+    ("d", "memory (RSS) before/after the job and after a LoRA generation", "check_d", 30),
+    ("e", "txt2img while a job runs completes (latency)", "check_e", 1200),
+    ("f", "stop and save, then resume, finishes the job (safe unpickler)", "check_f", 1800),
+    ("g1", "copier job from the tab finishes", "check_g_copier", 1500),
+    ("g2", "LCM job from the tab finishes", "check_g_lcm", 1500),
+    ("h", "merge from the merge panel is listed in /sdapi/v1/loras without restart", "check_h", 600),
+    ("i", "x/y/z plot with our axes: no console error; same seed twice identical", "check_i", 900),
+    ("j", "kill -9 mid-job, restart, resume: job done", "check_j", 1800),
+]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--webui-dir", required=True)
+    ap.add_argument("--host", choices=("a1111", "forge"), required=True)
+    ap.add_argument("--lora-dir", default="", help="the WebUI's LoRA folder (default WEBUI/models/Lora)")
+    ap.add_argument("--log", default="", help="the WebUI's log file (default /work/webui/HOST.log)")
+    ap.add_argument("--pidfile", default="", help="(default /work/webui/HOST.pid)")
+    ap.add_argument("--restart-cmd", default="", help="shell command that starts the WebUI again (check j)")
+    ap.add_argument("--loglevel-debug", action="store_true", help="A1111 runs with --loglevel DEBUG")
+    ap.add_argument("--steps", type=int, default=6, help="steps of the small jobs")
+    ap.add_argument("--long-steps", type=int, default=30, help="steps of the long jobs (e, f, j)")
+    ap.add_argument("--only", default="", help="comma-separated check ids, e.g. a,b,c")
+    ap.add_argument("--json", default="", help="summary file (default e2e/results-HOST.json)")
+    args = ap.parse_args(argv)
+    if not args.json:
+        args.json = str(Path(__file__).with_name(f"results-{args.host}.json"))
+    from playwright.sync_api import sync_playwright
+
+    run = Run(args)
+    if not run.api.up():
+        print(f"FAIL  -  the WebUI does not answer at {args.url} (/sdapi/v1/sd-models, /sdapi/v1/loras)")
+        return 2
+    run.facts["rss_start_gb"] = rss_gb(run.pid())
+    run.facts["pid"] = run.pid()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    with sync_playwright() as pw:
+        run._pw = pw
+        t0 = time.time()
+        run.page = Page(pw, args.url, print)
+        run.facts["page_load_s"] = round(time.time() - t0, 1)
+        for cid, title, method, timeout in CHECKS:
+            if only and cid not in only and cid.rstrip("12") not in only:
+                continue
+            if run.page is None:
+                run.page = Page(pw, args.url, print)
+            run.record(cid, title, getattr(run, method), timeout)
+        if run.page:
+            run.facts["console_errors_total"] = [c for c in run.page.console_errors][:20]
+            run.page.close()
+    run.write_json()
+    counts = {r: sum(1 for x in run.results if x["result"] == r) for r in ("PASS", "FAIL", "SKIP")}
+    print(f"summary: {counts}  json: {args.json}")
+    return 0 if counts["FAIL"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
