@@ -544,3 +544,17 @@ def test_webui_host_trains_queued_jobs_on_the_loaded_model_and_refreshes_the_lor
         assert not lock.locked(), "the host's lock is free between jobs"
     finally:
         host.stop()
+
+
+def test_the_webuis_lora_list_is_refreshed_when_a_job_ends_done_or_stopped_and_saved(tmp_path):
+    import threading
+
+    from trainer.host.webui import WebUIHost
+    from trainer.queue.store import QueueEvent
+
+    refreshed = []
+    host = WebUIHost(get_sd_model=lambda: None, queue_lock=threading.Lock(), lora_dir=tmp_path, data_dir=tmp_path,
+                     refresh_loras=lambda: refreshed.append(True))
+    for state in ("running", "done", "stopped", "failed", "cancelled"):
+        host._on_event(QueueEvent(1, "state", state=state))
+    assert len(refreshed) == 2, "done and stopped wrote a LoRA; the others did not"

@@ -87,7 +87,7 @@ class WebUIHost:
         return self._worker
 
     def _on_event(self, event: QueueEvent) -> None:
-        if event.kind == "state" and event.state == "done":
+        if event.kind == "state" and event.state in ("done", "stopped"):   # a stopped job saved its LoRA too
             self.refresh_loras()
 
     def list_loras(self) -> list[str]:
