@@ -45,6 +45,29 @@ class Timeout(CheckFailed):
     pass
 
 
+def _finished(row: dict) -> bool:
+    return row.get("state") == "done" and row.get("progress", "").startswith("100")
+
+
+def _follow_to_the_end(p, job: int, seconds: float, what: str, numbers: dict) -> tuple[dict, list[str]]:
+    """Watch a job's row in the tab until it is done at 100 % (or ``seconds`` pass); a failed or cancelled
+    job raises CheckFailed with its error and ``numbers``. Returns the last row and the states seen."""
+    final, seen = {}, []
+    end = time.time() + seconds
+    while time.time() < end:
+        final = p.job_row(job)
+        seen.append(f"{final.get('state')} {final.get('progress')}")
+        if _finished(final):
+            break
+        if final.get("state") in ("failed", "cancelled"):
+            _, err = p.job_summary(job)
+            e = CheckFailed(f"{what} {final['state']}: {err or final.get('error')}")
+            e.numbers = numbers
+            raise e
+        p.page.wait_for_timeout(3000)
+    return final, seen
+
+
 # -- WebUI API ----------------------------------------------------------------------------------
 
 class Api:
@@ -617,26 +640,16 @@ class Run:
         if m:
             resumed_id = int(next(g for g in m.groups() if g))
         # the resumed job must reach its last step
-        end = time.time() + timeout / 2
-        final, seen = {}, []
-        while time.time() < end:
-            final = p.job_row(resumed_id)
-            seen.append(f"{final.get('state')} {final.get('progress')}")
-            if final.get("state") == "done" and final.get("progress", "").startswith("100"):
-                break
-            if final.get("state") in ("failed", "cancelled"):
-                _, err = p.job_summary(resumed_id)
-                e = CheckFailed(f"resumed job {resumed_id} {final['state']}: {err or final.get('error')}")
-                e.numbers = {"stop_message": msg, "resume_message": msg2, "stopped_summary": summary_stopped}
-                raise e
-            p.page.wait_for_timeout(3000)
+        final, seen = _follow_to_the_end(p, resumed_id, timeout / 2, f"resumed job {resumed_id}",
+                                         {"stop_message": msg, "resume_message": msg2,
+                                          "stopped_summary": summary_stopped})
         summary_final, _ = p.job_summary(resumed_id)
         name = self.facts.get("long_name")
         nums = {"stop_message": msg, "stopped_row": stopped, "stopped_at": step.group(0) if step else None,
                 "files_after_stop": files_stopped, "name_listed_after_stop": name in listed_stopped,
                 "resume_message": msg2, "resumed_job": resumed_id, "final_row": final, "final_summary": summary_final,
                 "progress_seen_after_resume": list(dict.fromkeys(seen))[:12]}
-        if not (final.get("state") == "done" and final.get("progress", "").startswith("100")):
+        if not _finished(final):
             e = CheckFailed(f"resumed job did not finish all steps in time: {final}")
             e.numbers = nums
             raise e
@@ -777,7 +790,6 @@ class Run:
             dd_options = [t.lstrip("✓").strip() for t in opts.all_inner_texts()]
             p.page.keyboard.press("Escape")
             break
-        errors_values = p.console_errors[n:]
         console = p.console_errors[errors_before:]
         console = [c for c in console if "iframeResizer" not in c and "cdn" not in c.lower()]
         if "[LoRA Queue] LoRA" not in options or "[LoRA Queue] Strength" not in options:
@@ -859,19 +871,9 @@ class Run:
         p = self.page
         after_restart = p.job_row(job)
         msg = p.operation(job, "loraq_op_resume") if after_restart.get("state") != "running" else "(running by itself)"
-        final, seen = {}, []
-        end = time.time() + timeout / 3
-        while time.time() < end:
-            final = p.job_row(job)
-            seen.append(f"{final.get('state')} {final.get('progress')}")
-            if final.get("state") == "done" and final.get("progress", "").startswith("100"):
-                break
-            if final.get("state") in ("failed", "cancelled"):
-                _, err = p.job_summary(job)
-                e = CheckFailed(f"job {job} {final['state']} after resume: {err or final.get('error')}")
-                e.numbers = {"killed_at": killed_at, "after_restart": after_restart, "resume_message": msg}
-                raise e
-            p.page.wait_for_timeout(3000)
+        final, seen = _follow_to_the_end(p, job, timeout / 3, f"job {job} after resume",
+                                         {"killed_at": killed_at, "after_restart": after_restart,
+                                          "resume_message": msg})
         summary, _ = p.job_summary(job)
         nums = {"job": job, "killed_pid": pid, "killed_at": killed_at, "restart_rc": r.returncode,
                 "restart_out": r.stdout.strip().splitlines()[-1:], "api_up_after_s": up_s,
@@ -879,7 +881,7 @@ class Run:
                 "final_summary": summary, "files_after_kill": files_after_kill,
                 "progress_seen_after_resume": list(dict.fromkeys(seen))[:12],
                 "total_s": round(time.time() - t0, 1)}
-        if not (final.get("state") == "done" and final.get("progress", "").startswith("100")):
+        if not _finished(final):
             e = CheckFailed(f"job did not finish after the restart: {final}")
             e.numbers = nums
             raise e
