@@ -66,7 +66,7 @@ class OurSide:
         self.tmp, self.handle = tmp, DiffusersHandle(pipe)
         self.common = dict(dataset_dir=str(data), resolution=256, min_bucket_reso=256, max_bucket_reso=256,
                            network_dim=16, network_alpha=16.0, target_set="attn_mlp", optimizer="AdamW", lr=1e-4,
-                           batch_size=1, mixed_precision="no", output_dir=str(tmp / "out"), overwrite=True)
+                           batch_size=1, mixed_precision="no", overwrite=True)
         self.loop_started: list[float] = []
         original_run = loop.TrainingLoop.run
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -399,3 +400,52 @@ def test_resume_interrupted_requeues_crashed_jobs_at_the_front_in_their_order(tm
     rows = queue.list(states=["queued"])
     assert [r.id for r in rows] == [a, b, c] and rows[0].resume and rows[1].resume and not rows[2].resume
     assert queue.resume_interrupted() == []
+
+
+def _slowed(handle, method: str, seconds: float) -> list[float]:
+    """Make one of the handle's calls slow (an SD1.5 VAE or UNet on a GPU); returns the times it was called."""
+    calls: list[float] = []
+    original = getattr(handle, method)
+
+    def slow(*args, **kwargs):
+        calls.append(time.monotonic())
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+    setattr(handle, method, slow)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["caching latents", "the teacher generated its images"])
+def test_cancel_takes_effect_within_2_s_while_latents_are_cached_or_the_lcm_teacher_generates(tmp_path, queue,
+                                                                                             handle, where):
+    if where == "caching latents":
+        _dataset(tmp_path / "data", n=40)
+        for i, png in enumerate(sorted((tmp_path / "data").glob("*.png"))):   # 40 different images, 40 latents
+            image = Image.open(png).convert("RGB")
+            image.putpixel((0, 0), (i, i, i))
+            image.save(png)
+        calls = _slowed(handle, "encode_images", 0.3)     # 10 batches of 4: 3 s of caching
+        job_id = queue.add(_job(tmp_path, steps=5), tmp_path)
+    else:
+        calls = _slowed(handle, "predict", 0.05)          # 50 teacher steps a batch: 2.5 s a batch, 4 batches
+        job_id = queue.add(jobs.LcmJob(name="l", prompts=["a red circle"], num_generated_images=32, resolution=64,
+                                       steps=5, network_dim=2, network_alpha=2.0, mixed_precision="no"), tmp_path)
+    worker = _worker(queue, handle, tmp_path, poll_s=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert calls, "the job never reached the slow part"
+        time.sleep(0.4)
+        asked = time.monotonic()
+        queue.cancel(job_id)
+        while queue.get(job_id).state == "running" and time.monotonic() - asked < 10:
+            time.sleep(0.02)
+        took = time.monotonic() - asked
+    finally:
+        worker.stop()
+    row = queue.get(job_id)
+    assert row.state == "cancelled" and where in row.error, row.error
+    assert took < 2.0, f"cancel took {took:.2f} s while {where}"
+    assert queue.get(job_id).step == 0

@@ -274,11 +274,11 @@ def test_cli_trains_a_job_file_and_fails_readably(tmp_path):
     pipe = sd1_pipeline(tmp_path)
     pipe.save_pretrained(tmp_path / "model")
     _dataset(tmp_path / "data", n=2)
-    job = jobs.job_to_dict(_job(tmp_path, steps=2, output_dir=str(tmp_path / "cli-out")))
+    job = jobs.job_to_dict(_job(tmp_path, steps=2, output_dir="cli-out"))
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAQ_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
     ok = subprocess.run([sys.executable, "-m", "trainer", "train", str(tmp_path / "job.json"), "--model",
-                         str(tmp_path / "model")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                         str(tmp_path / "model"), "--out", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "cli-out" / "t.safetensors").exists()
     job["lr"] = -1

@@ -162,7 +162,7 @@ def test_a_merge_tells_the_host_so_the_webui_lists_the_new_lora(tmp_path):
 
 
 def test_results_list_final_then_checkpoints_by_step(tmp_path):
-    job = jobs.StandardJob(name="style", output_dir=str(tmp_path))
+    job = jobs.StandardJob(name="style")
     for name in ("style", "style-000200", "style-000100", "style_other"):
         (tmp_path / f"{name}.safetensors").write_bytes(b"x")
     files = results.checkpoints([str(tmp_path / "style.safetensors")], job, tmp_path)

@@ -19,6 +19,19 @@ def cache_dir() -> Path:
     return data_dir() / "cache"
 
 
+def output_folder(output_root: str | Path, output_dir: str) -> Path:
+    """The folder a job writes to, ``output_dir`` below ``output_root``; raises ValueError when a link
+    (or anything the field check let through) leads outside the root."""
+    root = Path(output_root)
+    if not output_dir:
+        return root
+    target = root / output_dir
+    real_root, real = root.resolve(), target.resolve()
+    if os.path.isabs(output_dir) or (real != real_root and real_root not in real.parents):
+        raise ValueError(f"output folder '{output_dir}' leads outside {root}; choose a folder inside it")
+    return target
+
+
 def write_atomic(path: str | Path, blob: bytes) -> Path:
     """Write ``blob`` to ``path`` through a temporary file in the same folder."""
     path = Path(path)
@@ -34,3 +47,29 @@ def write_atomic(path: str | Path, blob: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` lives on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete what :func:`write_atomic` left under ``folder`` when its process was killed mid-write
+    (``.NAME.PID.tmp`` whose process is gone); returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.rglob(".*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

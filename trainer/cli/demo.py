@@ -31,7 +31,7 @@ def draw_dataset(folder: Path, n: int = 6, seed: int = 0) -> Path:
 
 def demo_job(dataset: Path, out: Path, steps: int) -> jobs.StandardJob:
     return jobs.StandardJob(
-        name="demo_square", output_dir=str(out), overwrite=True, model="demo", dataset_dir=str(dataset),
+        name="demo_square", overwrite=True, model="demo", dataset_dir=str(dataset),
         resolution=64, min_bucket_reso=64, max_bucket_reso=128, network_dim=4, network_alpha=4.0,
         steps=steps, batch_size=2, lr=2e-3, lr_scheduler="cosine", lr_warmup_steps=min(10, steps - 1),
         save_precision="fp32", mixed_precision="no", seed=1)

@@ -32,9 +32,15 @@ def _open(args):
 
 
 def cmd_add(args) -> int:
-    ids = _open(args).add_many([load_job(path) for path in args.jobs])
+    from trainer.queue.admission import Admission
+
+    queue = _open(args)
+    out = Path(args.out) if args.out else paths.default_output_dir()
+    ids = queue.add_many([load_job(path) for path in args.jobs], admission=Admission(out))
     for job_id in ids:
         print(job_id)
+        for warning in queue.get(job_id).warnings:
+            print(f"warning: job {job_id}: {warning}", file=sys.stderr)
     return 0
 
 
@@ -62,6 +68,8 @@ def cmd_show(args) -> int:
           + (f"  {r.it_per_s:.2f} it/s" if r.it_per_s else ""))
     if r.error:
         print(f"  error: {r.error}")
+    for warning in r.warnings:
+        print(f"  warning: {warning}")
     for path in r.outputs:
         print(f"  output: {path}")
     if args.history:
@@ -89,6 +97,7 @@ def _operation(name: str):
 def cmd_run(args) -> int:
     from trainer.train.context import JobContext
     from trainer.models.loading import ModelCache
+    from trainer.queue.store import QueueError
     from trainer.queue.worker import Worker
 
     queue = _open(args)
@@ -115,8 +124,16 @@ def cmd_run(args) -> int:
                     lambda row: JobContext(output_dir=out, cache_dir=paths.cache_dir()), poll_s=args.poll)
     worker.subscribe(report)
     # The worker trains in a thread; this (main) thread only waits, so Ctrl+C never lands inside torch.
+    refused = []
+
+    def until_empty() -> None:
+        try:
+            worker.run_until_empty()
+        except QueueError as e:             # e.g. another worker runs: reported by run() like the others
+            refused.append(e)
+
     if args.until_empty:
-        thread = threading.Thread(target=worker.run_until_empty, name="lora-queue-run", daemon=True)
+        thread = threading.Thread(target=until_empty, name="lora-queue-run", daemon=True)
         thread.start()
     else:
         worker.start()
@@ -138,6 +155,8 @@ def cmd_run(args) -> int:
             thread.join(0.5)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if refused:
+        raise refused[0]
     return 0 if interrupted else (1 if failed else 0)
 
 
@@ -161,6 +180,8 @@ def add_parser(subparsers) -> None:
 
     add = sub.add_parser("add", help="validate job files and queue them (prints their ids)")
     add.add_argument("jobs", nargs="+", metavar="JOB.json")
+    add.add_argument("--out", help="the output root `queue run --out` will use, to check names against "
+                                   f"(default {paths.default_output_dir()})")
     add.set_defaults(queue_func=cmd_add)
 
     listing = sub.add_parser("list", help="jobs in queue order with their state and progress")
@@ -188,7 +209,7 @@ def add_parser(subparsers) -> None:
     runner = sub.add_parser("run", help="run the worker: train queued jobs one after another")
     runner.add_argument("--until-empty", action="store_true", help="exit when no job is queued")
     runner.add_argument("--model", help="'demo', a diffusers folder or a checkpoint (overrides the jobs' model)")
-    runner.add_argument("--out", help=f"output folder for jobs without one (default {paths.default_output_dir()})")
+    runner.add_argument("--out", help=f"output root; a job's output_dir is a folder inside it (default {paths.default_output_dir()})")
     runner.add_argument("--poll", type=float, default=2.0, help="seconds between looks at an empty queue")
     runner.add_argument("--resume-interrupted", action="store_true",
                         help="first resume the jobs a crash or kill interrupted, from their last saved state")

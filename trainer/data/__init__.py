@@ -12,13 +12,28 @@ The pieces, in the order a training run uses them:
 """
 from __future__ import annotations
 
-from trainer.data.buckets import assign_buckets, bucket_for, make_buckets
-from trainer.data.caches import LatentCache, TextEmbeddingCache, latent_key
-from trainer.data.captions import process_caption, split_tags
-from trainer.data.dataset import IMAGE_EXTENSIONS, Dataset, DatasetError, ImageItem, read_caption, scan_dataset
-from trainer.data.images import load_image_tensor, open_rgb, resize_and_crop
-from trainer.data.options import DatasetOptions
-from trainer.data.sampler import Batch, BatchSampler, collate
+from importlib import import_module
+from typing import Any
+
+# Names -> the module holding them. Loaded on first use (PEP 562): the scan (``dataset``) needs no torch,
+# so checking a dataset when a job is queued does not pay for importing it.
+_WHERE = {
+    "assign_buckets": "buckets", "bucket_for": "buckets", "make_buckets": "buckets",
+    "LatentCache": "caches", "TextEmbeddingCache": "caches", "latent_key": "caches",
+    "process_caption": "captions", "split_tags": "captions",
+    "IMAGE_EXTENSIONS": "dataset", "Dataset": "dataset", "DatasetError": "dataset", "ImageItem": "dataset",
+    "read_caption": "dataset", "scan_dataset": "dataset",
+    "load_image_tensor": "images", "open_rgb": "images", "resize_and_crop": "images",
+    "DatasetOptions": "options", "options_for": "options",
+    "Batch": "sampler", "BatchSampler": "sampler", "collate": "sampler",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'trainer.data' has no attribute {name!r}")
+    return getattr(import_module(f"trainer.data.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "IMAGE_EXTENSIONS", "Batch", "BatchSampler", "Dataset", "DatasetError", "DatasetOptions", "ImageItem",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict, defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,10 +37,12 @@ class LatentCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def get_latents(self, items_with_buckets: Sequence[tuple[ImageItem, tuple[int, int]]],
-                    handle: ModelHandle, batch_size: int = 4, flip: bool = False) -> dict[str, torch.Tensor]:
+                    handle: ModelHandle, batch_size: int = 4, flip: bool = False,
+                    check_stop: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
         """{latent_key: [C, h/f, w/f] float32 on CPU (f = ``handle.vae_scale``)} for every item (and its mirror image if ``flip``).
 
-        Only what is missing on disk is encoded, in batches that share a bucket.
+        Only what is missing on disk is encoded, in batches that share a bucket. ``check_stop`` runs before
+        each batch and raises to stop (a cancel must not wait for a thousand images).
         """
         identity = handle.identity
         wanted: dict[str, tuple[ImageItem, tuple[int, int], bool]] = {}
@@ -65,6 +67,7 @@ class LatentCache:
             keys = missing[bucket]
             for start in range(0, len(keys), max(1, batch_size)):
                 chunk = keys[start:start + batch_size]
+                check_stop()
                 pixels = torch.stack([load_image_tensor(wanted[k][0].path, bucket, wanted[k][2]) for k in chunk])
                 with torch.no_grad(), handle.lock():
                     latents = handle.encode_images(pixels).detach().float().cpu()

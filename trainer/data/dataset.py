@@ -13,7 +13,6 @@ from typing import Iterator, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from trainer.data.captions import split_tags
-from trainer.data.images import _EXIF_ORIENTATION
 from trainer.data.options import DatasetOptions
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -205,8 +204,11 @@ def inspect_image(path: Path, verify: bool) -> tuple[int, int, str]:
     return size + (hashlib.sha256(data).hexdigest(),)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def _oriented_size(img: Image.Image) -> tuple[int, int]:
-    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     # Orientations 5-8 rotate by 90 degrees: the trained image has the sides swapped.
     return (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
 

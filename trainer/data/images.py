@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageOps
 
 
-_EXIF_ORIENTATION = 0x0112
+from trainer.data.dataset import EXIF_ORIENTATION
 
 
 def resize_and_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -258,6 +258,18 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
     return out
 
 
+def output_dir_problem(value: str) -> str | None:
+    """Outputs stay inside the output folder: ``output_dir`` is a relative folder without ``..``."""
+    if not value:
+        return None
+    if value.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", value):
+        return (f"output folder '{value}' must be a folder inside the host's LoRA folder (a relative name such as "
+                "'styles/v2'), not an absolute path")
+    if ".." in re.split(r"[/\\]", value):
+        return f"output folder '{value}' must not contain '..': outputs stay inside the host's LoRA folder"
+    return None
+
+
 def _optimizer_args_problem(text: str) -> str | None:
     try:
         parse_optimizer_args(text)
@@ -304,8 +316,10 @@ FIELDS: dict[str, Field] = _registry(
           "saving", check=output_name_problem, defaults={"copier": "my_difference", "lcm": "my_lcm_lora"},
           kohya="output_name"),
     Field("output_dir", str, "", "output folder",
-          "Folder the LoRA is written to; created if missing. Empty = the host's LoRA folder "
-          "(WebUI: models/Lora; standalone: ./output).", "saving", path="output_dir", ui="folder"),
+          "Sub-folder of the host's LoRA folder the LoRA is written to (e.g. styles/v2); created if missing. "
+          "Empty = the LoRA folder itself (WebUI: models/Lora/lora_queue; standalone: $LORAQ_HOME/outputs "
+          "or queue run --out). Outputs never leave that folder.", "saving", path="output_dir",
+          check=output_dir_problem, ui="folder"),
     Field("overwrite", bool, False, "overwrite",
           "Replace an existing file of the same name. Off: the job fails before training if NAME.safetensors exists.",
           "saving"),

@@ -12,12 +12,6 @@ def _path_problem(f: Field, value: str, root: Path) -> str | None:
     path = path if path.is_absolute() else root / path
     if f.path == "model" and value == "demo":
         return None
-    if f.path == "output_dir":
-        if path.exists() and not path.is_dir():
-            return f"{f.label} '{value}' is a file, not a folder"
-        if not path.exists() and not path.parent.is_dir():
-            return f"{f.label} '{value}' cannot be created: its parent folder does not exist"
-        return None
     if not path.exists():
         return f"{f.label} '{value}' does not exist"
     if f.path == "dir" and not path.is_dir():
@@ -36,7 +30,7 @@ def validate_paths(job: Job, root: str | os.PathLike | None = None) -> dict[str,
     base = Path(root) if root is not None else Path.cwd()
     problems: dict[str, str] = {}
     for f in job.spec_fields:
-        if not f.path:
+        if not f.path or f.path == "output_dir":   # relative to the output root: see trainer.paths.output_folder
             continue
         value = getattr(job, f.name)
         entries = [v for v in (value if isinstance(value, list) else [value]) if v]

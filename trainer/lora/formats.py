@@ -183,6 +183,9 @@ def _low_rank_delta(up: torch.Tensor, down: torch.Tensor, group: KeyGroup, kind:
                     down_name: str) -> LowRankDelta:
     """A checked rank-r factor pair (the shared part of every up/down format)."""
     rank = down.shape[0]
+    if rank == 0 or up.dim() < 2 or up.shape[1] == 0:
+        raise LoraFormatError(f"{group.where()}: {down_name} has rank 0 (an empty factor): the file is damaged "
+                              "or was cut to nothing; use another LoRA")
     if up.shape[1] != rank:
         raise LoraFormatError(f"{group.where()}: {up_name} has rank {up.shape[1]}, {down_name} {rank}")
     geometry = _geometry_of_factors(up, down, group)

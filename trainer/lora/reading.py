@@ -8,6 +8,7 @@ the metadata or the key spellings, and each module's tensors go through the regi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +33,16 @@ class LoraFile:
 
     def delta(self, module: str) -> ModuleDelta:
         try:
-            return module_delta(self.groups[module])
+            delta = module_delta(self.groups[module])
         except LoraFormatError as e:
             raise LoraFileError(str(e)) from None
+        # NaN or inf would surface much later as an SVD failure, a NaN loss blamed on the learning rate or
+        # black images; every reader (start, copier, grid, merge) refuses it here, naming the module.
+        tensors = (delta.up, delta.down) if isinstance(delta, LowRankDelta) else (delta.weight,)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors) or not math.isfinite(getattr(delta, "scale", 1.0)):
+            raise LoraFileError(f"{self.path.name}: module {module} holds NaN or infinite values: the file is "
+                                "damaged (often a training run that diverged); use another LoRA or an earlier save")
+        return delta
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """{kohya key: (down, up, alpha)} in float32, in the module's own shapes (LoRA/LoCon/PEFT only)."""
@@ -104,3 +112,20 @@ def read_lora_factors(path: str | Path, expected_arch: str | None = None
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """{kohya key: (down, up, alpha)} in float32 from a LoRA/LoCon (or PEFT) file."""
     return open_lora(path, expected_arch).factors()
+
+
+def check_starting_point(path: str | Path, expected_arch: str | None = None, context_dim: int | None = None) -> int:
+    """Refuse ``path`` as a job's ``init_lora`` for everything knowable without the model; returns its module count.
+
+    Checks what :meth:`LoraNetwork.load_weights` would meet hours later: not a safetensors LoRA, damaged,
+    LoHa/LoKr, NaN, mismatched ranks, another architecture (by family and, given the model's
+    cross-attention width ``context_dim``, SD1 against SD2)."""
+    factors = open_lora(path, expected_arch).factors()
+    if context_dim:
+        for key, (down, _up, _alpha) in factors.items():
+            if key.endswith(("attn2_to_k", "attn2_to_v")) and down.shape[1] != context_dim:
+                raise LoraFileError(
+                    f"{Path(path).name}: its cross-attention ({key}) reads {down.shape[1]} text features, the model's "
+                    f"text encoder gives {context_dim}: the LoRA is for another architecture "
+                    "(SD1 768, SD2 1024, SDXL 2048)")
+    return len(factors)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from trainer import paths
 from trainer import jobs
+from trainer.queue.admission import Admission, admit, output_key
 if TYPE_CHECKING:
     from trainer.train.loop import Progress
 
@@ -45,7 +48,12 @@ RETRYABLE = ("failed", "stopped", "cancelled", "interrupted")
 RECENT_STEPS = 1000
 HISTORY_ROWS = 250
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: A worker writes its heartbeat at least this often, and one silent for HEARTBEAT_STALE_S is dead.
+HEARTBEAT_S = 2.0
+HEARTBEAT_STALE_S = 15.0
+#: Warnings kept per job (a dataset of 10,000 broken files gives one summary line, not 10,000).
+MAX_WARNINGS = 50
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -69,11 +77,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     lr REAL,
     it_per_s REAL,
     eta_s REAL,
-    phase TEXT NOT NULL DEFAULT ''
+    phase TEXT NOT NULL DEFAULT '',
+    warnings TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, position);
 CREATE INDEX IF NOT EXISTS jobs_by_position ON jobs(position);
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
+CREATE TABLE IF NOT EXISTS worker (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    heartbeat REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS progress (
     job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
     phase TEXT NOT NULL,
@@ -88,7 +103,7 @@ CREATE TABLE IF NOT EXISTS progress (
 
 #: Columns a listing reads (not the spec, not the traceback).
 _LIST_COLUMNS = ("id", "position", "name", "mode", "state", "created", "started", "finished", "error", "outputs",
-                 "resume", "request", "step", "total", "loss", "smoothed_loss", "lr", "it_per_s", "eta_s", "phase")
+                 "resume", "request", "step", "total", "loss", "smoothed_loss", "lr", "it_per_s", "eta_s", "phase", "warnings")
 
 
 class QueueError(Exception):
@@ -119,6 +134,7 @@ class JobRow:
     it_per_s: float | None
     eta_s: float | None
     phase: str
+    warnings: list[str]
     spec: str | None = None
     error_detail: str | None = None
 
@@ -171,43 +187,36 @@ def thinning_plan(latest: int, recent: int, history_rows: int) -> tuple[int, int
 # -- the worker's file lock (released by the OS when the process dies) ------------------------------
 
 class WorkerLock:
-    """An exclusive, non-blocking OS lock on ``path``; ``acquire()`` is False when another holder lives."""
+    """The OS lock a worker holds beside the database (``filelock``; released by the OS when the process dies).
+
+    ``acquire(timeout)`` waits that long: a process that only opens the store takes the lock for a moment
+    to see whether a worker lives (see :meth:`JobQueue.recover_interrupted`), and a worker starting in
+    that moment must not be refused. A deleted lock file cannot let a second worker in either: the store's
+    heartbeat (:meth:`JobQueue.live_worker`) is checked once the lock is held."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = None
+        self._lock = None
 
-    def acquire(self) -> bool:
+    def acquire(self, timeout: float = 0.0) -> bool:
+        from filelock import FileLock, Timeout
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+b")
         try:
-            if os.name == "nt":
-                import msvcrt
-                f.seek(0)
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
+            lock = FileLock(str(self.path), thread_local=False)   # taken by one thread, released by another
+        except TypeError:                                          # filelock < 3.10: no thread-local locks yet
+            lock = FileLock(str(self.path))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
             return False
-        self._file = f
+        self._lock = lock
         return True
 
     def release(self) -> None:
-        if self._file is None:
-            return
-        try:
-            if os.name == "nt":
-                import msvcrt
-                self._file.seek(0)
-                msvcrt.locking(self._file.fileno(), msvcrt.LK_UNLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-        finally:
-            self._file.close()
-            self._file = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def default_db_path() -> Path:
@@ -227,12 +236,25 @@ class JobQueue:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._generation = 0               # bumped when the file was deleted or replaced: threads reconnect
+        self._identity: tuple[int, int] | None = None
+        self.replaced = 0                  # how often that happened (the worker logs it)
+        try:
+            self._open()
+            self.recover_interrupted()
+        except sqlite3.Error as e:
+            raise QueueError(_store_problem(self.db_path, e)) from None
+
+    def _open(self) -> None:
+        """Connect and create or upgrade the schema (also after the file was replaced)."""
         db = self._db()
         if db.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
             raise QueueError(f"{self.db_path} was written by a newer LoRA Queue; update it to open this queue")
         db.executescript(_SCHEMA)
+        if "warnings" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:   # a version 1 store
+            db.execute("ALTER TABLE jobs ADD COLUMN warnings TEXT NOT NULL DEFAULT '[]'")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self.recover_interrupted()
+        self._identity = _file_identity(self.db_path)
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -241,7 +263,11 @@ class JobQueue:
         return self.db_path.with_name(self.db_path.name + ".worker.lock")
 
     def _db(self) -> sqlite3.Connection:
+        if self._identity is not None and _file_identity(self.db_path) != self._identity:
+            self._reopen()
         db = getattr(self._local, "db", None)
+        if db is not None and getattr(self._local, "generation", 0) != self._generation:
+            db = None                      # this thread's connection still points at the old file
         if db is None:
             db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -249,15 +275,33 @@ class JobQueue:
             db.execute("PRAGMA journal_size_limit=1048576")   # the WAL shrinks back to 1 MB after a checkpoint
             db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
+            self._local.generation = self._generation
             with self._connections_lock:
                 self._connections.append(db)
         return db
 
+    def _reopen(self) -> None:
+        """The database file was deleted or replaced while open (by hand, a sync tool, a restore): every
+        connection still reads the old file, so new jobs would never be seen. Connect to what is there now
+        (an empty queue if it was deleted) and say so once."""
+        with self._connections_lock:
+            if _file_identity(self.db_path) == self._identity:
+                return                     # another thread reconnected meanwhile
+            for db in self._connections:
+                db.close()
+            self._connections.clear()
+            self._generation += 1
+            self._identity = None
+            self.replaced += 1
+        print(f"lora-queue: the queue database {self.db_path} was deleted or replaced while open; "
+              "using the file there now", file=sys.stderr)
+        self._open()
+
     class _Write:
         """``with self._write() as db:`` one IMMEDIATE transaction (one writer at a time, across processes)."""
 
-        def __init__(self, db: sqlite3.Connection):
-            self.db = db
+        def __init__(self, db: sqlite3.Connection, path: Path):
+            self.db, self.path = db, path
 
         def __enter__(self) -> sqlite3.Connection:
             self.db.execute("BEGIN IMMEDIATE")
@@ -265,9 +309,11 @@ class JobQueue:
 
         def __exit__(self, kind, value, tb) -> None:
             self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            if isinstance(value, sqlite3.OperationalError) and "readonly" in str(value):
+                raise QueueError(_store_problem(self.path, value)) from None
 
     def _write(self) -> "_Write":
-        return JobQueue._Write(self._db())
+        return JobQueue._Write(self._db(), self.db_path)
 
     def close(self) -> None:
         with self._connections_lock:
@@ -281,6 +327,7 @@ class JobQueue:
         data = dict(zip(columns, values))
         data["outputs"] = json.loads(data["outputs"])
         data["resume"] = bool(data["resume"])
+        data["warnings"] = json.loads(data["warnings"])
         return JobRow(**data)
 
     def _require(self, db: sqlite3.Connection, job_id: int) -> tuple[str, str]:
@@ -294,29 +341,56 @@ class JobQueue:
 
     # -- adding ------------------------------------------------------------------------------------
 
-    def add(self, job: jobs.Job, root: str | os.PathLike | None = None) -> int:
-        """Validate ``job`` (fields and paths, relative to ``root`` or the current folder) and queue it."""
-        return self.add_many([job], root)[0]
+    def add(self, job: jobs.Job, root: str | os.PathLike | None = None, admission: Admission | None = None) -> int:
+        """Check ``job`` (see :mod:`trainer.queue.admission`; relative inputs from ``root`` or the current
+        folder) and queue it."""
+        return self.add_many([job], root, admission)[0]
 
-    def add_many(self, many: Sequence[jobs.Job], root: str | os.PathLike | None = None) -> list[int]:
-        """Queue several jobs in one transaction (a sweep); nothing is queued if one is invalid."""
+    def add_many(self, many: Sequence[jobs.Job], root: str | os.PathLike | None = None,
+                 admission: Admission | None = None) -> list[int]:
+        """Queue several jobs in one transaction (a sweep); nothing is queued if one is refused.
+
+        ``admission``: what the caller knows (output root, allowed input folders, the model); default:
+        the standalone output folder, inputs anywhere."""
+        admission = admission or Admission(paths.default_output_dir())
+        base = Path(root or Path.cwd())
+        taken = self._output_keys()
         specs = []
         for job in many:
-            try:
-                jobs.check_job(job, root)
-            except jobs.JobError as e:
-                raise jobs.JobError(f"job '{job.name}' not queued: {e.message}", field=e.field,
-                                    errors=e.errors) from None
-            specs.append((job.name, job.mode, _spec_with_absolute_paths(job, Path(root or Path.cwd()))))
+            errors, warnings = admit(job, base, admission, taken)
+            if errors:
+                raise jobs.JobError(f"job '{job.name}' not queued: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
+                                    if len(errors) > 1 else f"job '{job.name}' not queued: {next(iter(errors.values()))}",
+                                    field=next(iter(errors)), errors=errors)
+            taken[output_key(job)] = f"job '{job.name}' (queued with it)"
+            warnings = [f"{k}: {v}" for k, v in job.warnings.items()] + warnings
+            specs.append((job.name, job.mode, _spec_with_absolute_paths(job, base), json.dumps(warnings)))
         now = time.time()
         with self._write() as db:
             position = self._next_position(db)
             ids = []
-            for i, (name, mode, spec) in enumerate(specs):
-                cur = db.execute("INSERT INTO jobs (position, name, mode, spec, state, created) "
-                                 "VALUES (?, ?, ?, ?, 'queued', ?)", (position + i, name, mode, spec, now))
+            for i, (name, mode, spec, warnings) in enumerate(specs):
+                cur = db.execute("INSERT INTO jobs (position, name, mode, spec, state, created, warnings) "
+                                 "VALUES (?, ?, ?, ?, 'queued', ?, ?)", (position + i, name, mode, spec, now, warnings))
                 ids.append(cur.lastrowid)
         return ids
+
+    def _output_keys(self) -> dict[str, str]:
+        """output key -> "job N 'name'" for every job that will still write (queued, running, resumable stops)."""
+        rows = self._db().execute("SELECT id, name, spec FROM jobs WHERE state IN "
+                                  "('queued', 'running', 'stopped', 'interrupted')").fetchall()
+        return {output_key(jobs.job_from_json(spec)): f"job {job_id} '{name}'" for job_id, name, spec in rows}
+
+    def add_warning(self, job_id: int, message: str) -> None:
+        """Keep a warning with the job (shown by ``queue show`` and the tab); the same text is kept once."""
+        with self._write() as db:
+            found = db.execute("SELECT warnings FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if found is None:
+                return
+            kept = json.loads(found[0])
+            if message not in kept and len(kept) < MAX_WARNINGS:
+                kept.append(message)
+                db.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps(kept), job_id))
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -453,6 +527,11 @@ class JobQueue:
 
     # -- what the worker calls -----------------------------------------------------------------------
 
+    def request_of(self, job_id: int) -> str | None:
+        """The request (cancel, save_and_stop) waiting for a running job, or None."""
+        found = self._db().execute("SELECT request FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return found[0] if found else None
+
     def claim_next(self) -> JobRow | None:
         """Mark the first queued job running and return it (None when nothing is queued)."""
         with self._write() as db:
@@ -499,14 +578,40 @@ class JobQueue:
                 self._thin(db, job_id, phase, latest, 0)
 
     def recover_interrupted(self) -> list[int]:
-        """Mark ``running`` jobs ``interrupted`` when no worker is alive (none holds the worker lock)."""
+        """Mark ``running`` jobs ``interrupted`` when no worker is alive (none holds the worker lock and
+        none beats: see :meth:`live_worker`)."""
         lock = WorkerLock(self.worker_lock_path)
         if not lock.acquire():
             return []
         try:
-            return self._mark_interrupted()
+            return [] if self.live_worker() else self._mark_interrupted()
         finally:
             lock.release()
+
+    def beat(self) -> None:
+        """The worker's heartbeat (at most every HEARTBEAT_S seconds while it lives, idle or training)."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO worker (id, pid, host, heartbeat) VALUES (1, ?, ?, ?)",
+                       (os.getpid(), socket.gethostname(), time.time()))
+
+    def live_worker(self) -> str | None:
+        """Who else works on this store, if a worker other than this process beat recently, else None."""
+        found = self._db().execute("SELECT pid, host, heartbeat FROM worker WHERE id = 1").fetchone()
+        if found is None:
+            return None
+        pid, host, heartbeat = found
+        if pid == os.getpid() and host == socket.gethostname():
+            return None
+        if time.time() - heartbeat > HEARTBEAT_STALE_S:
+            return None
+        if host == socket.gethostname() and not paths.process_alive(pid):
+            return None
+        return f"process {pid} on {host} (last heard of {time.time() - heartbeat:.0f} s ago)"
+
+    def end_beat(self) -> None:
+        """The worker stops: others may start at once."""
+        with self._write() as db:
+            db.execute("DELETE FROM worker WHERE id = 1 AND pid = ? AND host = ?", (os.getpid(), socket.gethostname()))
 
     def _mark_interrupted(self) -> list[int]:
         with self._write() as db:
@@ -517,6 +622,30 @@ class JobQueue:
                            "WHERE id = ?", (time.time(), f"the process ended while this job ran (at step {step}); "
                                             "resume continues it from its last save", job_id))
         return found
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _store_problem(path: Path, e: sqlite3.Error) -> str:
+    """A message for the user when the store cannot be opened or written."""
+    text = str(e)
+    if "readonly" in text or "read-only" in text or not os.access(path.parent, os.W_OK) or (
+            path.exists() and not os.access(path, os.W_OK)):
+        return (f"the queue database {path} is read-only ({text}): LoRA Queue must write it, even to list jobs "
+                "(it records interrupted jobs). Make it and its folder writable, or set LORAQ_HOME to a "
+                "writable folder")
+    if "unable to open" in text:
+        return f"cannot open the queue database {path} ({text}); check that its folder exists and is writable"
+    if "malformed" in text or "not a database" in text:
+        return (f"the queue database {path} is damaged ({text}); move it aside (the jobs in it are lost) "
+                "and LoRA Queue starts a new one")
+    return f"the queue database {path} cannot be used: {text}"
 
 
 def _spec_with_absolute_paths(job: jobs.Job, root: Path) -> str:
@@ -530,6 +659,8 @@ def _spec_with_absolute_paths(job: jobs.Job, root: Path) -> str:
         return str(path if path.is_absolute() else (root / path).resolve())
 
     for f in job.spec_fields:
+        if f.path == "output_dir":       # relative to the worker's output root, never to the current folder
+            continue
         if f.path and isinstance(data.get(f.name), str):
             data[f.name] = absolute(data[f.name])
         elif f.path and isinstance(data.get(f.name), list):

@@ -15,10 +15,14 @@ from typing import Callable
 
 from trainer import jobs, paths
 from trainer.models.handle import ModelHandle
-from trainer.queue.store import JobQueue, JobRow, QueueError, QueueEvent, WorkerLock
+from trainer.queue.store import HEARTBEAT_S, JobQueue, JobRow, QueueError, QueueEvent, WorkerLock
 from trainer.train.context import JobContext
 from trainer.train.loop import Control, Progress, Stopped
 from trainer.train.runner import run_job
+
+
+#: How often a running job's requests are read while no step reports (cancel must act within 2 s).
+REQUEST_POLL_S = 0.5
 
 
 HandleProvider = Callable[[jobs.Job], ModelHandle]
@@ -48,6 +52,8 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        self._beating = threading.Event()     # set: the heartbeat thread ends
+        self._beater: threading.Thread | None = None
         self.current: int | None = None
 
     # -- events ------------------------------------------------------------------------------------
@@ -69,9 +75,37 @@ class Worker:
     # -- running -----------------------------------------------------------------------------------
 
     def _acquire(self) -> None:
-        if not self._lock.acquire():
+        # A moment's wait: a process that merely opens the store holds the lock for a few milliseconds.
+        if not self._lock.acquire(timeout=2.0):
             raise QueueError(f"another worker is already running on {self.queue.db_path}")
+        other = self.queue.live_worker()
+        if other:                        # its lock file was deleted, or it is on another machine's share
+            self._lock.release()
+            raise QueueError(f"another worker is already running on {self.queue.db_path}: {other}")
         self.queue._mark_interrupted()   # we hold the lock: any 'running' job belongs to a dead worker
+        for tmp in paths.remove_stale_temporaries(self.queue.db_path.parent / "jobs"):
+            print(f"lora-queue: removed {tmp}, left by a process killed while writing it", file=sys.stderr)
+        self.queue.beat()
+        self._beating.clear()
+        self._beater = threading.Thread(target=self._beat, name="lora-queue-heartbeat", daemon=True)
+        self._beater.start()
+
+    def _beat(self) -> None:
+        while not self._beating.wait(HEARTBEAT_S):
+            try:
+                self.queue.beat()
+            except Exception as e:  # a store gone read-only: the next job write reports it
+                print(f"lora-queue: cannot write the worker's heartbeat: {e}", file=sys.stderr)
+
+    def _release(self) -> None:
+        self._beating.set()
+        if self._beater is not None:
+            self._beater.join()
+            self._beater = None
+        try:
+            self.queue.end_beat()
+        finally:
+            self._lock.release()
 
     def run_until_empty(self) -> list[int]:
         """Run queued jobs in this thread until none is left; returns the ids that ran."""
@@ -86,7 +120,7 @@ class Worker:
                 ran.append(row.id)
             return ran
         finally:
-            self._lock.release()
+            self._release()
 
     def start(self) -> None:
         """Start the background thread (it polls the store every ``poll_s`` seconds when idle)."""
@@ -128,7 +162,7 @@ class Worker:
                     continue
                 self.run_job_row(row)
         finally:
-            self._lock.release()
+            self._release()
 
     def run_job_row(self, row: JobRow) -> str:
         """Run one claimed (running) job to its end state; every failure becomes the row's error."""
@@ -143,15 +177,31 @@ class Worker:
             control.save_and_stop = request == "save_and_stop"
             self._publish(QueueEvent(row.id, "progress", progress=p))
 
+        # Between steps the request comes with each progress record; before the first step (scanning,
+        # caching latents, the LCM teacher's images) no step reports, so a watcher reads it.
+        finished = threading.Event()
+
+        def watch_requests() -> None:
+            while not finished.wait(REQUEST_POLL_S):
+                try:
+                    request = self.queue.request_of(row.id)
+                except Exception:   # a store gone away is reported by the job's own writes
+                    return
+                control.cancel = control.cancel or request == "cancel"
+                control.save_and_stop = control.save_and_stop or request == "save_and_stop"
+
+        watcher = threading.Thread(target=watch_requests, name=f"lora-queue-requests-{row.id}", daemon=True)
+        watcher.start()
+
         state, error, detail, outputs = "failed", None, None, []
         try:
             job = row.job
             handle = self.handle_provider(job)
-            ctx = replace(self.ctx_factory(row), events=on_progress, control=control, resume=row.resume)
+            ctx = replace(self.ctx_factory(row), events=on_progress, control=control, resume=row.resume,
+                          on_warning=lambda message: self.queue.add_warning(row.id, message))
             if ctx.work_dir is None:       # each queued job works in its own folder beside the store
                 ctx = replace(ctx, work_dir=self.queue.db_path.parent / "jobs" / str(row.id))
-            _remove_stale_temporaries(Path(job.output_dir) if job.output_dir else ctx.output_dir, ctx.work_dir,
-                                      job.name)
+            _remove_stale_temporaries(paths.output_folder(ctx.output_dir, job.output_dir), ctx.work_dir, job.name)
             result = run_job(job, handle, ctx)
             state, outputs = "done", [str(p) for p in result.saved]
             if result.stopped_early:
@@ -163,6 +213,7 @@ class Worker:
         except Exception as e:
             error, detail = f"{type(e).__name__}: {e}", traceback.format_exc()
         finally:
+            finished.set()
             self.current = None   # run_job freed the job's memory (and emptied the CUDA cache)
         self.queue.finish(row.id, state, error, detail, outputs)
         self._publish(QueueEvent(row.id, "state", state=state, error=error))

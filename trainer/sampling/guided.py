@@ -7,7 +7,7 @@ seed on the CPU, so a seed gives the same image on every device.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -57,16 +57,19 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device) -> torch.
 
 @torch.no_grad()
 def ddim_latents(handle: ModelHandle, noise: torch.Tensor, cond: Cond, uncond: Cond, *, steps: int = 50,
-                 cfg: float = 8.5, trajectory: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                 cfg: float = 8.5, trajectory: dict[int, torch.Tensor] | None = None,
+                 check_stop: Callable[[], None] = lambda: None) -> torch.Tensor:
     """The teacher's guided DDIM sample (trailing timesteps, WebUI scale ``cfg``) from ``noise``: its final x0.
 
-    ``trajectory``, if given, receives z_t before each step, keyed by t."""
+    ``trajectory``, if given, receives z_t before each step, keyed by t; ``check_stop`` runs before each step
+    and raises to stop."""
     device = noise.device
     both = pad_cat(uncond, cond).to(device, handle.dtype)
     abar = handle.alphas_cumprod.to(device)
     ts = ddim_timesteps(steps)
     z = noise.float()
     for i, t in enumerate(ts):
+        check_stop()
         if trajectory is not None:
             trajectory[t] = z.clone()
         out = handle.predict(torch.cat([z, z]).to(handle.dtype), torch.full((2 * len(z),), t, device=device), both).float()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from trainer import jobs
+from trainer import jobs, paths
 from trainer.train.loop import Control, EventSink, LoopResult, Outputs, TrainingLoop
 
 
@@ -14,7 +14,7 @@ from trainer.train.loop import Control, EventSink, LoopResult, Outputs, Training
 class JobContext:
     """What the caller (CLI, queue, WebUI) provides around a job."""
 
-    output_dir: Path                 # used when the job leaves output_dir empty
+    output_dir: Path                 # the output root: a job's output_dir is a folder below it
     cache_dir: Path                  # latent cache, shared across jobs
     events: EventSink | None = None
     control: Control = field(default_factory=Control)
@@ -22,6 +22,14 @@ class JobContext:
     log: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr))
     #: The job's own folder (state, loss log, previews, temporary files); None = ``work/NAME`` beside the cache.
     work_dir: Path | None = None
+    #: Where warnings are kept beyond the log (the queue stores them with the job); None: the log only.
+    on_warning: Callable[[str], None] | None = None
+
+    def warn(self, message: str) -> None:
+        """Something the user should know about the job's result: logged, and kept with the job."""
+        self.log(f"warning: {message}")
+        if self.on_warning is not None:
+            self.on_warning(message)
 
     def job_folder(self, name: str) -> Path:
         return Path(self.work_dir) if self.work_dir is not None else Path(self.cache_dir).parent / "work" / name
@@ -29,7 +37,11 @@ class JobContext:
 
 def job_outputs(job, ctx: JobContext) -> Outputs:
     """The output paths of a job; refuses to overwrite a finished LoRA unless asked."""
-    outputs = Outputs(Path(job.output_dir) if job.output_dir else ctx.output_dir, job.name, ctx.job_folder(job.name))
+    try:
+        folder = paths.output_folder(ctx.output_dir, job.output_dir)
+    except ValueError as e:
+        raise jobs.JobError(str(e), field="output_dir") from None
+    outputs = Outputs(folder, job.name, ctx.job_folder(job.name))
     if outputs.final.exists() and not job.overwrite and not ctx.resume:
         raise jobs.JobError(f"{outputs.final} already exists: choose another name or tick overwrite", field="name")
     return outputs
@@ -46,6 +58,8 @@ def run_loop(loop: TrainingLoop, compute_loss, ctx: JobContext, restore_extra=No
     finally:
         loop.network.detach()
         loop.network.enable()   # the loop leaves it disabled (see TrainingLoop.run)
+    for warning in result.warnings:
+        ctx.warn(warning)
     if not result.stopped_early:   # stop-and-save keeps the state so that resume can finish the job
         loop.outputs.state.unlink(missing_ok=True)
     return result

@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -47,6 +47,13 @@ class Control:
 
     cancel: bool = False
     save_and_stop: bool = False
+
+    def check(self, doing: str) -> None:
+        """Between the pieces of work before training (caching latents, the LCM teacher's images): there is
+        nothing to save yet, so stop-and-save stops like cancel. What is cached stays for a retry."""
+        if self.cancel or self.save_and_stop:
+            raise Stopped(f"cancelled while {doing}, before training started; what was cached is kept, so a "
+                          "retry starts from it")
 
 
 @dataclass
@@ -143,6 +150,28 @@ class LoopResult:
     steps_done: int
     losses: list[float]
     stopped_early: bool = False
+    warnings: list[str] = field(default_factory=list)   # for the user: kept with the job
+
+
+#: The smoothed loss ending this many times above its lowest point means the run diverged.
+DIVERGED_RATIO = 10.0
+
+
+def divergence_warning(losses: Sequence[float], phase: str = "") -> str | None:
+    """A warning when the smoothed loss (the curve the tab plots) ended far above its lowest point."""
+    if len(losses) < 20:
+        return None
+    smoothed, lowest, lowest_at = math.nan, math.inf, 0
+    for step, loss in enumerate(losses, 1):
+        smoothed = loss if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * loss
+        if smoothed < lowest:
+            lowest, lowest_at = smoothed, step
+    if lowest > 0 and smoothed > DIVERGED_RATIO * lowest:
+        where = f"{phase}: " if phase else ""
+        return (f"{where}the loss diverged: smoothed {lowest:.4g} at step {lowest_at}, {smoothed:.4g} at the end "
+                f"({smoothed / lowest:.0f}x); the LoRA is probably broken. Lower the learning rate, or use an "
+                f"earlier checkpoint (save every N steps)")
+    return None
 
 
 def param_groups(network: LoraNetwork, lr: float, text_encoder_lr: float) -> list[dict]:
@@ -285,8 +314,9 @@ class TrainingLoop:
                                  (s.steps - self.step) / rate if rate else math.inf, s.phase))
         final = self.save_lora(self.outputs.final)
         self.saved.append(final)
+        diverged = divergence_warning(self.losses, s.phase)
         return LoopResult(final, list(self.saved), self.step, list(self.losses),
-                          stopped_early=self.step < s.steps)
+                          stopped_early=self.step < s.steps, warnings=[diverged] if diverged else [])
 
     def _one_step(self, compute_loss: Callable[[int], torch.Tensor], params: list[torch.nn.Parameter]) -> float:
         """1. forward/backward over the accumulation micro-batches  2. guard  3. clip  4. step."""

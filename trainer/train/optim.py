@@ -59,6 +59,22 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, args: dict[st
     raise OptimizerError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
+def check_optimizer(name: str, lr: float, args: dict[str, Any] | None) -> None:
+    """Build the optimizer on a tiny parameter and take one step: refuses, when a job is queued, the
+    arguments it would refuse hours later (unknown keywords, a text where a number goes, a tuple's shape)."""
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    try:
+        optimizer = make_optimizer(name, [{"params": [param]}], lr, args)
+        param.grad = torch.full_like(param, 1e-3)
+        optimizer.step()
+    except OptimizerError:
+        raise
+    except Exception as e:  # each optimizer reports bad arguments in its own way (TypeError, ValueError, ...)
+        given = " ".join(f"{k}={v}" for k, v in (args or {}).items())
+        raise OptimizerError(f"{name} does not accept the optimizer arguments '{given}': {e}",
+                             field="optimizer_args") from None
+
+
 # -- schedules: multiplier of the base lr at a step ---------------------------------------------------
 
 def constant(step: int, warmup: int, total: int) -> float:

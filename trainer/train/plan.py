@@ -23,13 +23,7 @@ def declared(job: jobs.Job, name: str):
     return jobs.FIELDS[name].default_for(job.scope)
 
 
-def dataset_options(job) -> data.DatasetOptions:
-    return data.DatasetOptions(
-        folder=job.dataset_dir, caption_extension=job.caption_extension, trigger_word=job.trigger_word,
-        shuffle_captions=job.shuffle_captions, keep_tokens=job.keep_tokens, caption_dropout=job.caption_dropout,
-        flip_horizontal=job.flip_horizontal, resolution=job.resolution, enable_buckets=job.enable_buckets,
-        bucket_no_upscale=job.bucket_no_upscale, min_bucket_reso=job.min_bucket_reso,
-        max_bucket_reso=job.max_bucket_reso)
+dataset_options = data.options_for
 
 
 def loop_settings(settings, job, phase: str = "") -> LoopSettings:

@@ -22,7 +22,7 @@ SEEDS = (1, 2, 3)
 
 def checkpoints(row_outputs: Sequence[str], job: jobs.Job, lora_dir: Path) -> list[str]:
     """The job's LoRA files, final first, then the intermediate ``NAME-000500`` checkpoints by step."""
-    folder = Path(job.output_dir) if job.output_dir else Path(lora_dir)
+    folder = Path(lora_dir) / job.output_dir
     final = [p for p in row_outputs if Path(p).name == f"{job.name}.safetensors" and Path(p).is_file()]
     pattern = re.compile(re.escape(job.name) + r"-(\d+)\.safetensors\Z")
     found = sorted((int(m.group(1)), str(p)) for p in folder.glob(f"{job.name}-*.safetensors")

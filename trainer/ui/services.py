@@ -19,6 +19,7 @@ from trainer import paths
 from trainer import jobs
 from trainer.models.handle import ModelHandle
 from trainer.train.context import JobContext
+from trainer.queue.admission import Admission
 from trainer.queue.store import JobQueue, JobRow
 from trainer.models.loading import ModelCache
 from trainer.queue.worker import Worker
@@ -35,6 +36,16 @@ class UiServices:
     model_label: str = ""                            # shown in the header: which model jobs train on
     root: Path = field(default_factory=Path.cwd)     # relative paths in a job are taken from here
     lora_written: Callable[[Path], None] = lambda path: None   # a merge wrote a LoRA (the WebUI re-lists them)
+    #: Folders a job may read from (the WebUI's settings; uploads and the data folder always); None: anywhere.
+    input_roots: tuple[Path, ...] | None = None
+    #: (arch, cross-attention width) of the model jobs train, when the host knows it without loading anything.
+    model_facts: Callable[[], tuple[str | None, int | None]] = lambda: (None, None)
+
+    def admission(self) -> Admission:
+        """What a job queued from the tab is checked against (see :mod:`trainer.queue.admission`)."""
+        roots = None if self.input_roots is None else (*self.input_roots, self.data_dir)
+        arch, context_dim = self.model_facts()
+        return Admission(self.lora_dir, roots, arch, context_dim, model_given=True)
 
     @property
     def presets_dir(self) -> Path:

@@ -127,13 +127,13 @@ class TrainPanel:
             data = self._job_dict(mode, values)
             try:
                 job = jobs.job_from_dict(data)
-                job_id = self.services.queue.add(job, root=self.services.root)
+                job_id = self.services.queue.add(job, root=self.services.root, admission=self.services.admission())
             except jobs.JobError as e:
                 errors = {**self._path_problems(data), **e.errors}
                 return self._error_updates(mode, errors, e.message)
             if self.services.worker is not None:
                 self.services.worker.wake()
-            notes = "".join(f"\n- ⚠ {k}: {v}" for k, v in job.warnings.items())
+            notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(job_id).warnings)
             return self._error_updates(mode, {}, "") [:-1] + [
                 gr.update(value=f"✔ queued **{job.name}** as job {job_id}{notes}")]
 

@@ -377,7 +377,10 @@ class _JobEvents:
         return forward
 
     def message(self, phase: str, text: str, step: int) -> None:
-        self.ctx.log(text)
+        if text.startswith("warning: "):
+            self.ctx.warn(text[len("warning: "):])    # kept with the job, not only logged
+        else:
+            self.ctx.log(text)
         if self.ctx.events:
             base = self.last or Progress(step, self.total, math.nan, math.nan, 0.0, 0.0, math.inf)
             self.ctx.events(dataclasses.replace(base, step=step, total=self.total, phase=phase, message=text))

@@ -216,7 +216,8 @@ def read_prompts(job) -> list[str]:
 
 def teacher_latents(handle: ModelHandle, prompts: list[str], count: int, w: float, size: tuple[int, int],
                     seed: int, cache_dir: Path, log: Callable[[str], None] = lambda m: None,
-                    batch_size: int = 8) -> tuple[torch.Tensor, list[str]]:
+                    batch_size: int = 8, check_stop: Callable[[], None] = lambda: None
+                    ) -> tuple[torch.Tensor, list[str]]:
     """``count`` latents the base model generates (prompts in turn, seeds seed, seed + 1, ...; guided DDIM at
     WebUI CFG w + 1), cached on disk by model, prompts and settings: a second job starts at once."""
 
@@ -240,8 +241,8 @@ def teacher_latents(handle: ModelHandle, prompts: list[str], count: int, w: floa
         with torch.no_grad(), handle.lock():
             cond = handle.encode_prompts(captions[start:end], size)
             uncond = handle.uncond(end - start, size)
-            chunks.append(ddim_latents(handle, noise, cond, uncond,
-                                                    steps=TEACHER_SAMPLING_STEPS, cfg=w + 1).cpu())
+            chunks.append(ddim_latents(handle, noise, cond, uncond, steps=TEACHER_SAMPLING_STEPS, cfg=w + 1,
+                                       check_stop=check_stop).cpu())
     latents = torch.cat(chunks).contiguous()
     write_atomic(path, save({"latents": latents}, metadata={"prompts": json.dumps(captions)}))
     return latents, captions
@@ -270,9 +271,10 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
                                       max_bucket_reso=max(1024, job.resolution))
         dataset = data.scan_dataset(options)
         for warning in dataset.warnings:
-            ctx.log(f"warning: {warning}")
+            ctx.warn(warning)
         buckets = data.assign_buckets(dataset, options)
-        latents = data.LatentCache(ctx.cache_dir / "latents").get_latents(list(zip(dataset.items, buckets)), handle)
+        latents = data.LatentCache(ctx.cache_dir / "latents").get_latents(
+            list(zip(dataset.items, buckets)), handle, check_stop=lambda: ctx.control.check("caching latents"))
         sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
         identity = handle.identity
         return TrainingBatches(sampler, lambda b: data.collate(b, dataset, latents, identity, options),
@@ -280,7 +282,8 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
     prompts = read_prompts(job)
     size = (job.resolution, job.resolution)
     latents, captions = teacher_latents(handle, prompts, job.num_generated_images, job.guidance_scale, size,
-                                        job.seed, ctx.cache_dir, ctx.log)
+                                        job.seed, ctx.cache_dir, ctx.log,
+                                        check_stop=lambda: ctx.control.check("the teacher generated its images"))
     sampler = data.BatchSampler([1] * len(captions), [size] * len(captions), job.batch_size, job.seed)
     return TrainingBatches(sampler, lambda b: (latents[b.indices], [captions[i] for i in b.indices]),
                            len(captions), {"teacher": {p: captions.count(p) for p in prompts}})

@@ -23,12 +23,12 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
     options = dataset_options(job)
     dataset = data.scan_dataset(options)
     for warning in dataset.warnings:
-        ctx.log(f"warning: {warning}")
+        ctx.warn(warning)
     buckets = data.assign_buckets(dataset, options)
     cache = data.LatentCache(ctx.cache_dir / "latents")
     identity = handle.identity     # the latents' key for the whole job (a VAE changed meanwhile counts next job)
     latents = cache.get_latents(list(zip(dataset.items, buckets)), handle, batch_size=4,
-                                flip=options.flip_horizontal)
+                                flip=options.flip_horizontal, check_stop=lambda: ctx.control.check("caching latents"))
     sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
     text_cache = None if job.train_text_encoder else data.TextEmbeddingCache()
     noise = noise_settings(handle, job)
