@@ -57,8 +57,17 @@ def host() -> WebUIHost:
                           lora_dir=_lora_dir(), data_dir=Path(data), refresh_loras=_refresh_loras,
                           output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"),
                           forge_load_model_gpu=_forge_load_model_gpu(), load_model=_forge_model_reload(),
-                          resume_interrupted=bool(shared.opts.data.get("loraq_resume_interrupted", False)))
+                          resume_interrupted=bool(shared.opts.data.get("loraq_resume_interrupted", False)),
+                          input_roots=_input_roots(Path(data)))
     return _host
+
+
+def _input_roots(data_dir: Path) -> tuple[Path, ...]:
+    """Folders jobs queued from the tab may read: the WebUI's models folder, our data folder (uploads) and
+    the ones the settings add. A WebUI run with --listen or --share must not read any file for anyone."""
+    extra = shared.opts.data.get("loraq_allowed_input_dirs", "") or ""
+    folders = [Path(line.strip()).expanduser() for line in extra.replace(";", "\n").splitlines() if line.strip()]
+    return (Path(shared.models_path), data_dir, *folders)
 
 
 def on_ui_tabs():
@@ -74,6 +83,9 @@ def on_ui_settings():
         section=SECTION).needs_reload_ui())
     shared.opts.add_option("loraq_output_subdir", shared.OptionInfo(
         "lora_queue", "Folder inside the LoRA folder where trained LoRAs go", section=SECTION).needs_reload_ui())
+    shared.opts.add_option("loraq_allowed_input_dirs", shared.OptionInfo(
+        "", "Folders jobs may read datasets, images, prompt files and LoRAs from, besides the models folder and "
+        "the data folder (one per line or separated by ;)", section=SECTION))
     shared.opts.add_option("loraq_resume_interrupted", shared.OptionInfo(
         False, "When the WebUI starts, resume jobs that a crash or restart interrupted (from their last save)",
         section=SECTION))

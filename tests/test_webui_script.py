@@ -60,7 +60,7 @@ def test_script_registers_tab_settings_worker_and_xyz_axes(tmp_path, monkeypatch
     glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
     assert set(registered) == {"on_ui_settings", "on_ui_tabs", "on_app_started", "on_before_ui"}
     registered["on_ui_settings"]()
-    assert options == ["loraq_data_dir", "loraq_output_subdir", "loraq_resume_interrupted"]
+    assert options == ["loraq_data_dir", "loraq_output_subdir", "loraq_allowed_input_dirs", "loraq_resume_interrupted"]
     registered["on_before_ui"]()
     registered["on_before_ui"]()
     assert [o.label for o in xyz_module.axis_options] == ["[LoRA Queue] LoRA", "[LoRA Queue] Strength"]
@@ -73,5 +73,26 @@ def test_script_registers_tab_settings_worker_and_xyz_axes(tmp_path, monkeypatch
         assert host.output_dir == tmp_path / "Lora" / "lora_queue"
         assert (tmp_path / "data" / "queue.sqlite").exists()
         assert xyz_module.axis_options[0].choices() == []
+        assert host.input_roots == (tmp_path / "models", tmp_path / "data")
+        _tab_refuses_inputs_outside_the_allowed_folders(host, tmp_path)
     finally:
         host.stop()
+
+
+def _tab_refuses_inputs_outside_the_allowed_folders(host, tmp_path):
+    """With --listen or --share anyone reaching the tab could read any file: jobs read only allowed folders."""
+    import pytest
+
+    from trainer import jobs
+    from trainer.models.demo.shapes import draw
+
+    services = host.services()
+    for folder in (tmp_path / "elsewhere", tmp_path / "models" / "datasets" / "mine"):
+        folder.mkdir(parents=True)
+        draw("red", "circle", "white", 64).save(folder / "a.png")
+    outside = jobs.StandardJob(name="x", dataset_dir=str(tmp_path / "elsewhere"))
+    with pytest.raises(jobs.JobError) as refused:
+        services.queue.add(outside, services.root, services.admission())
+    assert "outside the folders" in refused.value.errors["dataset_dir"]
+    inside = jobs.StandardJob(name="x", dataset_dir=str(tmp_path / "models" / "datasets" / "mine"))
+    assert services.queue.add(inside, services.root, services.admission())

@@ -6,7 +6,9 @@ frozen weights may be fp16/bf16 while the LoRA parameters stay fp32.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import sys
 
 import torch
 
@@ -48,7 +50,23 @@ def grad_scaler(mixed_precision: str, device: torch.device):
 
 
 def free_memory() -> None:
-    """Release what a finished job held (between jobs, not between steps)."""
-    gc.collect()
+    """Release what a finished job held (between jobs, not between steps).
+
+    A job's network, optimizer and caches are freed by reference counting when it returns (a test holds
+    every mode to that), so only the young generations are collected: a full ``gc.collect()`` walks the
+    WebUI's whole heap, 1.3-1.6 s per job inside A1111. Then the memory goes back to where it came from:
+    CUDA's cache, and on Linux glibc's heap (CPU training keeps its freed arenas otherwise, +0.2 GB RSS)."""
+    gc.collect(1)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):      # musl or another libc: nothing to trim with
+        pass

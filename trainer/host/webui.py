@@ -33,6 +33,9 @@ class WebUIHost:
     #: Forge: ``modules.sd_models.forge_model_reload``. Forge loads the checkpoint at the first generation; until
     #: then ``shared.sd_model`` is a placeholder (``FakeInitialModel``) and a job loads the model through this.
     load_model: Callable[[], Any] | None = None
+    #: Folders a job queued from the tab may read (the WebUI's models folder, our data folder, the settings'
+    #: additions); None: anywhere.
+    input_roots: tuple[Path, ...] | None = None
     _worker: Worker | None = field(default=None, init=False, repr=False)
     _handles: dict = field(default_factory=dict, init=False, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -70,7 +73,19 @@ class WebUIHost:
         return UiServices(queue=self._worker.queue, handle_for=self.handle_for, lora_dir=self.output_dir,
                           data_dir=self.data_dir, cache_dir=self.data_dir / "cache", worker=self._worker,
                           model_label=getattr(label, "name", "") or "the WebUI's loaded model",
-                          lora_written=lambda path: self.refresh_loras())
+                          lora_written=lambda path: self.refresh_loras(), input_roots=self.input_roots,
+                          model_facts=self.model_facts)
+
+    def model_facts(self) -> tuple[str | None, int | None]:
+        """(arch, cross-attention width) of the loaded model from its flags, without loading anything
+        (Forge before its first generation: unknown)."""
+        sd_model = self.get_sd_model()
+        if sd_model is None or _is_placeholder(sd_model):
+            return None, None
+        for flag, arch, width in (("is_sdxl", "sdxl", 2048), ("is_sd2", "sd2", 1024), ("is_sd1", "sd1", 768)):
+            if getattr(sd_model, flag, False) is True:
+                return arch, width
+        return None, None
 
     def start(self) -> Worker:
         """Start the worker once per process (idempotent across UI reloads)."""
@@ -92,7 +107,7 @@ class WebUIHost:
 
     def list_loras(self) -> list[str]:
         """Names for the x/y/z LoRA axis: our outputs (final files and checkpoints), newest first."""
-        files = sorted(self.output_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+        files = sorted(self.output_dir.rglob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
         return [p.stem for p in files]
 
     def stop(self) -> None:
