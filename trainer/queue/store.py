@@ -27,7 +27,7 @@ import sqlite3
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -134,7 +134,7 @@ class JobRow:
     it_per_s: float | None
     eta_s: float | None
     phase: str
-    warnings: list[str]
+    warnings: list[str] = field(default_factory=list)    # what the user should know (dataset, divergence...)
     spec: str | None = None
     error_detail: str | None = None
 
