@@ -42,4 +42,7 @@ def load_job(path: str) -> jobs.Job:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise jobs.JobError(f"cannot read job file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise jobs.JobError(f"job file {path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                            "save it as UTF-8 (any editor's 'save with encoding')") from None
     return jobs.job_from_json(text)

@@ -265,8 +265,13 @@ def output_dir_problem(value: str) -> str | None:
     if value.startswith(("/", "\\", "~")) or re.match(r"[A-Za-z]:", value):
         return (f"output folder '{value}' must be a folder inside the host's LoRA folder (a relative name such as "
                 "'styles/v2'), not an absolute path")
-    if ".." in re.split(r"[/\\]", value):
+    parts = re.split(r"[/\\]", value)
+    if ".." in parts:
         return f"output folder '{value}' must not contain '..': outputs stay inside the host's LoRA folder"
+    longest = max(parts, key=len)
+    if len(longest) > 128 or len(value) > 1024:
+        return (f"output folder '{value[:40]}...' is too long for file systems ({len(longest)} characters in one "
+                "folder name); use at most 128 per folder")
     return None
 
 

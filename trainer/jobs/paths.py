@@ -37,7 +37,10 @@ def validate_paths(job: Job, root: str | os.PathLike | None = None) -> dict[str,
         if not entries and job.mode in f.required_in:
             problems[f.name] = f"{f.label} is required"
         for entry in entries:
-            problem = _path_problem(f, entry, base)
+            try:
+                problem = _path_problem(f, entry, base)
+            except OSError as e:          # a name too long, a folder we may not enter
+                problem = f"{f.label} '{entry[:80]}' cannot be read: {e.strerror or e}"
             if problem:
                 problems.setdefault(f.name, problem)
     if job.mode == "copier" and not job.image_a and not job.copier_file:

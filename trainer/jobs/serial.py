@@ -41,10 +41,21 @@ def job_to_json(job: Job, indent: int | None = 2) -> str:
 
 def job_from_json(text: str) -> Job:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise JobError(f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     return job_from_dict(data)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON allows a key twice and keeps the last: in a job that silently drops a setting the user wrote."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise JobError(f"{key!r} is given twice in the job file ({_fmt(out[key])} and {_fmt(value)}); keep one",
+                           field=key)
+        out[key] = value
+    return out
 
 
 def _job_type(mode: str) -> type:

@@ -27,7 +27,7 @@ from trainer.lora.reading import LoraFile, open_lora
 from trainer.lora.svd import (
     dense_svd, factor_space_svd, frobenius_error_of_factors, quantile_clamp, split_singular_values, stack_scaled_factors,
 )
-from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, LoraFormatError, ModuleDelta, kernel_from_name, module_delta
+from trainer.lora.formats import DenseDelta, Geometry, KeyGroup, ModuleDelta, kernel_from_name
 from trainer.device import SAVE_PRECISION
 from trainer.jobs.vocabulary import BLOCK_IDS
 from trainer.models.naming import BLOCK_SLOTS, block_id_of_key
@@ -56,14 +56,25 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def _finite_ratio(spec: str, text: str) -> float:
+    ratio = float(text)
+    if not math.isfinite(ratio):
+        raise MergeError(f"{spec}: the ratio {text!r} is not a finite number; use e.g. 0.6 or -1")
+    return ratio
+
+
 def parse_input_spec(spec: str) -> MergeInput:
     """``"a.safetensors:0.6:OUTD"`` -> MergeInput; split from the right so ``C:\\x`` paths work."""
     parts = spec.rsplit(":", 2)
     if len(parts) == 3 and _is_number(parts[1]) and parts[0]:
-        return MergeInput(parts[0], float(parts[1]), parts[2] or None)
+        return MergeInput(parts[0], _finite_ratio(spec, parts[1]), parts[2] or None)
     parts = spec.rsplit(":", 1)
     if len(parts) == 2 and _is_number(parts[1]) and parts[0]:
-        return MergeInput(parts[0], float(parts[1]))
+        return MergeInput(parts[0], _finite_ratio(spec, parts[1]))
+    # "a.safetensors:abc" is a ratio that is not a number, not a file called that ("C:\x" is a path).
+    head, tail = (spec.split(":")[0], spec.split(":")[1]) if spec.count(":") >= 1 else ("", "")
+    if head and tail and not os.path.exists(spec) and not any(c in tail for c in "/\\") and len(head) > 1:
+        raise MergeError(f"{spec}: the ratio {tail!r} is not a number; write NAME:0.6 or NAME:0.6:BLOCKS")
     return MergeInput(spec)
 
 
@@ -422,9 +433,9 @@ def merge_loras(inputs: Sequence[MergeInput], policy: RankPolicy, *, presets: Ma
             w = item.spec.ratio * (1.0 if weights is None else weights.get(block, 0.0) if block else 0.0)
             if w == 0.0:
                 continue
-            try:
-                weighted.append((item.spec.path, module_delta(group), w))
-            except LoraFormatError as e:
+            try:   # the one reader's checks: damaged, rank 0, NaN or infinite values
+                weighted.append((item.spec.path, item.file.delta(name), w))
+            except lora_files.LoraFileError as e:
                 raise MergeError(str(e)) from None
         merged = merge_module(name, arch, weighted, policy, alpha=alpha, clamp=clamp_quantile,
                               out_dtype=DTYPES[dtype], compute_dtype=DTYPES[precision])

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -213,6 +214,7 @@ class TrainingLoop:
         self.smoothed = math.nan      # the smoothed loss, kept in the state so a resumed run continues it exactly
         self.saved: list[Path] = []
         self._last_good: Path | None = None
+        self._last_good_step = 0
 
     # -- state --------------------------------------------------------------------------------
 
@@ -235,7 +237,10 @@ class TrainingLoop:
         return state["extra"]
 
     def save_state(self) -> None:
-        write_state(self.outputs.state, self.state_dict())
+        try:
+            write_state(self.outputs.state, self.state_dict())
+        except OSError as e:
+            raise self._save_failed(self.outputs.state, e) from None
 
     @staticmethod
     def read_state(path: Path) -> dict:
@@ -245,9 +250,24 @@ class TrainingLoop:
 
     def save_lora(self, path: Path) -> Path:
         self.facts.steps = self.step
-        written = self.network.save(path, lora_metadata(self.facts), self.settings.save_dtype)
-        self._last_good = written
+        try:
+            written = self.network.save(path, lora_metadata(self.facts), self.settings.save_dtype)
+        except OSError as e:
+            raise self._save_failed(path, e) from None
+        self._last_good, self._last_good_step = written, self.step
         return written
+
+    def _save_failed(self, path: Path, e: OSError) -> TrainingError:
+        """A failed write (a full disk, a folder gone read-only) named with what the user can do about it."""
+        kept = (f"the last good save is {self._last_good} (step {self._last_good_step})" if self._last_good
+                else "nothing was saved yet")
+        free = ""
+        try:
+            free = f", {shutil.disk_usage(path.parent).free / 2**20:.0f} MB free there"
+        except OSError:
+            pass
+        return TrainingError(f"cannot write {path} at step {self.step}: {e.strerror or e}{free}; {kept}. "
+                             "Free some space (or fix the folder's permissions) and resume the job")
 
     def _truncate_log(self, step: int) -> None:
         """Keep the loss log's rows up to ``step`` (a resumed run rewrites the steps after its state)."""
