@@ -39,10 +39,22 @@ def ui_env() -> dict:
 
 
 def test_browser_session_on_demo_model_under_gradio_3_41(tmp_path):
+    browser_session(tmp_path, "3.41")
+
+
+def test_browser_session_on_demo_model_under_gradio_4_40(tmp_path):
+    browser_session(tmp_path, "4.40")
+
+
+def browser_session(tmp_path: Path, gradio: str) -> None:
+    """The app is served by the gradio of A1111 (3.41.2) or of Forge (4.40.0); the browser is driven from
+    the gradio-3 environment, which has playwright."""
+    app_python = VENV_PYTHON if gradio == "3.41" else ROOT / ".venv-gradio4" / "bin" / "python"
+    assert app_python.is_file(), f"{app_python} is missing: run ./dev setup (it builds the gradio envs)"
     assert VENV_PYTHON.is_file(), f"{VENV_PYTHON} is missing: run ./dev setup (it builds the gradio 3.41.2 env)"
     assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run ./dev setup (as root it installs Debian's chromium)"
     started = time.perf_counter()
-    run = subprocess.run([str(VENV_PYTHON), __file__, str(tmp_path)], env=ui_env(), cwd=ROOT,
+    run = subprocess.run([str(VENV_PYTHON), __file__, str(tmp_path), str(app_python)], env=ui_env(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - started
     print(run.stdout[-6000:], run.stderr[-6000:], sep="\n")
@@ -57,6 +69,8 @@ def test_browser_session_on_demo_model_under_gradio_3_41(tmp_path):
     assert session["progress_text"].startswith("100%")
     assert session["state"] == "done"
     assert session["loss_plot_shown"]
+    assert "red_to_blue" in session["summary"] and "done" in session["summary"], session["summary"]
+    assert session["selected_rows"] == 1, "the selected job's row lost its highlight"
     # the page stays responsive while a job trains (one slow answer is allowed on a shared machine)
     times = sorted(session["refresh_ms"])
     assert len(times) >= 3 and times[len(times) // 2] < 100 and times[-1] < 500, session["refresh_ms"]
@@ -94,7 +108,7 @@ def wait_for_http(url: str, app: subprocess.Popen, timeout: float = 120) -> None
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def session(out: Path) -> None:
+def session(out: Path, app_python: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     from trainer.models.demo.shapes import draw
@@ -107,7 +121,7 @@ def session(out: Path) -> None:
     data = out / "data"
     port = free_port()
     log = open(out / "app.log", "w")
-    app = subprocess.Popen([sys.executable, "-m", "trainer", "ui", "--model", "demo", "--port", str(port),
+    app = subprocess.Popen([app_python, "-m", "trainer", "ui", "--model", "demo", "--port", str(port),
                             "--data", str(data), "--threads", "1"], cwd=ROOT, env=ui_env(), stdout=log, stderr=log)
     facts: dict = {}
     try:
@@ -201,7 +215,11 @@ def session(out: Path) -> None:
             plot = page.locator("#loraq_loss_plot img")
             expect(plot).to_be_visible(timeout=20_000)
             facts["loss_plot_shown"] = plot.is_visible()
+            # Several polls later (gradio 3.41 re-runs them with the page-load values unless they read
+            # server-side state): the summary still names the selected job and its row stays highlighted.
+            time.sleep(3.5)
             facts["summary"] = el("loraq_job_summary").inner_text()
+            facts["selected_rows"] = table.locator("tr.loraq-selected").count()
             page.locator("#loraq_loss_plot").scroll_into_view_if_needed()
             shot("4_loss_plot")
 
@@ -250,4 +268,4 @@ def session(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    session(Path(sys.argv[1]))
+    session(Path(sys.argv[1]), sys.argv[2])

@@ -5,7 +5,10 @@ choices, ``every=`` on ``Blocks.load`` for polling, no ``.style()`` and no ``gr.
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -49,8 +52,66 @@ def run_js_on_load(blocks: gr.Blocks, script: str) -> None:
 
 
 def poll(blocks: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, every: float) -> None:
-    """Call ``fn`` every ``every`` seconds while the page is open (needs the gradio queue)."""
-    blocks.load(fn, list(inputs), list(outputs), every=every, show_progress=_no_progress())
+    """Call ``fn(*inputs)`` every ``every`` seconds while the page is open (needs the gradio queue), with the
+    inputs' current values.
+
+    Neither version does that by itself. gradio 3.41 runs an ``every=`` event as one endless generator over
+    the values the inputs had when the page loaded (``utils.get_continuous_fn``): a poll of the selected
+    job never sees a selection. gradio 4.40's page warns "Too many arguments provided for the endpoint." for
+    every request that carries input values (it looks the endpoint up by number in an API table the server
+    fills only by name, gradio issue #9895), whatever the function takes: one warning a tick. So each browser
+    session's current values are kept on the server, fed by the inputs' change events (one request per
+    change, not per tick) and by the poll's own outputs (the details' plot key), and the tick sends none."""
+    inputs, outputs = list(inputs), list(outputs)
+
+    def tick_with(kept: list):
+        result = fn(*kept)
+        returned = list(result) if len(outputs) > 1 else [result]
+        for component, value in zip(outputs, returned):
+            if component in inputs and not (isinstance(value, dict) and value.get("__type__") == "update"):
+                kept[inputs.index(component)] = value
+        return result
+
+    if GRADIO_MAJOR < 4:
+        # A State's value is deep-copied for each browser session and handed to every event as the same
+        # object: the generator's one argument stays current when the change events update it in place.
+        box = gr.State([getattr(c, "value", None) for c in inputs])
+        for index, component in enumerate(inputs):
+            if component not in outputs:
+                component.change(functools.partial(_keep, index), [component, box], None, queue=False)
+        blocks.load(tick_with, [box], outputs, every=every, show_progress=False)
+        return
+
+    sessions: OrderedDict[str, list] = OrderedDict()
+    lock = threading.Lock()
+
+    def values(request: gr.Request) -> list:
+        with lock:
+            kept = sessions.setdefault(request.session_hash, [getattr(c, "value", None) for c in inputs])
+            sessions.move_to_end(request.session_hash)
+            while len(sessions) > _POLL_SESSIONS:  # closed pages never say so: forget the longest silent
+                sessions.popitem(last=False)
+            return kept
+
+    def keep(index: int) -> Callable:
+        def changed(value, request: gr.Request) -> None:
+            values(request)[index] = value
+        return changed
+
+    for index, component in enumerate(inputs):
+        if component not in outputs:
+            component.change(keep(index), [component], None, queue=False, show_progress="hidden")
+    def tick(request: gr.Request):          # gradio hands the request to a parameter annotated so
+        return tick_with(values(request))
+
+    blocks.load(tick, None, outputs, every=every, show_progress="hidden")
+
+
+def _keep(index: int, value: Any, kept: list) -> None:
+    kept[index] = value
+
+
+_POLL_SESSIONS = 256  # browser sessions a gradio-4 poll remembers the inputs of
 
 
 def _no_progress():
