@@ -293,3 +293,9 @@ def test_a_copier_image_that_does_not_open_is_refused_when_queued(tmp_path, queu
     _truncated_png(b)
     job = jobs.job_from_dict({"mode": "copier", "name": "c", "image_a": [str(a)], "image_b": [str(b)], "resolution": 64})
     assert "b.png" in _refused(queue, job, tmp_path, "image_b")
+
+
+def test_captions_that_are_not_utf8_are_refused_when_queued_naming_the_files(tmp_path, queue):
+    (tmp_path / "data" / "0.txt").write_bytes("café, crème".encode("latin-1"))
+    message = _refused(queue, _job(tmp_path), tmp_path, "dataset_dir")
+    assert "0.txt" in message and "not UTF-8" in message

@@ -108,6 +108,7 @@ def scan_dataset(options: DatasetOptions, verify: bool = True) -> Dataset:
     unreadable: list[str] = []
     zero_repeat_folders: list[str] = []
     missing_captions = 0
+    not_utf8: list[str] = []
 
     for path in sorted(_walk(root)):
         rel = path.relative_to(root).as_posix()
@@ -131,9 +132,17 @@ def scan_dataset(options: DatasetOptions, verify: bool = True) -> Dataset:
             missing_captions += 1
             caption = ""
         else:
-            caption = read_caption(caption_file)
+            try:
+                caption = read_caption(caption_file)
+            except UnicodeDecodeError:
+                not_utf8.append(caption_file.relative_to(root).as_posix())
+                continue
         items.append(ImageItem(path, caption, repeats, width, height, digest, caption_file, group))
 
+    if not_utf8:
+        # Decoded anyway they would train as mojibake and be written into ss_tag_frequency.
+        raise DatasetError(f"{len(not_utf8)} caption file(s) are not UTF-8 text: " + _name_list(not_utf8)
+                           + "; save them as UTF-8 (e.g. in an editor's 'save with encoding')")
     looked_for = " ".join(IMAGE_EXTENSIONS)
     if not_images:
         warnings.append(f"skipped {len(not_images)} file(s) that are not images ({looked_for}): "
@@ -227,7 +236,7 @@ def _name_list(names: Sequence[str], limit: int = 10) -> str:
 
 def read_caption(path: Path) -> str:
     """A caption file's text on one line (BOM removed; several lines joined as tags)."""
-    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    text = path.read_text(encoding="utf-8-sig")        # raises UnicodeDecodeError: see scan_dataset
     lines = [line.strip().strip(",").strip() for line in text.splitlines()]
     return ", ".join(line for line in lines if line)
 
