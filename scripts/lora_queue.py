@@ -49,6 +49,38 @@ def _forge_model_reload():
     return forge_model_reload
 
 
+def _loaded_checkpoint() -> str:
+    """The title of the checkpoint the WebUI has chosen (Forge: also before its first generation loads it)."""
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return getattr(info, "title", "") or shared.opts.data.get("sd_model_checkpoint", "") or ""
+
+
+def _switch_checkpoint(name: str):
+    """Load checkpoint ``name`` the way the WebUI's checkpoint dropdown does; (from, to) titles, or None."""
+    from modules import sd_models
+
+    from trainer.models.handle import ModelError
+
+    wanted = sd_models.get_closet_checkpoint_match(name)
+    if wanted is None:
+        raise ModelError(f"the job's checkpoint {name!r} is not among the WebUI's checkpoints: put it in the "
+                         "models folder and refresh the list, or edit the job's base model")
+    loaded = _loaded_checkpoint()
+    current = sd_models.get_closet_checkpoint_match(loaded) if loaded else None
+    if current is not None and current.filename == wanted.filename:
+        return None
+    reload = _forge_model_reload()
+    if reload is not None:                   # Forge: choose it, then load it as its next generation would
+        from modules_forge import main_entry
+
+        main_entry.checkpoint_change(wanted.title, save=False)
+        with call_queue.queue_lock:
+            reload()
+    else:                                    # A1111: the setting's own onchange reloads, under the queue lock
+        shared.opts.set("sd_model_checkpoint", wanted.title)
+    return loaded or "none", wanted.title
+
+
 def host() -> WebUIHost:
     global _host
     if _host is None:
@@ -58,7 +90,8 @@ def host() -> WebUIHost:
                           output_subdir=shared.opts.data.get("loraq_output_subdir", "lora_queue"),
                           forge_load_model_gpu=_forge_load_model_gpu(), load_model=_forge_model_reload(),
                           resume_interrupted=bool(shared.opts.data.get("loraq_resume_interrupted", False)),
-                          input_roots=_input_roots(Path(data)))
+                          input_roots=_input_roots(Path(data)), switch_checkpoint=_switch_checkpoint,
+                          loaded_checkpoint=_loaded_checkpoint)
     return _host
 
 

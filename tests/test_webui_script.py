@@ -96,3 +96,78 @@ def _tab_refuses_inputs_outside_the_allowed_folders(host, tmp_path):
     assert "outside the folders" in refused.value.errors["dataset_dir"]
     inside = jobs.StandardJob(name="x", dataset_dir=str(tmp_path / "models" / "datasets" / "mine"))
     assert services.queue.add(inside, services.root, services.admission())
+
+
+def test_a_job_names_its_checkpoint_and_the_worker_switches_the_webui_to_it(tmp_path, monkeypatch):
+    """A1111's way: the sd_model_checkpoint setting, whose onchange reloads under the queue lock."""
+    import pytest
+
+    from trainer import jobs
+    from trainer.models.handle import ModelError
+
+    registered, options, xyz_module, samplers = _fake_webui(tmp_path, monkeypatch)
+    shared = sys.modules["modules.shared"]
+    infos = {name: types.SimpleNamespace(title=f"{name} [0123abcd]", filename=f"/models/{name}")
+             for name in ("a.safetensors", "b.safetensors")}
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.get_closet_checkpoint_match = lambda s: next((i for n, i in infos.items() if s and (s in i.title)), None)
+    monkeypatch.setitem(sys.modules, "modules.sd_models", sd_models)
+    shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=infos["a.safetensors"])
+    set_calls = []
+
+    def opts_set(key, value):      # A1111 reloads the model in the option's onchange
+        set_calls.append((key, value))
+        shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=next(i for i in infos.values() if i.title == value))
+    shared.opts.set = opts_set
+    glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
+    host = glue["host"]()
+    try:
+        services = host.services()
+        assert services.default_model() == "a.safetensors [0123abcd]"      # what a job queued now names
+        assert host.switch_checkpoint("a.safetensors") is None and set_calls == []
+        with pytest.raises(ModelError, match="not among the WebUI's checkpoints"):
+            host.switch_checkpoint("missing.safetensors")
+        host._worker.stop()                                                  # run the job's switch by hand
+        (tmp_path / "data" / "d").mkdir(parents=True, exist_ok=True)
+        from trainer.models.demo.shapes import draw
+        draw("red", "circle", "white", 64).save(tmp_path / "data" / "d" / "x.png")
+        job = jobs.StandardJob(name="on_b", model="b.safetensors [0123abcd]", dataset_dir=str(tmp_path / "data" / "d"))
+        job_id = services.queue.add(job, services.root, services.admission())
+        host._worker.current = job_id
+        host.ensure_checkpoint(services.queue.get(job_id).job)
+        assert set_calls == [("sd_model_checkpoint", "b.safetensors [0123abcd]")]
+        assert shared.sd_model.sd_checkpoint_info is infos["b.safetensors"]
+        assert any("switched from a.safetensors [0123abcd] to b.safetensors [0123abcd]" in w
+                   for w in services.queue.get(job_id).warnings)
+    finally:
+        host.stop()
+
+
+def test_on_forge_the_switch_chooses_the_checkpoint_then_loads_it_under_the_queue_lock(tmp_path, monkeypatch):
+    registered, options, xyz_module, samplers = _fake_webui(tmp_path, monkeypatch)
+    shared = sys.modules["modules.shared"]
+    call_queue = sys.modules["modules.call_queue"]
+    infos = {name: types.SimpleNamespace(title=f"{name} [ffff0000]", filename=f"/models/{name}")
+             for name in ("a.safetensors", "b.safetensors")}
+    chosen, loads = [], []
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.get_closet_checkpoint_match = lambda s: next((i for n, i in infos.items() if s and (s in i.title)), None)
+
+    def forge_model_reload():        # Forge loads what checkpoint_change chose
+        assert call_queue.queue_lock.locked(), "Forge's loading runs under the queue lock, as a generation's"
+        loads.append(chosen[-1])
+        shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=next(i for i in infos.values() if i.title == chosen[-1]))
+    sd_models.forge_model_reload = forge_model_reload
+    main_entry = types.ModuleType("modules_forge.main_entry")
+    main_entry.checkpoint_change = lambda name, save=True: chosen.append(name)
+    forge = types.ModuleType("modules_forge")
+    forge.main_entry = main_entry
+    for name, module in (("modules.sd_models", sd_models), ("modules_forge", forge),
+                         ("modules_forge.main_entry", main_entry)):
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["modules"].sd_models = sd_models
+    shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=infos["a.safetensors"])
+    glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
+    assert glue["_switch_checkpoint"]("b.safetensors") == ("a.safetensors [ffff0000]", "b.safetensors [ffff0000]")
+    assert chosen == loads == ["b.safetensors [ffff0000]"]
+    assert glue["_switch_checkpoint"]("b.safetensors") is None and len(loads) == 1

@@ -36,6 +36,12 @@ class WebUIHost:
     #: Folders a job queued from the tab may read (the WebUI's models folder, our data folder, the settings'
     #: additions); None: anywhere.
     input_roots: tuple[Path, ...] | None = None
+    #: The WebUI's own checkpoint switch (the glue's, through A1111's setting or Forge's checkpoint_change):
+    #: ``switch_checkpoint(name)`` loads the named checkpoint and returns (from, to) titles, or None when it is
+    #: already loaded; raises ModelError for a name the WebUI does not know. None: jobs train on what is loaded.
+    switch_checkpoint: Callable[[str], tuple[str, str] | None] | None = None
+    #: The title of the checkpoint loaded now ("" when none): what a job queued from the tab names by default.
+    loaded_checkpoint: Callable[[], str] = lambda: ""
     _worker: Worker | None = field(default=None, init=False, repr=False)
     _handles: dict = field(default_factory=dict, init=False, repr=False)
     _start_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -45,7 +51,12 @@ class WebUIHost:
         return self.lora_dir / self.output_subdir if self.output_subdir else self.lora_dir
 
     def handle_for(self, job: jobs.Job | None = None) -> ModelHandle:
-        """The loaded model as a ModelHandle (Forge's or A1111's); one handle per loaded model object."""
+        """The loaded model as a ModelHandle (Forge's or A1111's); one handle per loaded model object.
+
+        A job that names a checkpoint gets it: when another one is loaded, the WebUI is switched to it first,
+        through its own model loading (the WebUI's checkpoint choice changes with it, as with traintrain)."""
+        if job is not None:
+            self.ensure_checkpoint(job)
         sd_model = self.get_sd_model()
         if self.load_model is not None and _is_placeholder(sd_model):
             with self.queue_lock:                 # Forge's own loading, as its first generation does it
@@ -64,6 +75,16 @@ class WebUIHost:
             self._handles = {id(sd_model): handle}  # keep no stale model alive
         return handle
 
+    def ensure_checkpoint(self, job: jobs.Job) -> None:
+        """Load the job's checkpoint when another one is loaded, and say so with the job."""
+        wanted = getattr(job, "model", "")
+        if not wanted or wanted == "demo" or self.switch_checkpoint is None:
+            return
+        switched = self.switch_checkpoint(wanted)
+        if switched and self._worker is not None and self._worker.current is not None:
+            self._worker.queue.add_warning(self._worker.current, f"the WebUI's checkpoint was switched from "
+                                           f"{switched[0]} to {switched[1]} for this job (and stays so)")
+
     def job_context(self, row) -> JobContext:
         return JobContext(output_dir=self.output_dir, cache_dir=self.data_dir / "cache")
 
@@ -74,7 +95,7 @@ class WebUIHost:
                           data_dir=self.data_dir, cache_dir=self.data_dir / "cache", worker=self._worker,
                           model_label=getattr(label, "name", "") or "the WebUI's loaded model",
                           lora_written=lambda path: self.refresh_loras(), input_roots=self.input_roots,
-                          model_facts=self.model_facts)
+                          model_facts=self.model_facts, default_model=self.loaded_checkpoint)
 
     def model_facts(self) -> tuple[str | None, int | None]:
         """(arch, cross-attention width) of the loaded model from its flags, without loading anything

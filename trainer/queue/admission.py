@@ -49,7 +49,7 @@ def admit(job: jobs.Job, root: str | os.PathLike | None, admission: Admission,
     warnings: list[str] = []
 
     if admission.input_roots is not None:
-        for name, value in _inputs(job, base):
+        for name, value in _inputs(job, base, admission.model_given):
             if name not in errors and not _inside_any(value, admission.input_roots):
                 allowed = ", ".join(str(r) for r in admission.input_roots)
                 errors[name] = (f"{value} is outside the folders LoRA Queue may read ({allowed}); move it there "
@@ -67,9 +67,11 @@ def admit(job: jobs.Job, root: str | os.PathLike | None, admission: Admission,
     return errors, warnings
 
 
-def _inputs(job: jobs.Job, base: Path) -> Iterable[tuple[str, Path]]:
+def _inputs(job: jobs.Job, base: Path, model_given: bool) -> Iterable[tuple[str, Path]]:
     for f in job.spec_fields:
-        if f.path not in _INPUT_KINDS and not (f.path == "model" and getattr(job, f.name) != "demo"):
+        # A host that gives the model names it its own way (the WebUI: a checkpoint title), not by a path.
+        is_model_path = f.path == "model" and not model_given and getattr(job, f.name) != "demo"
+        if f.path not in _INPUT_KINDS and not is_model_path:
             continue
         value = getattr(job, f.name)
         for entry in (value if isinstance(value, list) else [value]):

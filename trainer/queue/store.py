@@ -364,7 +364,8 @@ class JobQueue:
                                     field=next(iter(errors)), errors=errors)
             taken[output_key(job)] = f"job '{job.name}' (queued with it)"
             warnings = [f"{k}: {v}" for k, v in job.warnings.items()] + warnings
-            specs.append((job.name, job.mode, _spec_with_absolute_paths(job, base), json.dumps(warnings)))
+            specs.append((job.name, job.mode, _spec_with_absolute_paths(job, base, admission.model_given),
+                          json.dumps(warnings)))
         now = time.time()
         with self._write() as db:
             position = self._next_position(db)
@@ -648,8 +649,9 @@ def _store_problem(path: Path, e: sqlite3.Error) -> str:
     return f"the queue database {path} cannot be used: {text}"
 
 
-def _spec_with_absolute_paths(job: jobs.Job, root: Path) -> str:
-    """The job's JSON with relative file and folder paths made absolute: the worker may run elsewhere."""
+def _spec_with_absolute_paths(job: jobs.Job, root: Path, model_given: bool = False) -> str:
+    """The job's JSON with relative file and folder paths made absolute: the worker may run elsewhere.
+    ``model_given``: the host names models its own way (the WebUI: a checkpoint title), kept as it is."""
     data = jobs.job_to_dict(job)
 
     def absolute(value: str) -> str:
@@ -659,7 +661,7 @@ def _spec_with_absolute_paths(job: jobs.Job, root: Path) -> str:
         return str(path if path.is_absolute() else (root / path).resolve())
 
     for f in job.spec_fields:
-        if f.path == "output_dir":       # relative to the worker's output root, never to the current folder
+        if f.path == "output_dir" or (f.path == "model" and model_given):   # output_dir: below the output root
             continue
         if f.path and isinstance(data.get(f.name), str):
             data[f.name] = absolute(data[f.name])

@@ -99,7 +99,8 @@ class QueuePanel:
         done = f"{queue_view.percent_done(row)}%"
         speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
         summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {row.state}, step {row.step}/{row.total} "
-                   f"({done}{speed})" + "".join(f"\n- output: `{p}`" for p in row.outputs))
+                   f"({done}{speed})" + _model_line(row) + "".join(f"\n- warning: {w}" for w in row.warnings)
+                   + "".join(f"\n- output: `{p}`" for p in row.outputs))
         error = gr.update(visible=bool(row.error), value=(row.error or "") + (
             "\n\n" + row.error_detail if row.error_detail else ""))
         if key == last_key:
@@ -163,3 +164,12 @@ class QueuePanel:
         out = Path(checkpoint).with_name(Path(checkpoint).stem + "_grid.png")
         grid.save(out)
         return grid, f"✔ {len(seeds)} x {len(results.STRENGTHS)} images in {time.perf_counter() - started:.1f} s; saved `{out}`"
+
+
+def _model_line(row) -> str:
+    """The checkpoint the job trains on, when it names one (jobs queued from the WebUI do)."""
+    try:
+        model = row.job.model
+    except (QueueError, jobs.JobError):
+        return ""
+    return f"\n- base model: `{model}`" if model else ""

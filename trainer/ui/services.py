@@ -40,6 +40,9 @@ class UiServices:
     input_roots: tuple[Path, ...] | None = None
     #: (arch, cross-attention width) of the model jobs train, when the host knows it without loading anything.
     model_facts: Callable[[], tuple[str | None, int | None]] = lambda: (None, None)
+    #: The WebUI: the checkpoint a job queued without one names (the one loaded when it is queued); the
+    #: worker loads it when the job's turn comes. "" (standalone): the job keeps its own model field.
+    default_model: Callable[[], str] = lambda: ""
 
     def admission(self) -> Admission:
         """What a job queued from the tab is checked against (see :mod:`trainer.queue.admission`)."""

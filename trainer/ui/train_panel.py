@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import dataclasses
+
 import gradio as gr
 
 from trainer import jobs
@@ -42,7 +44,10 @@ class TrainPanel:
                 self.preset_save = gr.Button("Save preset", elem_id="loraq_preset_save", size="sm")
                 self.preset_delete = gr.Button("Delete preset", elem_id="loraq_preset_delete", size="sm")
         if self.services.model_label:
-            gr.Markdown(f"Jobs train on **{self.services.model_label}**.", elem_id="loraq_model_label")
+            gr.Markdown(f"Jobs train on **{self.services.model_label}**"
+                        + (" — a job queued with an empty base model names the checkpoint loaded at that moment, "
+                           "and the worker loads it when the job's turn comes." if self.services.default_model()
+                           else "."), elem_id="loraq_model_label")
         for group, title in jobs.GROUPS.items():
             members = [c for c in self.controls if not c.part and c.field.group == group]
             if members:
@@ -127,6 +132,8 @@ class TrainPanel:
             data = self._job_dict(mode, values)
             try:
                 job = jobs.job_from_dict(data)
+                if not job.model and self.services.default_model():
+                    job = dataclasses.replace(job, model=self.services.default_model())
                 job_id = self.services.queue.add(job, root=self.services.root, admission=self.services.admission())
             except jobs.JobError as e:
                 errors = {**self._path_problems(data), **e.errors}
