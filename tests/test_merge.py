@@ -514,3 +514,29 @@ def test_the_reported_error_is_right_in_fp32_against_fp64(tail):
     reported = frobenius_error_of_factors(svd, up, down, 1.0)
     assert exact == pytest.approx(tail * math.sqrt(rank - keep), rel=1e-9)
     assert reported == pytest.approx(exact, rel=0.05), f"fp32 report {reported:.3g} for a true {exact:.3g}"
+
+
+def test_resize_as_typed_gives_the_optimal_truncation_and_keeps_the_training_metadata(three_loras, tmp_path):
+    paths, sds = three_loras
+    source = paths[0]
+    meta = dict(read(source)[1])
+    meta.update({"ss_tag_frequency": json.dumps({"data": {"red": 3}}), "ss_steps": "1234"})
+    save_file(sds[0], str(tmp_path / "trained.safetensors"), metadata=meta)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "trainer", "resize", "--out", "small.safetensors", "--rank", "2",
+                          "--dtype", "fp32", "trained.safetensors"], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "resized trained.safetensors" in run.stdout and "total:" in run.stdout
+    small, small_meta = read(tmp_path / "small.safetensors")
+    for name in SHAPES:
+        exact = delta_of(sds[0], name)
+        error = float(torch.linalg.norm(delta_of(small, name) - exact))
+        assert abs(error - optimal_error(exact, min(2, *exact.shape))) <= 1e-5 * float(torch.linalg.norm(exact)), name
+    assert small_meta["ss_network_dim"] == "2" and small_meta["ss_steps"] == "1234"
+    assert json.loads(small_meta["ss_tag_frequency"]) == {"data": {"red": 3}}
+    assert json.loads(small_meta["ss_resized_from"])["file"] == "trained.safetensors"
+    assert small_meta["sshs_model_hash"] != meta.get("sshs_model_hash")
+    again = subprocess.run([sys.executable, "-m", "trainer", "resize", "--out", "trained.safetensors", "--rank", "2",
+                            "trained.safetensors"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert again.returncode == 2 and "another file" in again.stderr

@@ -104,6 +104,10 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     merged = run("python -m trainer merge --out merged.safetensors --rank 8 a.safetensors:0.6 b.safetensors:0.4:OUTD")
     assert "energy kept" in merged.stdout
     assert load_file(tmp_path / "merged.safetensors")
+    resized = run("python -m trainer resize --out small.safetensors --rank 2 merged.safetensors")
+    assert "resized merged.safetensors" in resized.stdout
+    small = load_file(tmp_path / "small.safetensors")
+    assert small and all(t.shape[0] <= 2 for k, t in small.items() if k.endswith("lora_down.weight"))
 
     (tmp_path / "job.json").write_text(json.dumps({**job, "name": "queued"}))
     run("python -m trainer queue add job.json")

@@ -46,30 +46,41 @@ def _rank(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"rank must be a whole number or 'auto', got {text!r}") from None
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="FILE[:RATIO[:BLOCKS]]", help="input LoRAs")
+def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
+    """The output's rank, alpha and precision (merge, resize)."""
     parser.add_argument("--out", required=True, help="output .safetensors (written atomically)")
     parser.add_argument("--rank", type=_rank, default=None, help="output rank, or 'auto' (default 8)")
     parser.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 conv modules (default: --rank)")
     parser.add_argument("--auto", type=float, nargs="?", const=0.99, default=None, metavar="FRACTION",
                         help="smallest rank keeping FRACTION of each module's energy (default 0.99)")
-    parser.add_argument("--concat", action="store_true", help="lossless: rank = sum of the input ranks")
     parser.add_argument("--alpha", type=float, default=None, help="output alpha (default: = rank, scale 1)")
-    parser.add_argument("--presets", type=Path, default=None, help="block-weight preset file (NAME:v1,...)")
     parser.add_argument("--dtype", choices=SAVE_PRECISIONS, default="fp16", help="saved precision")
-    parser.add_argument("--clamp-quantile", type=float, nargs="?", const=0.99, default=None, metavar="Q",
-                        help="kohya svd_merge_lora clamp of the factors at quantile Q (off by default; 0.99)")
     parser.add_argument("--report-json", type=Path, default=None, help="also write the per-module report as JSON")
     parser.add_argument("--verbose", action="store_true", help="print every module, not the 10 worst")
+
+
+def write_report_json(result, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps({"totals": result.totals, "modules": [m.as_dict() for m in result.modules]},
+                                   indent=1))
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="FILE[:RATIO[:BLOCKS]]", help="input LoRAs")
+    add_rank_arguments(parser)
+    parser.add_argument("--concat", action="store_true", help="lossless: rank = sum of the input ranks")
+    parser.add_argument("--presets", type=Path, default=None, help="block-weight preset file (NAME:v1,...)")
+    parser.add_argument("--clamp-quantile", type=float, nargs="?", const=0.99, default=None, metavar="Q",
+                        help="kohya svd_merge_lora clamp of the factors at quantile Q (off by default; 0.99)")
 
 
 def policy_from_args(args: argparse.Namespace):
     from trainer.merge.svd_merge import MergeError, RankPolicy
 
-    if args.concat and (args.auto is not None or args.rank == "auto"):
+    if getattr(args, "concat", False) and (args.auto is not None or args.rank == "auto"):
         raise MergeError("--concat and --auto exclude each other")
     energy = args.auto if args.auto is not None else (0.99 if args.rank == "auto" else None)
-    if args.concat:
+    if getattr(args, "concat", False):
         return RankPolicy(rank=None, conv_rank=None, concat=True)
     rank = args.rank if isinstance(args.rank, int) else None
     if rank is None and energy is None:
@@ -96,7 +107,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {policy.describe()}) -> {args.out}")
     print(format_report(result, worst=None if args.verbose else 10))
-    if args.report_json is not None:
-        args.report_json.write_text(json.dumps({"totals": result.totals,
-                                                "modules": [m.as_dict() for m in result.modules]}, indent=1))
+    write_report_json(result, args.report_json)
     return 0

@@ -522,6 +522,35 @@ def merge_files(inputs: Sequence[MergeInput], out_path: str | os.PathLike, polic
     return result
 
 
+#: Keys of the merge's own metadata that a resize writes over the file's (the rest of it is kept).
+_RESIZED_KEYS = ("ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_merge_rank_policy", "ss_merge_report",
+                 "ss_output_name", "modelspec.title", "modelspec.date")
+
+
+def resize_file(path: str | os.PathLike, out_path: str | os.PathLike, policy: RankPolicy, *, dtype: str = "fp16",
+                alpha: float | None = None) -> MergeResult:
+    """One LoRA to another rank (or energy fraction): the merge of a single input at ratio 1, so the result is
+    the optimal truncation of its own delta. The file's training metadata (dataset, tags, model, steps) is
+    kept, as kohya's resize_lora keeps it; the rank, alpha, hashes and the report are the new file's."""
+    source = Path(path)
+    out = Path(out_path)
+    if out.resolve() == source.resolve():
+        raise MergeError(f"{out}: the resized LoRA must be written to another file than its input")
+    if not out.parent.is_dir():
+        raise MergeError(f"output folder '{out.parent}' does not exist")
+    if out.suffix != ".safetensors":
+        raise MergeError(f"output '{out}' must end in .safetensors")
+    result = merge_loras([MergeInput(str(source))], policy, alpha=alpha, dtype=dtype, title=out.stem)
+    original = load_input(MergeInput(str(source))).metadata
+    metadata = {k: v for k, v in original.items() if not k.startswith("sshs_")}   # hashes: of the new bytes
+    metadata.update({k: result.metadata[k] for k in _RESIZED_KEYS if k in result.metadata})
+    metadata["ss_resized_from"] = json.dumps({"file": source.name, "ss_network_dim": original.get("ss_network_dim"),
+                                              "sshs_model_hash": original.get("sshs_model_hash")})
+    resized = MergeResult(result.tensors, metadata, result.modules, result.arch)
+    save_merged(resized, out)
+    return resized
+
+
 def format_report(result: MergeResult, worst: int | None = 10) -> str:
     """Per-module lines (worst first, ``worst`` of them; None = all) and the totals."""
     modules = sorted(result.modules, key=lambda m: m.relative_error, reverse=True)
