@@ -581,6 +581,8 @@ class JobQueue:
     def recover_interrupted(self) -> list[int]:
         """Mark ``running`` jobs ``interrupted`` when no worker is alive (none holds the worker lock and
         none beats: see :meth:`live_worker`)."""
+        if self._db().execute("SELECT 1 FROM jobs WHERE state = 'running' LIMIT 1").fetchone() is None:
+            return []                      # nothing to recover: no lock to probe (the usual case, and fast)
         lock = WorkerLock(self.worker_lock_path)
         if not lock.acquire():
             return []
