@@ -370,3 +370,12 @@ def test_the_difference_moves_the_colour_toward_blue_and_keeps_shape_and_backgro
         assert score.dominant_colour(images[-1.0][i]) == "red", report
         assert (score.shape_of(images[-1.0][i]), score.background_colour(images[-1.0][i])) == ("circle", "white"), report
     print("distance to blue by strength:", "; ".join(report))
+
+
+def test_a_copier_job_renders_previews_of_the_difference_on_the_base_model(tmp_path, sd1):
+    """Preview prompts were accepted and silently ignored in copier jobs."""
+    job = _job(tmp_path, sample_prompts=["a red circle"], sample_every_n_steps=1,
+               difference_pass=dict(same_as_pass1=False, steps=2, batch_size=1, lr=1e-3, network_dim=2, network_alpha=2.0))
+    run_job(job, sd1, _ctx(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["diff.preview.png"]
+    assert [p.name for p in sorted((tmp_path / "work" / "diff").glob("*.png"))] == ["diff-000001.preview.png"]

@@ -307,3 +307,16 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, handle):
     a, b = load_file(str(plain.final)), load_file(str(checkpointed.final))
     assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-3
     assert not handle.pipe.unet.is_gradient_checkpointing, "the model is left as it was found"
+
+
+def test_a_standard_job_renders_its_preview_prompts_base_above_lora_below(tmp_path, handle):
+    """Preview prompts were accepted and silently ignored outside LCM jobs."""
+    from PIL import Image
+
+    _dataset(tmp_path / "data", n=2)
+    run_job(_job(tmp_path, steps=2, lr=5e-2, save_every_n_steps=1, sample_prompts=["a red circle", "a blue square"]),
+            handle, _ctx(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["t.preview.png"]
+    assert sorted(p.name for p in (tmp_path / "work" / "t").glob("*.png")) == ["t-000001.preview.png"]
+    grid = Image.open(tmp_path / "out" / "t.preview.png")
+    assert grid.width >= 2 * 64 and grid.height >= 2 * 64, "two prompts across, base and LoRA rows"

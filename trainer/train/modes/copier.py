@@ -65,6 +65,7 @@ from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for
 from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion.schedules import add_noise
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop, diffusion_loss
+from trainer.train.previews import previewer, render_guided_preview
 from trainer.train.plan import build_network, facts_for, loop_settings, noise_settings
 from trainer.train.context import JobContext, job_outputs, run_loop
 
@@ -462,8 +463,11 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
         if reconstruction is not None:
             extra[METADATA_KEY] = reconstruction.to_json()
         facts = facts_for(handle, job, second, noise.prediction, num_images=len(pairs), extra=extra)
+        # previews of the difference as it is used: on the base model (the copier is off between steps)
+        preview = previewer(job, handle, difference, outputs, render_guided_preview, ctx.log,
+                            (job.resolution, job.resolution))
         loop = TrainingLoop(handle, difference, loop_settings(second, job, PASS_2), outputs, facts,
-                            events.of_pass(PASS_2), ctx.control)
+                            events.of_pass(PASS_2, on_step=lambda p: preview(p.step, p.total)), ctx.control)
         compute_loss = _step_loss(handle, pairs, conds, lambda p: p.latent_b,
                                   lambda p: p.mask_ab, second.batch_size, noise, lambda: loop.generator,
                                   job.prompt, job.train_text_encoder, copier)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +38,13 @@ from trainer.diffusion import schedules
 from trainer.models.handle import Cond, ModelHandle, weights_fingerprint
 from trainer.lora.network import LoraNetwork, removed
 from trainer.paths import write_atomic
-from trainer.sampling import lcm as lcm_sampling
-from trainer.sampling.grids import grid_image
 from trainer.sampling.guided import ddim_latents, seeded_noise
 from trainer.sampling.guided import pad_cat
 from trainer.diffusion.ddim import ddim_step, predict_x0_eps
-from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop
+from trainer.train.loop import LoopResult, Progress, TrainingLoop
 from trainer.train.plan import prediction_of, build_network, facts_for, loop_settings
 from trainer.train.context import JobContext, job_outputs, run_loop
+from trainer.train.previews import previewer, render_lcm_preview
 from trainer.diffusion.lcm import _per_sample, at_least_fp32, boundary_scalings, consistency_function, consistency_loss, guided, skip_k, solver_grid, solver_times
 
 TEACHER_SAMPLING_STEPS = 30   # DDIM steps of the images the teacher generates from prompts
@@ -289,38 +287,6 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
                            len(captions), {"teacher": {p: captions.count(p) for p in prompts}})
 
 
-# -- previews -------------------------------------------------------------------------------------
-
-PREVIEW_SEEDS_FROM = 1
-
-
-def preview_path(outputs: Outputs, step: int, final: bool) -> Path:
-    # The final preview sits beside the LoRA (the WebUI shows NAME.preview.png as its card); the others in the job's folder.
-    return outputs.dir / f"{outputs.name}.preview.png" if final else outputs.work / f"{outputs.name}-{step:06d}.preview.png"
-
-
-def render_preview(handle: ModelHandle, network: LoraNetwork, prompts: list[str], size: tuple[int, int], path: Path
-                   ) -> Path:
-    """A grid of the prompts, sampled in 4 LCM steps at CFG 1 with the LoRA as it is now: the plain LCM
-    sampler and the LCM alternative (first step re-noised with the model's own removed noise)."""
-    seeds = list(range(PREVIEW_SEEDS_FROM, PREVIEW_SEEDS_FROM + len(prompts)))
-    rows = [lcm_sampling.sample_lcm(handle, prompts, seeds, steps=4, size=size, network=network),
-            lcm_sampling.sample_lcm(handle, prompts, seeds, steps=4, size=size, sampler="lcm_alternative",
-                                    euler_steps=1, network=network)]
-    grid = grid_image(rows, [p[:24] for p in prompts], ["LCM 4", "LCM alt 4"])
-    buffer = io.BytesIO()
-    grid.save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue())
-
-
-def preview_steps(job) -> Callable[[int, int], bool]:
-    """Whether a step renders previews: every sample_every_n_steps, with every save, and at the end."""
-    def due(step: int, total: int) -> bool:
-        return bool(job.sample_prompts) and (
-            step == total or any(n and step % n == 0 for n in (job.sample_every_n_steps, job.save_every_n_steps)))
-    return due
-
-
 # -- the mode -------------------------------------------------------------------------------------
 
 def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopResult:
@@ -343,18 +309,12 @@ def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopR
                              "ss_lcm_guidance_scale_max": repr(float(settings.w_max)),
                              "ss_lcm_num_ddim_timesteps": str(job.num_ddim_timesteps),
                              "ss_lcm_loss_type": job.loss_type})
-    due = preview_steps(job)
-    preview_size = (job.resolution, job.resolution)
+    preview = previewer(job, handle, network, outputs, render_lcm_preview, ctx.log, (job.resolution, job.resolution))
 
     def on_progress(progress: Progress) -> None:
         if ctx.events:
             ctx.events(progress)
-        if due(progress.step, progress.total):
-            final = progress.step == progress.total
-            try:
-                render_preview(handle, network, list(job.sample_prompts), preview_size, preview_path(outputs, progress.step, final))
-            except Exception as e:  # a preview never stops a training
-                ctx.log(f"warning: preview at step {progress.step} failed: {e}")
+        preview(progress.step, progress.total)
 
     loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, on_progress, ctx.control,
                         extra_state=lambda: {"sampler": batches.sampler.state_dict(),

@@ -15,6 +15,7 @@ from trainer import jobs
 from trainer.models.handle import ModelHandle
 from trainer.train.loop import LoopResult, TrainingLoop, diffusion_loss
 from trainer.train.context import JobContext, job_outputs, run_loop
+from trainer.train.previews import previewer, render_guided_preview
 from trainer.train.plan import build_network, dataset_facts, dataset_options, facts_for, loop_settings, noise_settings
 
 
@@ -36,7 +37,15 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
     facts = facts_for(handle, job, job, noise.prediction, num_images=len(dataset.items),
                       **dataset_facts(dataset, buckets, job.steps, job.batch_size * job.gradient_accumulation),
                       tag_frequency=dataset.tag_frequency())
-    loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, ctx.events, ctx.control,
+    preview = previewer(job, handle, network, outputs, render_guided_preview, ctx.log,
+                        (job.resolution, job.resolution))
+
+    def on_progress(progress) -> None:
+        if ctx.events:
+            ctx.events(progress)
+        preview(progress.step, progress.total)
+
+    loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, on_progress, ctx.control,
                         extra_state=lambda: {"sampler": sampler.state_dict()})
 
     def compute_loss(micro_step: int) -> torch.Tensor:

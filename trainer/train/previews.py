@@ -1,0 +1,78 @@
+"""Preview images while a job trains: the job's preview prompts with the LoRA as it is now, every N steps, with
+each save and at the end, sampled the way the mode's LoRA is used (guided DDIM, or LCM at 4 steps and CFG 1).
+
+Files: the final preview beside the LoRA as ``NAME.preview.png`` (the WebUI shows it as the LoRA's card);
+earlier ones in the job's folder as ``NAME-000500.preview.png``. A preview never stops a training.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Callable
+
+from trainer.lora.network import LoraNetwork
+from trainer.models.handle import ModelHandle
+from trainer.paths import write_atomic
+from trainer.sampling import lcm as lcm_sampling
+from trainer.sampling.grids import grid_image
+from trainer.sampling.guided import sample
+from trainer.train.loop import Outputs
+
+PREVIEW_SEEDS_FROM = 1
+#: Guided previews (standard, copier): the sampling a user would try first.
+PREVIEW_STEPS, PREVIEW_CFG = 20, 7.0
+
+
+def preview_path(outputs: Outputs, step: int, final: bool) -> Path:
+    return outputs.dir / f"{outputs.name}.preview.png" if final else outputs.work / f"{outputs.name}-{step:06d}.preview.png"
+
+
+def preview_steps(job) -> Callable[[int, int], bool]:
+    """Whether a step renders previews: every sample_every_n_steps, with every save, and at the end."""
+    def due(step: int, total: int) -> bool:
+        return bool(job.sample_prompts) and (
+            step == total or any(n and step % n == 0 for n in (job.sample_every_n_steps, job.save_every_n_steps)))
+    return due
+
+
+def _write_png(image, path: Path) -> Path:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue())
+
+
+def render_lcm_preview(handle: ModelHandle, network: LoraNetwork, prompts: list[str], size: tuple[int, int],
+                       path: Path) -> Path:
+    """A grid of the prompts, sampled in 4 LCM steps at CFG 1 with the LoRA as it is now: the plain LCM
+    sampler and the LCM alternative (first step re-noised with the model's own removed noise)."""
+    seeds = list(range(PREVIEW_SEEDS_FROM, PREVIEW_SEEDS_FROM + len(prompts)))
+    rows = [lcm_sampling.sample_lcm(handle, prompts, seeds, steps=4, size=size, network=network),
+            lcm_sampling.sample_lcm(handle, prompts, seeds, steps=4, size=size, sampler="lcm_alternative",
+                                    euler_steps=1, network=network)]
+    return _write_png(grid_image(rows, [p[:24] for p in prompts], ["LCM 4", "LCM alt 4"]), path)
+
+
+def render_guided_preview(handle: ModelHandle, network: LoraNetwork, prompts: list[str], size: tuple[int, int],
+                          path: Path) -> Path:
+    """A grid of the prompts, guided DDIM, same seeds: the base model above, the LoRA at strength 1 below,
+    so what the LoRA changes is what differs between the rows."""
+    seeds = list(range(PREVIEW_SEEDS_FROM, PREVIEW_SEEDS_FROM + len(prompts)))
+    rows = [sample(handle, prompts, seeds, steps=PREVIEW_STEPS, cfg=PREVIEW_CFG, size=size),
+            sample(handle, prompts, seeds, steps=PREVIEW_STEPS, cfg=PREVIEW_CFG, size=size, network=network)]
+    return _write_png(grid_image(rows, [p[:24] for p in prompts], ["base", "LoRA 1.0"]), path)
+
+
+def previewer(job, handle: ModelHandle, network: LoraNetwork, outputs: Outputs, render, log: Callable[[str], None],
+              size: tuple[int, int]) -> Callable[[int, int], Path | None]:
+    """``at(step, total)``: renders when due (see :func:`preview_steps`); returns the file or None."""
+    due = preview_steps(job)
+
+    def at(step: int, total: int) -> Path | None:
+        if not due(step, total):
+            return None
+        try:
+            return render(handle, network, list(job.sample_prompts), size, preview_path(outputs, step, step == total))
+        except Exception as e:  # a preview never stops a training
+            log(f"warning: preview at step {step} failed: {e}")
+            return None
+    return at
