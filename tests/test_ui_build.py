@@ -243,3 +243,19 @@ def build_and_serve(out: Path) -> dict:
 
 if __name__ == "__main__":
     print(json.dumps(build_and_serve(Path(sys.argv[1]))))
+
+
+def test_mode_defaults_do_not_depend_on_the_path_taken_and_edited_values_stay():
+    controls = {c.key: c for c in form.controls()}
+    start = {k: c.default("standard") for k, c in controls.items() if "standard" in c.modes}
+
+    def switch(values: dict, mode: str) -> dict:
+        return {**values, **form.defaults_for_mode(controls, mode, values)}
+
+    direct = switch(dict(start), "lcm")
+    detour = switch(switch(dict(start), "copier"), "lcm")
+    keys = [k for k, c in controls.items() if "lcm" in c.modes and k in start]
+    assert {k: direct[k] for k in keys} == {k: detour[k] for k in keys}
+    assert direct["network_dim"] == controls["network_dim"].default("lcm")
+    edited = switch({**start, "network_dim": 7}, "lcm")
+    assert edited["network_dim"] == 7, "a value the user typed survives a mode change"

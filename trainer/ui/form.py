@@ -133,3 +133,17 @@ def dataset_summary(folder: str, caption_extension: str = ".txt") -> str:
     captions = sum(1 for item in found.items if item.caption_file is not None)
     text = f"{len(found.items)} image{'s' if len(found.items) != 1 else ''} found, {captions} caption{'s' if captions != 1 else ''}"
     return text + "".join(f"\n\n⚠ {w}" for w in found.warnings)
+
+
+def defaults_for_mode(controls: Mapping[str, "Control"], mode: str, current: Mapping[str, Any]) -> dict[str, Any]:
+    """The values to set when the mode changes to ``mode``: a field still at the default of one of its modes
+    (untouched by the user) takes ``mode``'s default (lcm rank 64, copier names...); edited values stay.
+    Whatever path led here (standard -> copier -> lcm or standard -> lcm), the untouched fields are the same."""
+    changed = {}
+    for key, c in controls.items():
+        if key not in current or mode not in c.modes:
+            continue
+        untouched = any(current[key] == c.default(m) for m in c.modes)
+        if untouched and current[key] != c.default(mode):
+            changed[key] = c.default(mode)
+    return changed

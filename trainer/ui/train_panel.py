@@ -113,10 +113,7 @@ class TrainPanel:
         self.previous_mode = gr.State("standard")
 
         def on_mode(previous: str, mode: str, *values):
-            current = dict(zip(keys, values))
-            # A value still at the old mode's default takes the new mode's (lcm rank 64, copier names...).
-            changed = {k: c.default(mode) for k, c in self.by_key.items() if k in current and mode in c.modes
-                       and previous in c.modes and current[k] == c.default(previous) != c.default(mode)}
+            changed = form.defaults_for_mode(self.by_key, mode, dict(zip(keys, values)))
             return [mode] + self._mode_updates(mode, changed)
 
         self.mode.change(on_mode, [self.previous_mode] + values_in, [self.previous_mode] + visible_out)
