@@ -336,3 +336,10 @@ def test_the_ss_metadata_of_a_run_comes_from_the_field_declarations():
     assert set(meta) == {f.metadata_key for f in (*job.spec_fields, *second.spec_fields) if f.metadata_key}
     # network_dim keeps its name from the field to the shape; the file writes it as ss_network_dim
     assert network_shape(second).network_dim == 32
+
+
+def test_an_emptied_number_field_says_it_is_empty_and_what_to_enter():
+    with pytest.raises(jobs.JobError) as e:
+        jobs.job_from_dict({"mode": "standard", "steps": None, "lr": None})
+    assert "is empty: enter a whole number (default" in e.value.errors["steps"]
+    assert "is empty: enter a number" in e.value.errors["lr"] and "None" not in e.value.errors["lr"]

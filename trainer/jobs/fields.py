@@ -133,6 +133,9 @@ def _fmt(value: Any) -> str:
 
 def _coerce(f: Field, value: Any) -> Any:
     what = f"{f.label} must be"
+    if value is None and f.type in (int, float):      # a number field the user emptied (JSON null too)
+        raise ValueError(f"{f.label} is empty: enter a {'whole ' if f.type is int else ''}number "
+                         f"(default {_fmt(f.default)})")
     if f.type is bool:
         if isinstance(value, bool):
             return value
