@@ -158,3 +158,18 @@ def test_a_damaged_database_file_is_reported_with_what_to_do(tmp_path):
     db.write_bytes(b"this is not a database" * 100)
     with pytest.raises(QueueError, match="damaged"):
         JobQueue(db)
+
+
+def test_job_ids_are_never_reused_after_deleting_the_newest_job(tmp_path):
+    (tmp_path / "data").mkdir()
+    draw("red", "circle", "white", 64).save(tmp_path / "data" / "a.png")
+    queue = JobQueue(tmp_path / "queue.sqlite")
+    add = lambda name: queue.add(jobs.StandardJob(name=name, dataset_dir=str(tmp_path / "data")), tmp_path,
+                                 Admission(tmp_path / "out"))
+    first, second = add("a"), add("b")
+    queue.delete(second)
+    third = add("c")
+    assert (first, second, third) == (1, 2, 3)
+    queue.close()
+    assert JobQueue(tmp_path / "queue.sqlite").add(jobs.StandardJob(name="d", dataset_dir=str(tmp_path / "data")),
+                                                   tmp_path, Admission(tmp_path / "out")) == 4

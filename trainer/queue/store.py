@@ -83,6 +83,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, position);
 CREATE INDEX IF NOT EXISTS jobs_by_position ON jobs(position);
 CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(name);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS worker (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     pid INTEGER NOT NULL,
@@ -369,11 +373,17 @@ class JobQueue:
         now = time.time()
         with self._write() as db:
             position = self._next_position(db)
+            # Ids are never reused, even after the newest job is deleted (a log or note naming "job 12" must
+            # keep meaning that job): the highest id ever given is kept beside the jobs.
+            given = db.execute("SELECT MAX(COALESCE((SELECT MAX(id) FROM jobs), 0), "
+                               "COALESCE((SELECT value FROM meta WHERE key = 'last_id'), 0))").fetchone()[0]
             ids = []
             for i, (name, mode, spec, warnings) in enumerate(specs):
-                cur = db.execute("INSERT INTO jobs (position, name, mode, spec, state, created, warnings) "
-                                 "VALUES (?, ?, ?, ?, 'queued', ?, ?)", (position + i, name, mode, spec, now, warnings))
-                ids.append(cur.lastrowid)
+                db.execute("INSERT INTO jobs (id, position, name, mode, spec, state, created, warnings) "
+                           "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+                           (given + 1 + i, position + i, name, mode, spec, now, warnings))
+                ids.append(given + 1 + i)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_id', ?)", (given + len(specs),))
         return ids
 
     def _output_keys(self) -> dict[str, str]:
