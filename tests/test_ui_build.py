@@ -221,7 +221,7 @@ def build_and_serve(out: Path) -> dict:
     try:
         answer = None
         for path in ("/run/queue_table", "/api/queue_table"):
-            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b'{"data": [""]}',
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b'{"data": ["", "all"]}',
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=30) as r:
@@ -259,3 +259,33 @@ def test_mode_defaults_do_not_depend_on_the_path_taken_and_edited_values_stay():
     assert direct["network_dim"] == controls["network_dim"].default("lcm")
     edited = switch({**start, "network_dim": 7}, "lcm")
     assert edited["network_dim"] == 7, "a value the user typed survives a mode change"
+
+
+def test_a_night_queue_pauses_after_the_current_job_clears_finished_and_totals_the_queued_time(tmp_path):
+    from trainer.queue.admission import Admission
+    from trainer.queue.store import JobQueue
+
+    (tmp_path / "data").mkdir()
+    draw("red", "circle", "white", 64).save(tmp_path / "data" / "a.png")
+    queue = JobQueue(tmp_path / "q.sqlite")
+    ids = [queue.add(jobs.StandardJob(name=f"j{i}", dataset_dir=str(tmp_path / "data"), steps=300), tmp_path,
+                     Admission(tmp_path / "out")) for i in range(4)]
+    assert queue.estimated_seconds_left() is None, "no job ran yet: no speed to estimate from"
+    first = queue.claim_next()
+    import sqlite3
+    with sqlite3.connect(queue.db_path) as db:     # as the worker records it: 150 of 300 steps at 2 it/s
+        db.execute("UPDATE jobs SET step = 150, total = 300, it_per_s = 2.0, eta_s = 75 WHERE id = ?", (first.id,))
+    assert queue.estimated_seconds_left() == pytest.approx(75 + 3 * 300 / 2.0)
+    queue.set_paused(True)
+    assert queue.claim_next() is None and queue.paused()
+    queue.finish(first.id, "done")
+    queue.set_paused(False)
+    second = queue.claim_next()
+    assert second.id == ids[1]
+    queue.finish(second.id, "stopped")
+    line = queue_view.queue_summary(queue.list(), queue.estimated_seconds_left(), True)
+    assert "1 done" in line and "1 stopped" in line and "2 queued" in line and "paused" in line
+    assert "about 5:00" in line, line                     # 2 queued x 300 steps at 2 it/s
+    assert queue.clear_finished() == 1 and {r.id for r in queue.list()} == set(ids[1:])
+    html_table = queue_view.queue_table_html(queue.list())
+    assert "<th>started</th>" in html_table and "<th>took</th>" in html_table

@@ -53,6 +53,8 @@ def cmd_list(args) -> int:
         error = (r.error or "").splitlines()[0][:60] if r.error else ""
         print(f"{r.id:>5}  {r.state:<11} {r.mode:<8} {r.name[:24]:<24} {_progress_text(r):<22} "
               f"{_when(r.finished):<19}  {error}")
+    if queue.paused():
+        print("(paused: no next job is taken; `queue continue` goes on)", file=sys.stderr)
     shown, total = len(rows), queue.count(states)
     if shown < total:
         print(f"({shown} of {total} shown; --limit N for more)", file=sys.stderr)
@@ -90,6 +92,18 @@ def _operation(name: str):
         queue = _open(args)
         result = getattr(queue, name)(args.id)
         print(f"job {args.id}: {result if isinstance(result, str) else DONE[name]}")
+        return 0
+    return run
+
+
+def _whole_queue(name: str):
+    def run(args) -> int:
+        queue = _open(args)
+        if name == "clear":
+            print(f"removed {queue.clear_finished()} finished job(s)")
+        else:
+            queue.set_paused(name == "pause")
+            print("paused: no next job is taken" if name == "pause" else "the queue goes on")
         return 0
     return run
 
@@ -205,6 +219,11 @@ def add_parser(subparsers) -> None:
         op = sub.add_parser(name, help=text)
         op.add_argument("id", type=int)
         op.set_defaults(queue_func=_operation(method))
+    for name, help_text in (("pause", "take no next job (the running one finishes); `queue continue` goes on"),
+                            ("continue", "undo `queue pause`"),
+                            ("clear", "delete the jobs that are over (done, failed, cancelled); stopped and "
+                                      "interrupted ones stay")):
+        sub.add_parser(name, help=help_text).set_defaults(queue_func=_whole_queue(name))
 
     runner = sub.add_parser("run", help="run the worker: train queued jobs one after another")
     runner.add_argument("--until-empty", action="store_true", help="exit when no job is queued")

@@ -543,8 +543,41 @@ class JobQueue:
         found = self._db().execute("SELECT request FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return found[0] if found else None
 
+    # -- the queue as a whole ------------------------------------------------------------------------
+
+    def set_paused(self, paused: bool) -> None:
+        """Pause after the current job (the worker takes no next job) or go on."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)", (int(paused),))
+
+    def paused(self) -> bool:
+        found = self._db().execute("SELECT value FROM meta WHERE key = 'paused'").fetchone()
+        return bool(found and found[0])
+
+    def clear_finished(self) -> int:
+        """Delete the jobs that are over and cannot continue (done, failed, cancelled); stopped and interrupted
+        jobs stay, they can still be resumed. Returns how many went."""
+        with self._write() as db:
+            return db.execute("DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled')").rowcount
+
+    def estimated_seconds_left(self) -> float | None:
+        """The queued work's time at the speed jobs ran lately: the running job's ETA plus, per queued job,
+        its steps over the latest measured rate (it/s) of its mode. None when nothing tells the speed."""
+        db = self._db()
+        rates = dict(db.execute("SELECT mode, it_per_s FROM jobs WHERE it_per_s > 0 ORDER BY COALESCE(finished, "
+                                "started) ASC").fetchall())    # the latest rate of each mode wins
+        if not rates:
+            return None
+        fallback = sum(rates.values()) / len(rates)
+        total = sum(eta for (eta,) in db.execute("SELECT eta_s FROM jobs WHERE state = 'running' AND eta_s > 0"))
+        for mode, spec in db.execute("SELECT mode, spec FROM jobs WHERE state = 'queued'"):
+            total += _job_steps(spec) / rates.get(mode, fallback)
+        return total
+
     def claim_next(self) -> JobRow | None:
-        """Mark the first queued job running and return it (None when nothing is queued)."""
+        """Mark the first queued job running and return it (None when nothing is queued or the queue is paused)."""
+        if self.paused():
+            return None
         with self._write() as db:
             found = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position LIMIT 1").fetchone()
             if found is None:
@@ -635,6 +668,15 @@ class JobQueue:
                            "WHERE id = ?", (time.time(), f"the process ended while this job ran (at step {step}); "
                                             "resume continues it from its last save", job_id))
         return found
+
+
+def _job_steps(spec: str) -> int:
+    """Training steps of a queued job (a copier's two passes together), from its stored JSON."""
+    data = json.loads(spec)
+    if data.get("mode") == "copier":
+        first, second = data.get("copier_pass", {}), data.get("difference_pass", {})
+        return int(first.get("steps", 0)) + int((first if second.get("same_as_pass1", True) else second).get("steps", 0))
+    return int(data.get("steps", 0))
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:

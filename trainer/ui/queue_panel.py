@@ -1,6 +1,7 @@
 """Queue panel: the live table, the operations on the selected job, its loss plot, error and results."""
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
@@ -22,6 +23,15 @@ OPERATIONS = (  # (label, queue method, elem id)
     ("Resume", "resume", "loraq_op_resume"),
     ("Delete", "delete", "loraq_op_delete"),
 )
+#: The table's filter: label -> states shown (None: all).
+SHOW = {"all": None, "queued and running": ["queued", "running"], "finished": ["done", "stopped", "failed", "cancelled",
+                                                                             "interrupted"],
+        "failed or interrupted": ["failed", "interrupted", "cancelled"], "done": ["done"]}
+QUEUE_OPERATIONS = (  # (label, elem id): on the whole queue
+    ("Pause after current", "loraq_q_pause"),
+    ("Resume queue", "loraq_q_resume"),
+    ("Clear finished", "loraq_q_clear"),
+)
 TABLE_EVERY_S = 1.0
 DETAILS_EVERY_S = 2.0
 
@@ -38,10 +48,19 @@ class QueuePanel:
         self.services, self.queue = services, services.queue
         self._build(blocks)
 
-    def table(self, selected: str | None = None) -> str:
-        return queue_view.queue_table_html(self.queue.list(limit=200), selected_id(selected))
+    def table(self, selected: str | None = None, show: str | None = None) -> str:
+        """The summary line (counts, total time of the queued work, paused) and the table of the shown states."""
+        states = SHOW.get(show or "all")
+        rows = self.queue.list(limit=200, states=states)
+        head = queue_view.queue_summary(self.queue.list(limit=1000), self.queue.estimated_seconds_left(),
+                                        self.queue.paused())
+        return (f'<div class="loraq-queue-summary">{html.escape(head)}</div>'
+                + queue_view.queue_table_html(rows, selected_id(selected)))
 
     def _build(self, blocks: gr.Blocks) -> None:
+        with gr.Row(elem_id="loraq_queue_controls"):
+            self.show = gr.Dropdown(list(SHOW), value="all", label="show", elem_id="loraq_queue_show", scale=1)
+            self.queue_ops = {elem: gr.Button(label, elem_id=elem, size="sm", scale=0) for label, elem in QUEUE_OPERATIONS}
         self.table_html = gr.HTML(self.table(), elem_id="loraq_queue_table")
         with gr.Row():
             self.selected = gr.Textbox(label="selected job", placeholder="click a row of the table",
@@ -74,16 +93,20 @@ class QueuePanel:
     # -- events ----------------------------------------------------------------------------------
 
     def _wire(self, blocks: gr.Blocks) -> None:
-        poll(blocks, self.table, [self.selected], [self.table_html], TABLE_EVERY_S)
-        self.refresh.click(self.table, [self.selected], [self.table_html], queue=False, api_name="queue_table",
-                           **no_progress())
+        poll(blocks, self.table, [self.selected, self.show], [self.table_html], TABLE_EVERY_S)
+        self.refresh.click(self.table, [self.selected, self.show], [self.table_html], queue=False,
+                           api_name="queue_table", **no_progress())
+        self.show.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
+        for elem, button in self.queue_ops.items():
+            button.click(self._queue_operation(elem), [self.selected, self.show], [self.status, self.table_html])
         details_out = [self.summary, self.error, self.plot, self.plot_key]
         poll(blocks, self.details, [self.selected, self.plot_key], details_out, DETAILS_EVERY_S)
         self.selected.change(self.details, [self.selected, gr.State(None)], details_out, **no_progress())
         self.selected.change(self.results_choices, [self.selected], [self.checkpoint, self.prompt], **no_progress())
-        self.selected.change(self.table, [self.selected], [self.table_html], **no_progress())
+        self.selected.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
         for method, button in self.ops.items():
-            button.click(self._operation(method), [self.selected], [self.status, self.table_html, self.selected])
+            button.click(self._operation(method), [self.selected, self.show],
+                         [self.status, self.table_html, self.selected])
         self.generate.click(self.make_grid, [self.selected, self.checkpoint, self.prompt, self.seeds, self.steps,
                                              self.cfg], [self.grid, self.grid_status])
 
@@ -121,7 +144,7 @@ class QueuePanel:
         return gr.update(choices=files, value=files[0] if files else None), gr.update(value=results.default_prompt(job))
 
     def _operation(self, method: str):
-        def run(selected: str):
+        def run(selected: str, show: str | None = None):
             job_id = selected_id(selected)
             new_selection = gr.update()
             if job_id is None:
@@ -144,7 +167,22 @@ class QueuePanel:
                         self.services.worker.wake()
                 except (QueueError, jobs.JobError) as e:
                     message = f"⚠ {getattr(e, 'message', e)}"
-            return message, self.table(selected), new_selection
+            return message, self.table(selected, show), new_selection
+        return run
+
+    def _queue_operation(self, elem: str):
+        def run(selected: str, show: str):
+            if elem == "loraq_q_pause":
+                self.queue.set_paused(True)
+                message = "⏸ the queue takes no next job; the running one finishes (Resume queue goes on)"
+            elif elem == "loraq_q_resume":
+                self.queue.set_paused(False)
+                if self.services.worker is not None:
+                    self.services.worker.wake()
+                message = "▶ the queue goes on"
+            else:
+                message = f"✔ removed {self.queue.clear_finished()} finished job(s) (done, failed, cancelled)"
+            return message, self.table(selected, show)
         return run
 
     def make_grid(self, selected, checkpoint, prompt, seeds_text, steps, cfg):

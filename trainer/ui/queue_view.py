@@ -1,13 +1,15 @@
 """What the queue panel shows, as pure functions of the store's rows: the table and the loss plot."""
 from __future__ import annotations
 
+import datetime
 import html
 import math
+import time
 from typing import Sequence
 
 from trainer.queue.store import JobRow, ProgressRow
 
-COLUMNS = ("id", "name", "mode", "state", "progress", "loss", "ETA")
+COLUMNS = ("id", "name", "mode", "state", "progress", "loss", "ETA", "started", "took")
 
 
 def format_eta(seconds: float | None) -> str:
@@ -18,6 +20,37 @@ def format_eta(seconds: float | None) -> str:
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def clock(t: float | None, now: float | None = None) -> str:
+    """A start time as people read a night's queue: ``23:14`` today, ``Mon 23:14`` on another day."""
+    if not t:
+        return "-"
+    when = datetime.datetime.fromtimestamp(t)
+    today = datetime.datetime.fromtimestamp(now if now is not None else time.time()).date()
+    return when.strftime("%H:%M") if when.date() == today else when.strftime("%a %H:%M")
+
+
+def took(row: JobRow, now: float | None = None) -> str:
+    """How long the job ran: to its end, or so far while it runs."""
+    if not row.started:
+        return "-"
+    end = row.finished if row.finished else (now if now is not None else time.time()) if row.state == "running" else None
+    return format_eta(end - row.started) if end else "-"
+
+
+def queue_summary(rows: Sequence[JobRow], seconds_left: float | None, paused: bool) -> str:
+    """One line above the table: counts by state, the queued work's total time, and whether the queue is paused."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    parts = [f"{n} {state}" for state, n in counts.items()]
+    text = ", ".join(parts) if parts else "no jobs"
+    if seconds_left:
+        text += f" — queued work about {format_eta(seconds_left)} at the latest speed"
+    if paused:
+        text += " — ⏸ paused: the queue takes no next job (Resume queue)"
+    return text
 
 
 def percent_done(row: JobRow) -> int:
@@ -48,7 +81,7 @@ def queue_table_html(rows: Sequence[JobRow], selected: int | None = None) -> str
         body.append(f'<tr class="{cls}" data-job-id="{r.id}" title="{title}"><td>{r.id}</td>'
                     f"<td>{html.escape(r.name)}</td><td>{r.mode}</td>"
                     f'<td><span class="loraq-state loraq-state-{r.state}">{r.state}</span></td>'
-                    f"<td>{bar}</td><td>{loss}</td><td>{eta}</td></tr>")
+                    f"<td>{bar}</td><td>{loss}</td><td>{eta}</td><td>{clock(r.started)}</td><td>{took(r)}</td></tr>")
     return (f'<table class="loraq-queue-table"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
