@@ -343,3 +343,19 @@ def test_an_emptied_number_field_says_it_is_empty_and_what_to_enter():
         jobs.job_from_dict({"mode": "standard", "steps": None, "lr": None})
     assert "is empty: enter a whole number (default" in e.value.errors["steps"]
     assert "is empty: enter a number" in e.value.errors["lr"] and "None" not in e.value.errors["lr"]
+
+
+def test_a_sweep_gives_one_named_valid_job_per_combination_and_is_refused_as_a_whole():
+    base = jobs.StandardJob(name="style", lr=1e-4, network_alpha=4.0)
+    sweep = jobs.parse_sweep("lr=5e-5,1e-4,2e-4; network_alpha=2,4,8")
+    made = jobs.sweep_jobs(base, sweep)
+    assert len(made) == 9 and len({j.name for j in made}) == 9
+    assert {(j.lr, j.network_alpha) for j in made} == {(a, b) for a in (5e-5, 1e-4, 2e-4) for b in (2.0, 4.0, 8.0)}
+    assert made[0].name == "style_lr5e-05_network_alpha2.0"
+    copier = jobs.sweep_jobs(jobs.CopierJob(name="c"), jobs.parse_sweep("difference_pass.network_dim=4,8"))
+    assert [j.difference_pass.network_dim for j in copier] == [4, 8]
+    with pytest.raises(jobs.JobError, match="network_dim"):
+        jobs.sweep_jobs(base, jobs.parse_sweep("network_dim=4,0"))     # rank 0: the whole sweep is refused
+    for bad in ("lr", "bogus=1", "lr=abc", "sample_prompts=a,b"):
+        with pytest.raises(jobs.JobError):
+            jobs.parse_sweep(bad)

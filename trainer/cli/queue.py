@@ -36,7 +36,10 @@ def cmd_add(args) -> int:
 
     queue = _open(args)
     out = Path(args.out) if args.out else paths.default_output_dir()
-    ids = queue.add_many([load_job(path) for path in args.jobs], admission=Admission(out))
+    many = [load_job(path) for path in args.jobs]
+    if args.sweep:
+        many = [job for base in many for job in jobs.sweep_jobs(base, jobs.parse_sweep(args.sweep))]
+    ids = queue.add_many(many, admission=Admission(out))
     for job_id in ids:
         print(job_id)
         for warning in queue.get(job_id).warnings:
@@ -194,6 +197,8 @@ def add_parser(subparsers) -> None:
 
     add = sub.add_parser("add", help="validate job files and queue them (prints their ids)")
     add.add_argument("jobs", nargs="+", metavar="JOB.json")
+    add.add_argument("--sweep", metavar="FIELD=V1,V2;...", help="queue one job per combination, e.g. "
+                     "'lr=5e-5,1e-4,2e-4; network_alpha=2,4,8' (9 jobs named after their values)")
     add.add_argument("--out", help="the output root `queue run --out` will use, to check names against "
                                    f"(default {paths.default_output_dir()})")
     add.set_defaults(queue_func=cmd_add)

@@ -7,7 +7,7 @@
 - ``job_types``: :class:`StandardJob`, :class:`CopierJob`, :class:`LcmJob`, :class:`PassSettings`,
   :class:`DifferencePass` as static frozen dataclasses, generated from the registry (``codegen``);
 - ``serial``: dict / JSON / templates; ``docs``: JSON Schema and ``docs/parameters.md``;
-  ``paths``: existence checks of the files a job names.
+  ``paths``: existence checks of the files a job names; ``sweeps``: one job per combination of values.
 
 This package imports no torch: the commands that only read or write jobs start fast.
 """
@@ -22,11 +22,12 @@ from trainer.jobs.serial import (
     JOB_TYPES, SCHEMA_VERSION, job_from_dict, job_from_json, job_to_dict, job_to_json, template,
 )
 from trainer.jobs.specs import Job
+from trainer.jobs.sweeps import parse_sweep, sweep_jobs
 from trainer.jobs.vocabulary import MODES, SCOPES
 
 __all__ = [
     "FIELDS", "GROUPS", "JOB_TYPES", "MODES", "SCHEMA_VERSION", "SCOPES", "CopierJob", "DifferencePass", "Field",
     "Job", "JobError", "LcmJob", "PassSettings", "StandardJob", "check_job", "check_rules", "fields_for", "job_from_dict",
     "job_from_json", "job_to_dict", "job_to_json", "json_schema", "output_name_problem", "parameter_table_markdown",
-    "parse_optimizer_args", "template", "validate_paths",
+    "parse_optimizer_args", "parse_sweep", "sweep_jobs", "template", "validate_paths",
 ]

@@ -59,7 +59,10 @@ class TrainPanel:
                         self._pass(part)
         self.containers.append((passes, ("copier",)))
         with gr.Row():
-            self.add = gr.Button("Add to queue", variant="primary", elem_id="loraq_add")
+            self.sweep = gr.Textbox(label="sweep (optional): one job per combination",
+                                    placeholder="lr=5e-5,1e-4,2e-4; network_alpha=2,4,8", elem_id="loraq_sweep",
+                                    max_lines=2, scale=3)
+            self.add = gr.Button("Add to queue", variant="primary", elem_id="loraq_add", scale=1)
         self.status = gr.Markdown("", elem_id="loraq_train_status")
         self._wire()
 
@@ -125,23 +128,26 @@ class TrainPanel:
 
         errors_out = [self.errors[k] for k in keys] + [self.status]
 
-        def add(mode: str, *values):
+        def add(sweep: str, mode: str, *values):
             data = self._job_dict(mode, values)
             try:
                 job = jobs.job_from_dict(data)
                 if not job.model and self.services.default_model():
                     job = dataclasses.replace(job, model=self.services.default_model())
-                job_id = self.services.queue.add(job, root=self.services.root, admission=self.services.admission())
+                many = jobs.sweep_jobs(job, jobs.parse_sweep(sweep)) if (sweep or "").strip() else [job]
+                ids = self.services.queue.add_many(many, root=self.services.root, admission=self.services.admission())
             except jobs.JobError as e:
                 errors = {**self._path_problems(data), **e.errors}
                 return self._error_updates(mode, errors, e.message)
             if self.services.worker is not None:
                 self.services.worker.wake()
-            notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(job_id).warnings)
-            return self._error_updates(mode, {}, "") [:-1] + [
-                gr.update(value=f"✔ queued **{job.name}** as job {job_id}{notes}")]
+            notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(ids[0]).warnings)
+            what = (f"**{job.name}** as job {ids[0]}" if len(ids) == 1 else
+                    f"a sweep of {len(ids)} jobs ({', '.join(j.name for j in many[:3])}{', ...' if len(ids) > 3 else ''})"
+                    f" as jobs {ids[0]}-{ids[-1]}")
+            return self._error_updates(mode, {}, "") [:-1] + [gr.update(value=f"✔ queued {what}{notes}")]
 
-        self.add.click(add, values_in, errors_out)
+        self.add.click(add, [self.sweep] + values_in, errors_out)
 
         def save_preset(name: str, mode: str, *values):
             try:
