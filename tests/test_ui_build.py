@@ -159,6 +159,14 @@ def test_a_merge_tells_the_host_so_the_webui_lists_the_new_lora(tmp_path):
     with pytest.raises(MergeError, match="already exists"):
         loras.merge_into_folder("a:1", RankPolicy(rank=2), "ab", "fp16", False, tmp_path, written.append)
     assert len(written) == 1, "a refused merge writes nothing and tells nobody"
+    # what the panel lists and reports: rank and size per LoRA, the rank actually kept, the tab's words
+    listing = loras.lora_list_html(loras.list_loras(tmp_path), tmp_path)
+    assert "r2 · " in listing and " MB" in listing
+    big = loras.merge_into_folder("a:0.5\nb:0.5", RankPolicy(rank=100000), "huge", "fp16", False, tmp_path)
+    assert "rank 4 (asked 100000" in big and "rank 100000" not in big.splitlines()[0].split("(asked")[0]
+    assert "--verbose" not in big
+    with pytest.raises(MergeError, match="'abc' is not a number"):
+        loras.merge_into_folder("a:abc", RankPolicy(rank=2), "bad", "fp16", False, tmp_path)
 
 
 def test_results_list_final_then_checkpoints_by_step(tmp_path):

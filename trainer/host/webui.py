@@ -95,7 +95,8 @@ class WebUIHost:
                           data_dir=self.data_dir, cache_dir=self.data_dir / "cache", worker=self._worker,
                           model_label=getattr(label, "name", "") or "the WebUI's loaded model",
                           lora_written=lambda path: self.refresh_loras(), input_roots=self.input_roots,
-                          model_facts=self.model_facts, default_model=self.loaded_checkpoint)
+                          model_facts=self.model_facts, default_model=self.loaded_checkpoint,
+                          lora_library=self.lora_dir)
 
     def model_facts(self) -> tuple[str | None, int | None]:
         """(arch, cross-attention width) of the loaded model from its flags, without loading anything

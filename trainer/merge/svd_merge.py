@@ -73,7 +73,8 @@ def parse_input_spec(spec: str) -> MergeInput:
         return MergeInput(parts[0], _finite_ratio(spec, parts[1]))
     # "a.safetensors:abc" is a ratio that is not a number, not a file called that ("C:\x" is a path).
     head, tail = (spec.split(":")[0], spec.split(":")[1]) if spec.count(":") >= 1 else ("", "")
-    if head and tail and not os.path.exists(spec) and not any(c in tail for c in "/\\") and len(head) > 1:
+    drive = len(head) == 1 and tail[:1] in ("/", "\\")
+    if head and tail and not os.path.exists(spec) and not any(c in tail for c in "/\\") and not drive:
         raise MergeError(f"{spec}: the ratio {tail!r} is not a number; write NAME:0.6 or NAME:0.6:BLOCKS")
     return MergeInput(spec)
 
@@ -551,7 +552,7 @@ def resize_file(path: str | os.PathLike, out_path: str | os.PathLike, policy: Ra
     return resized
 
 
-def format_report(result: MergeResult, worst: int | None = 10) -> str:
+def format_report(result: MergeResult, worst: int | None = 10, more: str = "(all with --verbose)") -> str:
     """Per-module lines (worst first, ``worst`` of them; None = all) and the totals."""
     modules = sorted(result.modules, key=lambda m: m.relative_error, reverse=True)
     shown = modules if worst is None else modules[:worst]
@@ -560,7 +561,7 @@ def format_report(result: MergeResult, worst: int | None = 10) -> str:
         lines.append(f"{m.name:<72} {m.block or '-':>5} {m.rank:>4} {m.input_rank:>4} "
                      f"{m.retained_energy:>11.6f} {m.relative_error:>10.2e}")
     if len(shown) < len(modules):
-        lines.append(f"... {len(modules) - len(shown)} more modules (all with --verbose)")
+        lines.append(f"... {len(modules) - len(shown)} more modules {more}")
     t = result.totals
     lines.append(f"total: {t['modules']} modules, energy kept {t['retained_energy']:.6f}, relative error "
                  f"{t['relative_error']:.3e} (worst module {t['max_relative_error']:.3e})")

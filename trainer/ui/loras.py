@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from trainer import jobs
+from trainer.lora.files import LoraFileError, read_header
 from trainer.merge.svd_merge import MergeError, MergeInput, RankPolicy, format_report, merge_files, parse_input_spec
 
 
@@ -22,12 +23,32 @@ def list_loras(folder: Path, filter_text: str = "") -> list[str]:
     return [n for n in names if all(w in n.lower() for w in words)]
 
 
-def lora_list_html(names: list[str]) -> str:
-    """Clickable names; javascript/loraq.js appends ``name:1.0`` to the merge text on a click."""
+def describe_lora(path: Path) -> str:
+    """``r16 · 37.2 MB`` from the file's header (no tensor is read); ``?`` parts for what it does not say."""
+    try:
+        size = f"{path.stat().st_size / 2**20:.1f} MB"
+    except OSError:
+        return "unreadable"
+    try:
+        header, _ = read_header(path)
+        ranks = sorted({entry["shape"][0] for key, entry in header.items()
+                        if key.endswith(("lora_down.weight", "lora_A.weight")) and entry.get("shape")})
+        rank = f"r{ranks[0]}" if len(ranks) == 1 else f"r{ranks[0]}-{ranks[-1]}" if ranks else "LoHa/LoKr"
+    except (LoraFileError, OSError, ValueError):
+        rank = "not a LoRA"
+    return f"{rank} · {size}"
+
+
+def lora_list_html(names: list[str], folder: Path | None = None) -> str:
+    """Clickable names (with rank and size when ``folder`` is given); javascript/loraq.js appends ``name:1.0``
+    to the merge text on a click."""
     if not names:
         return '<div class="loraq-empty">No LoRA found.</div>'
     items = "".join(f'<button type="button" class="loraq-lora" data-name="{html.escape(n, quote=True)}">'
-                    f"{html.escape(n)}</button>" for n in names)
+                    f"{html.escape(n)}"
+                    + (f' <span class="loraq-lora-facts">{html.escape(describe_lora(folder / f"{n}.safetensors"))}'
+                       "</span>" if folder is not None else "")
+                    + "</button>" for n in names)
     return f'<div class="loraq-lora-list">{items}</div>'
 
 
@@ -50,9 +71,10 @@ def resolve_inputs(text: str, folder: Path) -> list[MergeInput]:
 
 
 def merge_into_folder(text: str, policy: RankPolicy, output: str, precision: str, overwrite: bool, folder: Path,
-                      written: Callable[[Path], None] = lambda path: None) -> str:
-    """Merge the entries of ``text`` into ``folder/OUTPUT.safetensors``; the report. ``written`` is told of
-    the new file (the WebUI re-lists its LoRAs, as after a job). Raises MergeError/ValueError/OSError."""
+                      written: Callable[[Path], None] = lambda path: None, library: Path | None = None) -> str:
+    """Merge the entries of ``text`` (names in ``library``, default ``folder``) into ``folder/OUTPUT.safetensors``;
+    the report. ``written`` is told of the new file (the WebUI re-lists its LoRAs, as after a job). Raises
+    MergeError/ValueError/OSError."""
     name = (output or "").strip()
     problem = jobs.output_name_problem(name)
     if problem:
@@ -60,11 +82,15 @@ def merge_into_folder(text: str, policy: RankPolicy, output: str, precision: str
     out = Path(folder) / f"{name}.safetensors"
     if out.exists() and not overwrite:
         raise MergeError(f"{out} already exists: choose another output name or tick overwrite")
-    inputs = resolve_inputs(text or "", folder)
+    inputs = resolve_inputs(text or "", library or folder)
     policy.validate()
     started = time.perf_counter()
     result = merge_files(inputs, out, policy, dtype=precision)
     written(out)
-    head = (f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {policy.describe()}) -> {out} "
+    ranks = sorted({m.rank for m in result.modules})
+    got = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    if policy.rank is not None and not policy.concat and ranks and ranks[-1] < policy.rank:
+        got += f" (asked {policy.rank}: no module has more to keep — the inputs' ranks add up to less)"
+    head = (f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {got}) -> {out} "
             f"in {time.perf_counter() - started:.1f} s")
-    return head + "\n" + format_report(result)
+    return head + "\n" + format_report(result, more="(the 10 worst modules are shown)")

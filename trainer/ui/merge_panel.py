@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from trainer.jobs.vocabulary import SAVE_PRECISIONS
-from trainer.merge.svd_merge import MergeError, RankPolicy
+from trainer.merge.svd_merge import MergeError, RankPolicy, builtin_presets
 from trainer.ui import loras
 from trainer.ui.services import UiServices
 
@@ -26,15 +26,18 @@ def rank_policy(mode: str, rank, conv_rank, energy) -> RankPolicy:
 class MergePanel:
     def __init__(self, services: UiServices):
         self.services = services
-        folder = services.lora_dir
+        folder = services.library
         with gr.Row():
             with gr.Column(scale=2):
                 with gr.Row():
                     self.filter = gr.Textbox(label="filter", placeholder="part of a name", elem_id="loraq_lora_filter",
                                              max_lines=1, scale=3)
                     self.refresh = gr.Button("Refresh", elem_id="loraq_lora_refresh", size="sm", scale=0)
-                self.listing = gr.HTML(loras.lora_list_html(loras.list_loras(folder)), elem_id="loraq_lora_list")
-                gr.Markdown(f"LoRAs in `{folder}` — click one to add `name:1.0` to the merge.")
+                self.listing = gr.HTML(self._listing(""), elem_id="loraq_lora_list")
+                gr.Markdown(f"LoRAs in `{folder}` — click one to add `name:1.0` to the merge. Merges are written "
+                            f"to `{services.lora_dir}`. Blocks (`name:ratio:BLOCKS`): a preset — "
+                            + ", ".join(f"`{p}`" for p in builtin_presets("sd1")) + " — or 17 / 26 weights "
+                            "(SD1/SD2), 12 / 20 (SDXL), in LoRA Block Weight's order.")
             with gr.Column(scale=3):
                 self.inputs = gr.Textbox(label="LoRAs to merge (name:ratio[:blocks], one per line)", lines=5,
                                          elem_id="loraq_merge_inputs",
@@ -56,17 +59,21 @@ class MergePanel:
                 self.run = gr.Button("Merge", variant="primary", elem_id="loraq_merge_run")
                 self.report = gr.Textbox(label="report", lines=12, interactive=False, elem_id="loraq_merge_report",
                                          elem_classes=["loraq-mono"])
-        listing = lambda text: loras.lora_list_html(loras.list_loras(self.services.lora_dir, text or ""))
+        listing = self._listing
         self.filter.change(listing, [self.filter], [self.listing], show_progress=False)
         self.refresh.click(listing, [self.filter], [self.listing], show_progress=False)
         self.run.click(self.merge, [self.inputs, self.mode, self.rank, self.conv_rank, self.energy, self.output,
                                     self.precision, self.overwrite], [self.report, self.listing])
 
+    def _listing(self, text: str | None) -> str:
+        library = self.services.library
+        return loras.lora_list_html(loras.list_loras(library, text or ""), library)
+
     def merge(self, text, mode, rank, conv_rank, energy, output, precision, overwrite):
-        folder = self.services.lora_dir
         try:
             report = loras.merge_into_folder(text, rank_policy(mode, rank, conv_rank, energy), output, precision,
-                                             overwrite, folder, self.services.lora_written)
+                                             overwrite, self.services.lora_dir, self.services.lora_written,
+                                             library=self.services.library)
         except (MergeError, ValueError, OSError) as e:
             return f"error: {e}", gr.update()
-        return report, loras.lora_list_html(loras.list_loras(folder))
+        return report, self._listing("")

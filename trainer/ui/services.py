@@ -29,7 +29,7 @@ from trainer.queue.worker import Worker
 class UiServices:
     queue: JobQueue
     handle_for: Callable[[jobs.Job], ModelHandle]   # the model a job trains on and its results render with
-    lora_dir: Path                                   # where jobs write by default; the merge panel lists it
+    lora_dir: Path                                   # where jobs write by default (and merges)
     data_dir: Path                                   # presets, uploads
     cache_dir: Path                                  # latent cache
     worker: Worker | None = None                     # None when the host runs the worker elsewhere
@@ -43,6 +43,13 @@ class UiServices:
     #: The WebUI: the checkpoint a job queued without one names (the one loaded when it is queued); the
     #: worker loads it when the job's turn comes. "" (standalone): the job keeps its own model field.
     default_model: Callable[[], str] = lambda: ""
+    #: The folder of every LoRA the host knows (the WebUI's LoRA folder, downloads included), which the merge
+    #: panel lists; None: ``lora_dir``.
+    lora_library: Path | None = None
+
+    @property
+    def library(self) -> Path:
+        return self.lora_library or self.lora_dir
 
     def admission(self) -> Admission:
         """What a job queued from the tab is checked against (see :mod:`trainer.queue.admission`)."""
