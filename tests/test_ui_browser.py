@@ -79,6 +79,7 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
+    assert session["form_after_reload"] == "red_to_blue", "a reload must not lose the form"
     for name in SCREENSHOTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 5_000
     assert seconds < 180, f"the browser session took {seconds:.0f} s (budget 180 s)"
@@ -249,6 +250,12 @@ def session(out: Path, app_python: str) -> None:
             merged = data / "loras" / "red_to_blue_merged.safetensors"
             facts["merged_file_bytes"] = merged.stat().st_size if merged.exists() else 0
             shot("6_merge")
+
+            # 7. A reload keeps the form as last queued, and lists the built-in presets.
+            page.reload()
+            page.wait_for_selector("#loraq_add")
+            expect(box("loraq_f_name")).to_have_value("red_to_blue", timeout=15_000)
+            facts["form_after_reload"] = box("loraq_f_name").input_value()
             browser.close()
     finally:
         (out / "session.json").write_text(json.dumps(facts, indent=1))

@@ -21,7 +21,7 @@ from trainer import jobs
 from trainer.merge.svd_merge import MergeError
 from trainer.models.demo.shapes import draw
 from trainer.ui import form, loras, queue_view, results
-from trainer.ui.presets import PresetError, PresetStore
+from trainer.ui.presets import BUILTIN, PresetError, PresetStore
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_ENVS = {"3.41.2": ROOT / ".venv-gradio3" / "bin" / "python", "4.40.0": ROOT / ".venv-gradio4" / "bin" / "python"}
@@ -86,17 +86,17 @@ def test_presets_save_load_delete_by_name(tmp_path):
     store = PresetStore(tmp_path / "presets")
     job = jobs.template("lcm")
     store.save("lcm fast", job)
-    assert store.names() == ["lcm fast"]
+    assert store.names() == ["lcm fast"] + list(BUILTIN)
     assert store.load("lcm fast") == job
     store.delete("lcm fast")
-    assert store.names() == []
+    assert store.names() == list(BUILTIN)
     with pytest.raises(PresetError, match="there is no preset named 'lcm fast'"):
         store.load("lcm fast")
     with pytest.raises(PresetError, match="preset name must be a file name"):
         store.save("../escape", job)
     with pytest.raises(jobs.JobError, match="rank"):
         store.save("bad", {**job, "network_dim": 0})
-    assert store.names() == []
+    assert store.names() == list(BUILTIN)
 
 
 # -- the queue table ------------------------------------------------------------------------------------
@@ -297,3 +297,26 @@ def test_a_night_queue_pauses_after_the_current_job_clears_finished_and_totals_t
     assert queue.clear_finished() == 1 and {r.id for r in queue.list()} == set(ids[1:])
     html_table = queue_view.queue_table_html(queue.list())
     assert "<th>started</th>" in html_table and "<th>took</th>" in html_table
+
+
+def test_presets_ship_the_recipes_people_use_are_always_current_and_the_form_survives_a_reload(tmp_path):
+    from trainer.ui.presets import BUILTIN, PresetError, PresetStore
+
+    store = PresetStore(tmp_path / "presets")
+    for name in BUILTIN:
+        jobs.job_from_dict(store.load(name))           # every shipped recipe is a valid job
+    sdxl = jobs.job_from_dict(store.load("built-in SDXL copier two-pass"))
+    first, second = sdxl.passes()
+    assert (first.network_dim, first.network_alpha, first.conv_dim, first.lr, first.optimizer, first.steps) == \
+        (16, 16.0, 8, 5e-5, "Lion", 1000)
+    assert (second.network_dim, second.conv_dim, second.lr_scheduler) == (4, 0, "cosine")
+    store.save("mine", jobs.template("standard"))
+    assert PresetStore(tmp_path / "presets").names()[0] == "mine", "read at each call, saved ones first"
+    with pytest.raises(PresetError, match="built in"):
+        store.save("built-in LCM-LoRA SD1.5", jobs.template("lcm"))
+    with pytest.raises(PresetError) as bad:
+        store.path("a/b")
+    assert "output_dir" not in str(bad.value) and "⚠" not in str(bad.value)
+    assert store.last_form() is None
+    store.remember({**jobs.template("lcm"), "name": "kept"})
+    assert store.last_form()["name"] == "kept" and "kept" not in store.names()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from trainer.ui.compat import asset_text, blocks_kwargs, enable_queue, run_js_on_load
+from trainer.ui.compat import no_progress, asset_text, blocks_kwargs, enable_queue, run_js_on_load
 from trainer.ui.merge_panel import MergePanel
 from trainer.ui.queue_panel import QueuePanel
 from trainer.ui.services import UiServices
@@ -29,6 +29,8 @@ def build_ui(services: UiServices, *, standalone: bool = False) -> gr.Blocks:
                 blocks.loraq_queue = QueuePanel(services, blocks)
             with gr.Tab("Merge", elem_id="loraq_tab_merge"):
                 blocks.loraq_merge = MergePanel(services)
+        page_load, outputs = blocks.loraq_train.page_load
+        blocks.load(page_load, None, outputs, **no_progress())
         if standalone:
             run_js_on_load(blocks, asset_text("javascript/loraq.js"))
     return blocks

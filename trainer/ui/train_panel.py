@@ -141,6 +141,7 @@ class TrainPanel:
                 return self._error_updates(mode, errors, e.message)
             if self.services.worker is not None:
                 self.services.worker.wake()
+            self.presets.remember(data)
             notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(ids[0]).warnings)
             what = (f"**{job.name}** as job {ids[0]}" if len(ids) == 1 else
                     f"a sweep of {len(ids)} jobs ({', '.join(j.name for j in many[:3])}{', ...' if len(ids) > 3 else ''})"
@@ -155,22 +156,33 @@ class TrainPanel:
             except jobs.JobError as e:
                 return [gr.update()] + self._error_updates(mode, e.errors, f"preset not saved: {e.message}")
             except PresetError as e:
-                return [gr.update()] + self._error_updates(mode, {}, f"⚠ {e}")
+                return [gr.update()] + self._error_updates(mode, {}, str(e))
             return ([gr.update(choices=self.presets.names(), value=name.strip())]
                     + self._error_updates(mode, {}, "")[:-1] + [gr.update(value=f"✔ saved preset **{name.strip()}**")])
 
         self.preset_save.click(save_preset, [self.preset_name] + values_in, [self.preset_name] + errors_out)
+
+        def form_updates(data: dict, message: str) -> list:
+            mode = data["mode"]
+            values = {k: c.default(mode) for k, c in self.by_key.items() if mode in c.modes}
+            values.update(form.ui_values(data))
+            return [gr.update(value=mode), mode] + self._mode_updates(mode, values) + [gr.update(value=message)]
 
         def load_preset(name: str):
             try:
                 data = self.presets.load((name or "").strip())
             except PresetError as e:
                 return [gr.update(), "standard"] + [gr.update()] * len(visible_out) + [gr.update(value=f"⚠ {e}")]
-            mode = data["mode"]
-            values = {k: c.default(mode) for k, c in self.by_key.items() if mode in c.modes}
-            values.update(form.ui_values(data))
-            return ([gr.update(value=mode), mode] + self._mode_updates(mode, values)
-                    + [gr.update(value=f"✔ loaded preset **{name}**")])
+            return form_updates(data, f"✔ loaded preset **{name}**")
+
+        def on_page_load():
+            """The preset list as it is now, and the form as last queued (a reload keeps the work)."""
+            last = self.presets.last_form()
+            restored = (form_updates(last, "the form as last queued") if last is not None
+                        else [gr.update(), gr.update()] + [gr.update()] * len(visible_out) + [gr.update()])
+            return [gr.update(choices=self.presets.names())] + restored
+
+        self.page_load = (on_page_load, [self.preset_name, self.mode, self.previous_mode] + visible_out + [self.status])
 
         self.preset_load.click(load_preset, [self.preset_name],
                                [self.mode, self.previous_mode] + visible_out + [self.status])
