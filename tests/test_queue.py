@@ -239,6 +239,17 @@ def test_a_job_whose_dataset_vanished_fails_clearly_and_the_queue_goes_on(tmp_pa
     assert queue.get(broken).error == f"dataset_dir: dataset folder '{tmp_path / 'gone'}' does not exist"
 
 
+def test_a_dataset_emptied_after_queuing_fails_with_its_message_and_no_traceback(tmp_path, queue, handle):
+    _dataset(tmp_path / "data", n=1)
+    job_id = queue.add(_job(tmp_path, "emptied"))
+    for p in (tmp_path / "data").iterdir():
+        p.unlink()
+    _worker(queue, handle, tmp_path).run_until_empty()
+    row = queue.get(job_id)
+    assert row.state == "failed" and "has no images" in row.error and "DatasetError" not in row.error
+    assert row.error_detail is None, "an ordinary mistake shows no Python traceback"
+
+
 @pytest.mark.parametrize("operation,state", [("cancel", "cancelled"), ("stop_and_save", "stopped")])
 def test_cancel_and_stop_and_save_take_effect_within_one_step(tmp_path, queue, handle, operation, state):
     _dataset(tmp_path / "data", n=1)

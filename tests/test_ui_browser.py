@@ -80,6 +80,8 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
     assert session["form_after_reload"] == "red_to_blue", "a reload must not lose the form"
+    assert session["fresh_resolution"] == "64"
+    assert "red_to_blue.safetensors" in session["train_status"], "Add to queue says where the LoRA will go"
     for name in SCREENSHOTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 5_000
     assert seconds < 180, f"the browser session took {seconds:.0f} s (budget 180 s)"
@@ -151,6 +153,10 @@ def session(out: Path, app_python: str) -> None:
 
             def shot(name: str, full: bool = True) -> None:
                 page.screenshot(path=str(out / f"{name}.png"), full_page=full)
+
+            # 0. On the 64 px demo model a fresh form starts at 64 px (at 512 a job takes hours on a CPU).
+            expect(box("loraq_f_resolution")).to_have_value("64", timeout=15_000)
+            facts["fresh_resolution"] = box("loraq_f_resolution").input_value()
 
             # 1. An invalid standard job: rank 0 and no dataset folder.
             fill("loraq_f_network_dim", 0)

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     services = standalone_services(args.model, args.data, args.loras)
     app = standalone_app(services)
     print(f"LoRA Queue: jobs train on {args.model}; LoRAs in {services.lora_dir}", file=sys.stderr)
+    print(f"LoRA Queue: open http://{args.host}:{args.port}/ in a browser", file=sys.stderr, flush=True)
     try:
         app.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False, quiet=True)
     finally:

@@ -14,12 +14,21 @@ from pathlib import Path
 from typing import Callable
 
 from trainer import jobs, paths
-from trainer.models.handle import ModelHandle
+from trainer.data.dataset import DatasetError
+from trainer.lora.files import LoraFileError
+from trainer.lora.network import NetworkError
+from trainer.models.handle import ModelError, ModelHandle
+from trainer.train.optim import OptimizerError
+from trainer.train.state import StateError
 from trainer.queue.store import HEARTBEAT_S, JobQueue, JobRow, QueueError, QueueEvent, WorkerLock
 from trainer.train.context import JobContext
-from trainer.train.loop import Control, Progress, Stopped
+from trainer.train.loop import Control, Progress, Stopped, TrainingError
 from trainer.train.runner import run_job
 
+
+#: Failures whose message tells the user what to fix (an emptied dataset, a damaged LoRA, a full disk...):
+#: shown as they are, without a Python traceback.
+USER_ERRORS = (DatasetError, LoraFileError, NetworkError, OptimizerError, ModelError, TrainingError, StateError)
 
 #: How often a running job's requests are read while no step reports (cancel must act within 2 s).
 REQUEST_POLL_S = 0.5
@@ -210,6 +219,8 @@ class Worker:
             state, error = "cancelled", str(e)
         except jobs.JobError as e:
             error = e.message
+        except USER_ERRORS as e:        # the message says what to do: no traceback for an ordinary mistake
+            error = str(e)
         except Exception as e:
             error, detail = f"{type(e).__name__}: {e}", traceback.format_exc()
         finally:

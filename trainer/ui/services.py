@@ -46,6 +46,8 @@ class UiServices:
     #: The folder of every LoRA the host knows (the WebUI's LoRA folder, downloads included), which the merge
     #: panel lists; None: ``lora_dir``.
     lora_library: Path | None = None
+    #: Values a fresh form starts with on this host (the demo model: its 64 px resolution, not 512).
+    form_start: dict = field(default_factory=dict)
 
     @property
     def library(self) -> Path:
@@ -81,6 +83,10 @@ class UiServices:
         return str(target)
 
 
+#: The demo model draws at 64 px: at the 512 px default a job would take hours on a CPU.
+DEMO_FORM = {"resolution": 64, "min_bucket_reso": 64, "max_bucket_reso": 128}
+
+
 def standalone_services(model: str = "demo", data_dir: str | os.PathLike | None = None,
                         lora_dir: str | os.PathLike | None = None, start_worker: bool = True) -> UiServices:
     """The standalone app's services: a store in the data folder, every job on ``model``, a worker thread."""
@@ -88,7 +94,8 @@ def standalone_services(model: str = "demo", data_dir: str | os.PathLike | None 
     queue = JobQueue(data / "queue.sqlite")
     models = _one_at_a_time(ModelCache(override=model))
     services = UiServices(queue=queue, handle_for=models, lora_dir=Path(lora_dir) if lora_dir else data / "loras",
-                          data_dir=data, cache_dir=data / "cache", model_label=model)
+                          data_dir=data, cache_dir=data / "cache", model_label=model,
+                          form_start=DEMO_FORM if model == "demo" else {})
     services.lora_dir.mkdir(parents=True, exist_ok=True)
     if start_worker:
         services.worker = Worker(queue, models, services.job_context)

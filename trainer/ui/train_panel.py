@@ -143,7 +143,8 @@ class TrainPanel:
                 self.services.worker.wake()
             self.presets.remember(data)
             notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(ids[0]).warnings)
-            what = (f"**{job.name}** as job {ids[0]}" if len(ids) == 1 else
+            where = self.services.lora_dir / job.output_dir / f"{job.name}.safetensors"
+            what = (f"**{job.name}** as job {ids[0]} → `{where}`" if len(ids) == 1 else
                     f"a sweep of {len(ids)} jobs ({', '.join(j.name for j in many[:3])}{', ...' if len(ids) > 3 else ''})"
                     f" as jobs {ids[0]}-{ids[-1]}")
             return self._error_updates(mode, {}, "") [:-1] + [gr.update(value=f"✔ queued {what}{notes}")]
@@ -178,7 +179,9 @@ class TrainPanel:
         def on_page_load():
             """The preset list as it is now, and the form as last queued (a reload keeps the work)."""
             last = self.presets.last_form()
+            start = {"mode": "standard", **self.services.form_start} if self.services.form_start else None
             restored = (form_updates(last, "the form as last queued") if last is not None
+                        else form_updates(start, "") if start is not None
                         else [gr.update(), gr.update()] + [gr.update()] * len(visible_out) + [gr.update()])
             return [gr.update(choices=self.presets.names())] + restored
 
