@@ -116,7 +116,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     cache = Path(__file__).resolve().parents[1] / "tests" / "data"
     t0 = time.perf_counter()
-    result = run_job(job, handle, JobContext(output_dir=root / "out", cache_dir=cache, log=lambda m: None))
+    result = run_job(job, handle, JobContext(output_dir=root / "out", cache_dir=cache, work_dir=root / "work", log=lambda m: None))
     train_seconds = time.perf_counter() - t0
     for path in result.saved:
         network = build_network(handle, dataclasses.replace(job, init_lora=str(path)))
