@@ -179,11 +179,15 @@ def test_jobs_are_frozen_and_replace_revalidates():
 
 # --- modes -----------------------------------------------------------------------------------
 
-def test_lcm_defaults_follow_lcm_lora():
+def test_lcm_defaults_are_the_lcm_lora_recipe():
+    """diffusers' train_lcm_distill_lora_sd_wds.py: rank 64, alpha 64, every conv and linear layer of the UNet,
+    AdamW (weight decay 0.01) at a constant 1e-4, N = 50, w drawn from [3, 15] (CFG 4-16), pseudo-Huber c 0.001."""
     job = LcmJob()
-    assert (job.network_dim, job.network_alpha, job.lr) == (64, 64.0, 1e-4)
-    assert (job.num_ddim_timesteps, job.huber_c) == (50, 0.001)
-    assert (job.loss_type, job.use_ema_target, job.ema_decay, job.guidance_scale) == ("huber", False, 0.95, 7.5)
+    assert (job.target_set, job.network_dim, job.network_alpha, job.conv_dim, job.conv_alpha) == ("all", 64, 64.0, 64, 64.0)
+    assert (job.lr, job.optimizer, job.optimizer_args, job.lr_scheduler) == (1e-4, "AdamW", "", "constant")
+    assert (job.num_ddim_timesteps, job.guidance_scale, job.guidance_scale_max) == (50, 3.0, 15.0)
+    assert (job.loss_type, job.huber_c, job.use_ema_target, job.ema_decay) == ("huber", 0.001, False, 0.95)
+    assert StandardJob().conv_alpha == 1.0 and StandardJob().target_set == "attn_mlp", "other modes keep theirs"
     assert "guidance_scale_max" in errors_of(LcmJob, guidance_scale=8, guidance_scale_max=4)
 
 

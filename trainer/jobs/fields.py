@@ -362,21 +362,26 @@ FIELDS: dict[str, Field] = _registry(
     Field("network_alpha", float, 8.0, "alpha",
           "Scales the LoRA's output by alpha / rank, so at the same learning rate a smaller alpha takes "
           "smaller steps. Usual: rank/2 to rank (keep alpha <= rank; far above 4x rank warns). Learning "
-          "rates only transfer between setups with the same alpha/rank: the original LCM-LoRA script's "
-          "alpha was effectively 8 at rank 64 (scale 1/8), so its learning rate is not right for alpha 64.",
+          "rates only transfer between setups with the same alpha/rank. LCM: 64 at rank 64 (scale 1) with lr 1e-4, "
+          "as diffusers' LCM-LoRA script today; its first version left peft's alpha 8 (scale 1/8), so "
+          "learning rates quoted from that time are 8x too high for alpha 64.",
           "network", min=0, min_exclusive=True, max=4096, in_copier="passes",
           defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0}),
     Field("conv_dim", int, 0, "conv rank",
           "Rank for the 3x3 convolutions of the ResNet blocks (LoCon); 0 = plain LoRA without them. "
-          "Needs target set 'all'. Typical 4-16; helps textures and styles.",
-          "network", min=0, max=1024, in_copier="passes", ui="slider"),
+          "Needs target set 'all'. Typical 4-16; helps textures and styles. LCM: 64, as the LCM-LoRA "
+          "recipe puts its rank-64 LoRA on every conv and linear layer.",
+          "network", min=0, max=1024, in_copier="passes", ui="slider", defaults={"lcm": 64}),
     Field("conv_alpha", float, 1.0, "conv alpha",
           "Alpha of the convolution layers (scale conv_alpha / conv_dim); typical 1 to conv_dim. "
-          "Unused when conv_dim is 0.", "network", min=0, min_exclusive=True, max=4096, in_copier="passes"),
+          "Unused when conv_dim is 0. LCM: 64 (scale 1 at conv rank 64, as the LCM-LoRA recipe; alpha 1 "
+          "would scale the convs by 1/64).", "network", min=0, min_exclusive=True, max=4096, in_copier="passes",
+          defaults={"lcm": 64.0}),
     Field("target_set", str, "attn_mlp", "target layers",
           "Which layers get a LoRA: attn = attention projections only; attn_mlp = every linear layer of the "
           "transformer blocks (kohya's default); all = that plus the ResNets and down/up-samplers (needed "
-          "for conv_dim > 0).", "network", choices=TARGET_SETS),
+          "for conv_dim > 0). LCM: all, as the LCM-LoRA recipe (every conv and linear layer of the UNet).",
+          "network", choices=TARGET_SETS, defaults={"lcm": "all"}),
     Field("train_text_encoder", bool, False, "train text encoder",
           "Also train the text encoder(s) (block BASE) at text_encoder_lr. Helps a trigger word bind; costs "
           "memory and overfits sooner.", "network", modes=_STD_COPIER),
@@ -545,14 +550,17 @@ FIELDS: dict[str, Field] = _registry(
           "The 1000 training timesteps are split into this many DDIM solver steps; the teacher jumps one "
           "step of 1000/N timesteps. 50 as in the LCM paper; fewer = bigger jumps.",
           "lcm", modes=("lcm",), min=1, max=1000),
-    Field("guidance_scale", float, 7.5, "guidance w",
+    Field("guidance_scale", float, 3.0, "guidance w",
           "Guidance the LoRA learns to bake in, in the LCM paper's form "
-          "eps = eps_uncond + (1 + w)(eps_cond - eps_uncond): WebUI CFG scale = w + 1 (7.5 here = CFG 8.5). "
-          "With guidance_scale_max, the lower end of the range.",
+          "eps = eps_uncond + (1 + w)(eps_cond - eps_uncond): WebUI CFG scale = w + 1. With "
+          "guidance_scale_max above it, the lower end of the range w is drawn from. Default 3 to 15 "
+          "(CFG 4 to 16), diffusers' LCM-LoRA w_min / w_max (its SD1.5 script starts at 5).",
           "lcm", modes=("lcm",), min=0, max=50, ui="slider"),
-    Field("guidance_scale_max", float, 0.0, "guidance w (max)",
-          "0 = always use guidance_scale. Above it: w is drawn uniformly from [guidance_scale, "
-          "guidance_scale_max] for each sample, so the LoRA learns a range of guidance (e.g. 3-15).",
+    Field("guidance_scale_max", float, 15.0, "guidance w (max)",
+          "Upper end of the guidance range: w is drawn uniformly from [guidance_scale, guidance_scale_max] "
+          "for each sample, so the LoRA learns a range of guidance (15 = CFG 16, as LCM-LoRA). "
+          "0 (or equal to guidance_scale) = always guidance_scale. Teacher images generated from prompts "
+          "use the middle of the range.",
           "lcm", modes=("lcm",), min=0, max=50, advanced=True),
     Field("loss_type", str, "huber", "loss",
           "Distance between student and target: huber (pseudo-Huber, robust to outliers; LCM-LoRA's choice) "

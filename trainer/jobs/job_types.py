@@ -154,9 +154,9 @@ class LcmJob(Job):
     gradient_checkpointing: bool = False
     network_dim: int = 64
     network_alpha: float = 64.0
-    conv_dim: int = 0
-    conv_alpha: float = 1.0
-    target_set: TargetSet = 'attn_mlp'
+    conv_dim: int = 64
+    conv_alpha: float = 64.0
+    target_set: TargetSet = 'all'
     blocks: list[str] = field(default_factory=list)
     init_lora: str = ''
     dataset_dir: str = ''
@@ -177,8 +177,8 @@ class LcmJob(Job):
     prompts: list[str] = field(default_factory=list)
     num_generated_images: int = 200
     num_ddim_timesteps: int = 50
-    guidance_scale: float = 7.5
-    guidance_scale_max: float = 0.0
+    guidance_scale: float = 3.0
+    guidance_scale_max: float = 15.0
     loss_type: LossType = 'huber'
     huber_c: float = 0.001
     use_ema_target: bool = False

@@ -126,3 +126,27 @@ def lora_metadata(facts: TrainingFacts) -> dict[str, str]:
     meta.setdefault("ss_text_encoder_lr", lr)
     meta.update(facts.extra)
     return meta
+
+
+#: The recipe an LCM job's defaults are: diffusers' examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py
+#: (and the LCM-LoRA report) for SD1.5 / SDXL.
+LCM_RECIPE = "LCM-LoRA (diffusers train_lcm_distill_lora_sd_wds.py)"
+
+
+def lcm_metadata(w_min: float, w_max: float, num_ddim_timesteps: int, loss_type: str, huber_c: float,
+                 changed: list[str] = ()) -> dict[str, str]:
+    """What an LCM-LoRA was distilled with. The teacher's guidance in WebUI terms (CFG scale = w + 1, both ends
+    of the drawn range; equal when w was fixed) and in the LCM paper's w; the solver steps N; the recipe, with
+    the recipe settings the job changed (``changed``, field names) named after it."""
+    w_max = max(w_min, w_max)
+    recipe = LCM_RECIPE + (f", changed: {', '.join(changed)}" if changed else "")
+    return {
+        "ss_lcm_teacher_cfg_min": _num(float(w_min) + 1),
+        "ss_lcm_teacher_cfg_max": _num(float(w_max) + 1),
+        "ss_lcm_guidance_w_min": _num(float(w_min)),
+        "ss_lcm_guidance_w_max": _num(float(w_max)),
+        "ss_lcm_num_ddim_timesteps": str(int(num_ddim_timesteps)),
+        "ss_lcm_loss_type": loss_type,
+        "ss_lcm_huber_c": _num(float(huber_c)),
+        "ss_lcm_recipe": recipe,
+    }

@@ -15,10 +15,14 @@ where f(z, t) = c_skip(t) z + c_out(t) x0(z, t) is the consistency function with
 scalings of the LCM paper. The target is computed before the student only so that an EMA target can
 swap its weights in and out before the student's graph exists; nothing else depends on the order.
 
-Learning rates and alpha: the LoRA's update is scaled by alpha / rank. The original LCM-LoRA script
-trained at rank 64 with an effective alpha of 8 (scale 1/8); at alpha 64 (scale 1) the same learning
-rate takes steps 8x larger. Starting from an existing LCM-LoRA (rank 1 is often enough), alpha 8 with
-lr about 1e-4 is the strongest recipe in practice.
+The job's defaults are the LCM-LoRA recipe of diffusers' train_lcm_distill_lora_sd_wds.py (SD1.5 / SDXL):
+rank 64 / alpha 64 on every conv and linear layer of the UNet (target set all + conv rank 64 / alpha 64),
+AdamW (weight decay 0.01) at a constant lr 1e-4, N = 50 solver steps, w drawn per sample from [3, 15]
+(WebUI CFG 4 to 16), pseudo-Huber c = 0.001, no EMA target. What the demo model measures with them is in
+bench/README.md (## LCM).
+
+Learning rates and alpha: the LoRA's update is scaled by alpha / rank. The first LCM-LoRA script trained at
+rank 64 with peft's alpha 8 (scale 1/8); at alpha 64 (scale 1) the same learning rate takes steps 8x larger.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from trainer import data
 from trainer import jobs
 from trainer.diffusion import schedules
 from trainer.models.handle import Cond, ModelHandle, weights_fingerprint
+from trainer.lora.metadata import lcm_metadata
 from trainer.lora.network import LoraNetwork, removed
 from trainer.paths import write_atomic
 from trainer.sampling.guided import ddim_latents, seeded_noise
@@ -63,6 +68,11 @@ class LcmSettings:
     w_max: float = 7.5
     loss_type: str = "huber"
     huber_c: float = 0.001
+
+    @property
+    def w_middle(self) -> float:
+        """The middle of the guidance range: the teacher's images from prompts are generated at CFG w_middle + 1."""
+        return (self.w_min + max(self.w_min, self.w_max)) / 2
 
     @property
     def k(self) -> int:
@@ -196,6 +206,17 @@ def consistency_distillation_loss(handle: ModelHandle, network: LoraNetwork, x0:
     return consistency_loss(student, target, settings.loss_type, settings.huber_c)
 
 
+#: The fields whose LCM defaults are the LCM-LoRA recipe (``trainer.lora.metadata.LCM_RECIPE``).
+RECIPE_FIELDS = ("target_set", "network_dim", "network_alpha", "conv_dim", "conv_alpha", "num_ddim_timesteps",
+                 "guidance_scale", "guidance_scale_max", "loss_type", "huber_c", "lr", "optimizer",
+                 "optimizer_args", "lr_scheduler", "use_ema_target")
+
+
+def changed_from_recipe(job) -> list[str]:
+    """The recipe settings a job changed from the LCM defaults, by field name."""
+    return [name for name in RECIPE_FIELDS if getattr(job, name) != jobs.FIELDS[name].default_for("lcm")]
+
+
 # -- data -----------------------------------------------------------------------------------------
 
 def read_prompts(job) -> list[str]:
@@ -279,7 +300,8 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
                                len(dataset.items), dataset.tag_frequency())
     prompts = read_prompts(job)
     size = (job.resolution, job.resolution)
-    latents, captions = teacher_latents(handle, prompts, job.num_generated_images, job.guidance_scale, size,
+    w = LcmSettings.from_job(job, handle.prediction).w_middle
+    latents, captions = teacher_latents(handle, prompts, job.num_generated_images, w, size,
                                         job.seed, ctx.cache_dir, ctx.log,
                                         check_stop=lambda: ctx.control.check("the teacher generated its images"))
     sampler = data.BatchSampler([1] * len(captions), [size] * len(captions), job.batch_size, job.seed)
@@ -305,10 +327,8 @@ def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopR
     ema = EmaTarget(network, job.ema_decay) if job.use_ema_target else None
     facts = facts_for(handle, job, job, prediction, num_images=batches.num_images,
                       tag_frequency=batches.tag_frequency,
-                      extra={"ss_lcm_guidance_scale": repr(float(job.guidance_scale)),
-                             "ss_lcm_guidance_scale_max": repr(float(settings.w_max)),
-                             "ss_lcm_num_ddim_timesteps": str(job.num_ddim_timesteps),
-                             "ss_lcm_loss_type": job.loss_type})
+                      extra=lcm_metadata(settings.w_min, settings.w_max, settings.num_ddim_timesteps,
+                                         settings.loss_type, settings.huber_c, changed_from_recipe(job)))
     preview = previewer(job, handle, network, outputs, render_lcm_preview, ctx.log, (job.resolution, job.resolution))
 
     def on_progress(progress: Progress) -> None:
