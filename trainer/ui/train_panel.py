@@ -138,6 +138,11 @@ class TrainPanel:
                 ids = self.services.queue.add_many(many, root=self.services.root, admission=self.services.admission())
             except jobs.JobError as e:
                 errors = {**self._path_problems(data), **e.errors}
+                for key in ("image_a", "image_b"):
+                    # gradio 3.41 hands over a file picked a moment ago before its upload has finished
+                    if "empty file" in errors.get(key, ""):
+                        errors[key] = ("the image is empty: if you just picked it, it may still be uploading — "
+                                       "wait a moment and click Add to queue again")
                 return self._error_updates(mode, errors, e.message)
             if self.services.worker is not None:
                 self.services.worker.wake()
