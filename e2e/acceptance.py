@@ -8,6 +8,9 @@ the results through the WebUI API (the WebUI must run with --api). One line per 
 with its numbers, and a JSON summary. Every check has its own timeout; a failure does not stop the
 others (later checks that need an earlier one's LoRA are skipped).
 
+Checks a-m (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
+looked at; /work/webui/start_a1111.sh ignores its arguments, so start it with SD_WEBUI_LOG_LEVEL=DEBUG.
+
 Needs: playwright (python), Pillow. Nothing of the extension is imported: this is the user's view.
 """
 from __future__ import annotations
@@ -204,18 +207,34 @@ class Page:
         self.url, self.log = url, log
         self.browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         self.console_errors: list[str] = []
+        self.console: list[tuple[str, str]] = []   # (type, text) of every console message (warnings too)
         self.open()
+
+    def _on_console(self, m):
+        self.console.append((m.type, m.text))
+        if m.type == "error":
+            self.console_errors.append(m.text)
 
     def open(self):
         self.ctx = self.browser.new_context(viewport={"width": 1500, "height": 1100})
         self.page = self.ctx.new_page()
         self.page.set_default_timeout(30000)
-        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.console_errors.append(
-            f"pageerror: {e}" + (" @ " + " | ".join((getattr(e, "stack", "") or "").splitlines()[1:3]).strip()
-                                  if getattr(e, "stack", "") else "")))
+        self.page.on("console", self._on_console)
+        self.page.on("pageerror", self._on_pageerror)
         self.page.goto(self.url, wait_until="domcontentloaded", timeout=120000)
         self.page.wait_for_selector("#tabs", timeout=180000)
+        self.page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
+
+    def _on_pageerror(self, e):
+        stack = getattr(e, "stack", "") or ""
+        text = f"pageerror: {e}" + (" @ " + " | ".join(stack.splitlines()[1:3]).strip() if stack else "")
+        self.console_errors.append(text)
+        self.console.append(("pageerror", text))
+
+    def fresh(self):
+        """Load the page again in the same context (console listeners stay)."""
+        self.page.reload(wait_until="domcontentloaded")
+        self.page.wait_for_selector("#tabs", timeout=120000)
         self.page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
 
     def reload(self):
@@ -329,6 +348,15 @@ class Page:
         ids = [int(x) for x in self.page.eval_on_selector_all(
             "#loraq_queue_table tr[data-job-id]", "rows => rows.map(r => r.dataset.jobId)")]
         return max(ids, default=0)
+
+    def queue_rows(self) -> list[dict]:
+        """Every row of the queue table (after a Refresh click): id, name, state, progress, selected."""
+        self.loraq_tab("Queue")
+        self.page.locator("#loraq_queue_refresh").click()
+        self.page.wait_for_timeout(800)
+        return self.page.eval_on_selector_all("#loraq_queue_table tr[data-job-id]", """rows => rows.map(r => ({
+            id: +r.dataset.jobId, name: r.cells[1].innerText.trim(), state: r.cells[3].innerText.trim(),
+            progress: r.cells[4].innerText.trim(), selected: r.classList.contains('loraq-selected')}))""")
 
     def select(self, job_id: int):
         self.loraq_tab("Queue")
@@ -496,6 +524,7 @@ class Run:
                                      "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3},
                         checks={"train_text_encoder": True})
         queued = time.time() - t0
+        self.facts["standard_job"] = job
         row = p.wait_state(job, "done", timeout)
         took = time.time() - t0
         summary, _ = p.job_summary(job)
@@ -560,12 +589,16 @@ class Run:
             failed = re.findall(r"didn't match keys: (\{.*?\})\s*$", log, re.M)
             unsupported = re.findall(r"Network \S+ layer (\S+): couldn't find supported operation", log)
             errors = re.findall(r"(?:Error|error) (?:loading|applying) network[^\n]*|Traceback[^\n]*", log)
-            debug_on = bool(re.search(r"DEBUG", log)) or self.args.loglevel_debug
+            # from the log itself, not from --loglevel-debug: a start script may drop the flag (it did:
+            # /work/webui/start_a1111.sh ignores its arguments; SD_WEBUI_LOG_LEVEL=DEBUG works)
+            debug_on = bool(re.search(r"^\S+ \S+ DEBUG \[", self.log_since(0), re.M))
             n_failed = sum(len(re.findall(r"': '", x)) for x in failed)
             nums.update(a1111_debug_log=debug_on, unmatched_keys=n_failed, unsupported_layers=len(unsupported),
                         load_errors=errors[:3], modules_loaded=len(modules) - len(set(unsupported)) if not failed else None)
             if not debug_on:
-                problems.append("A1111 log not at DEBUG level: unmatched keys cannot be counted (start with --loglevel DEBUG)")
+                problems.append("A1111 log has no DEBUG line: unmatched keys cannot be counted (start it with "
+                                "--loglevel DEBUG or SD_WEBUI_LOG_LEVEL=DEBUG)"
+                                + (" although --loglevel-debug was given" if self.args.loglevel_debug else ""))
             if failed:
                 problems.append(f"A1111 did not match keys: {failed[0][:500]}")
             if unsupported or errors:
@@ -586,6 +619,12 @@ class Run:
                                                  "rss_after_lora_gen_gb")}
         nums["rss_now_gb"] = rss_gb(self.pid())
         nums["pid"] = self.pid()
+        before, after, gen = (nums.get(k) for k in ("rss_before_job_gb", "rss_after_job_gb", "rss_after_lora_gen_gb"))
+        if before is not None and after is not None:
+            nums["job_delta_gb"] = round(after - before, 2)   # the issue asks at most the LoRA + 100 MB
+        if after is not None and gen is not None:
+            nums["lora_gen_delta_gb"] = round(gen - after, 2)
+        nums["previous_run_gb"] = PREVIOUS_RSS.get(self.args.host)
         if nums["rss_now_gb"] is None:
             raise CheckFailed("no WebUI process found to measure")
         return nums
@@ -759,17 +798,19 @@ class Run:
         if not names:
             raise_skip("no LoRA for the x/y/z axis")
         names = names[:2]
-        p.page.reload(wait_until="domcontentloaded")   # a fresh page: the LoRA choices are read when it builds
-        p.page.wait_for_selector("#tabs", timeout=120000)
-        p.page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
+        p.fresh()   # a fresh page: the LoRA choices are read when it builds
         errors_before = len(p.console_errors)
         p.top_tab("txt2img")
-        pick(p.page, "#script_list", "X/Y/Z plot")
+        # By keyboard: on A1111 an option of the upward-opening X type list chosen with the mouse lets the
+        # mouse-up land on the Height slider, whose `release` runs A1111's JS-only hires-fix handler
+        # (modules/ui.py registers it with outputs=[], javascript/hires_fix.js returns 6 values) and gradio
+        # 3.41 throws "Cannot read properties of undefined (reading 'props')" for any axis type.
+        pick_by_keyboard(p.page, "#script_list", "X/Y/Z plot")
         p.page.wait_for_selector("#script_txt2img_xyz_plot_x_type", state="visible", timeout=30000)
         p.page.wait_for_timeout(1500)
         errors_script = p.console_errors[errors_before:]
         n = len(p.console_errors)
-        options = pick(p.page, "#script_txt2img_xyz_plot_x_type", "[LoRA Queue] LoRA")
+        options = pick_by_keyboard(p.page, "#script_txt2img_xyz_plot_x_type", "[LoRA Queue] LoRA")
         p.page.wait_for_timeout(2000)
         errors_axis = p.console_errors[n:]
         # the "X values" dropdown has no elem_id: it is the other dropdown in the x_type's row, shown
@@ -792,6 +833,13 @@ class Run:
             break
         console = p.console_errors[errors_before:]
         console = [c for c in console if "iframeResizer" not in c and "cdn" not in c.lower()]
+        # the cause seen with the mouse, on its own: a plain click on the Height slider (not judged)
+        n = len(p.console_errors)
+        height = p.page.locator("#txt2img_height input[type=range]").first
+        if height.count() and height.is_visible():
+            height.click()
+            p.page.wait_for_timeout(1500)
+        errors_height_click = p.console_errors[n:]
         if "[LoRA Queue] LoRA" not in options or "[LoRA Queue] Strength" not in options:
             raise CheckFailed(f"axes not offered: {options}")
         x_idx, y_idx = options.index("[LoRA Queue] LoRA"), options.index("[LoRA Queue] Strength")
@@ -815,6 +863,7 @@ class Run:
         nums = {"axis_options": len(options), "x_index": x_idx, "y_index": y_idx, "values_dropdown_visible": dd_visible, "values_textbox_visible": textbox_visible,
                 "dropdown_choices": dd_options, "console_errors": console,
                 "console_errors_on_script_pick": errors_script, "console_errors_on_lora_axis_pick": errors_axis,
+                "picked_by": "keyboard", "console_errors_on_height_slider_click_not_judged": errors_height_click,
                 "x_values": names, "prompts": [t.split("\n")[0] for t in infotexts], "images_per_run": [len(a), len(b)],
                 "identical": f"{sum(same)}/{n}", "distinct_cells": distinct, "seconds": [round(ta, 1), round(tb, 1)]}
         missing = [x for x in names if x not in dd_options]
@@ -888,6 +937,124 @@ class Run:
         return nums
 
 
+    # k. a dataset outside the allowed input folders is refused in the tab
+    def check_k(self, timeout):
+        p = self.page
+        outside = Path("/tmp/loraq_outside") / RUN_TAG
+        make_dataset(outside, 4)
+        name = f"e2e_outside_{RUN_TAG}"
+        before = p.queue_rows()
+        refused, status, job = "", "", None
+        try:
+            job = p.add_job("standard", {"name": name, "dataset_dir": outside, "resolution": RES,
+                                         "steps": self.args.steps, "network_dim": 4, "network_alpha": 4,
+                                         "batch_size": 1, "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3},
+                            timeout=min(60, timeout / 2))
+        except Timeout:
+            raise
+        except CheckFailed as e:
+            refused = str(e)
+        p.loraq_tab("Train")
+        status = p.text("loraq_train_status").strip()
+        err_box = p.page.locator("#loraq_err_dataset_dir").first
+        field_msg = err_box.inner_text().strip() if err_box.count() and err_box.is_visible() else ""
+        after = p.queue_rows()
+        nums = {"dataset_dir": str(outside), "images": len(list(outside.glob("*.png"))), "refused": bool(refused),
+                "status": status, "dataset_field_message": field_msg,
+                "rows_before": len(before), "rows_after": len(after),
+                "max_id_before": max((r["id"] for r in before), default=0),
+                "max_id_after": max((r["id"] for r in after), default=0),
+                "queued_as": job, "name_in_queue": any(r["name"] == name for r in after)}
+        problems = []
+        if job is not None or not refused:
+            problems.append(f"queued as job {job}: {status!r}")
+        if "outside the folders" not in field_msg:
+            problems.append(f"message next to the dataset field {field_msg!r} does not say 'outside the folders'")
+        if len(after) > len(before) or nums["max_id_after"] > nums["max_id_before"] or nums["name_in_queue"]:
+            problems.append(f"the queue grew: {len(before)} -> {len(after)} rows")
+        if problems:
+            e = CheckFailed("; ".join(problems))
+            e.numbers = nums
+            raise e
+        return nums
+
+    # l. the selected job's summary and row highlight survive the polls
+    def check_l(self, timeout):
+        p = self.page
+        rows = p.queue_rows()
+        done = [r for r in rows if r["state"] == "done" and r["progress"].startswith("100")]
+        if not done:
+            raise_skip("no finished job in the queue")
+        want = self.facts.get("standard_job")
+        row = next((r for r in done if r["id"] == want), done[0])
+        # a fresh page: nothing selected yet, the polls start from the page-load values
+        p.fresh()
+        p.loraq_tab("Queue")
+        p.page.wait_for_timeout(1500)
+        p.page.locator(f"#loraq_queue_table tr[data-job-id='{row['id']}'] td").nth(1).click()
+        t0 = time.time()
+        samples = []
+        for at in (0.5, 1.0, 2.0, 3.0, 4.0):
+            p.page.wait_for_timeout(max(0, int((t0 + at - time.time()) * 1000)))
+            summary = p.page.locator("#loraq_job_summary").first.inner_text().strip()
+            selected = p.page.eval_on_selector_all("#loraq_queue_table tr.loraq-selected",
+                                                    "rows => rows.map(r => +r.dataset.jobId)")
+            samples.append({"t_s": at, "summary": summary[:160], "selected_rows": selected,
+                            "selected_field": p.value("loraq_selected_job")})
+        last = samples[-1]
+        summary = last["summary"]
+        nums = {"job": row["id"], "name": row["name"], "state": row["state"], "samples": samples,
+                "summary_after_4s": summary, "selected_rows_after_4s": last["selected_rows"],
+                "summary_blank_at": [x["t_s"] for x in samples if not x["summary"]]}
+        problems = []
+        if row["name"] not in summary or row["state"] not in summary:
+            problems.append(f"summary after 4 s {summary[:200]!r} lacks the job's name/state ({row['name']}, {row['state']})")
+        if last["selected_rows"] != [row["id"]]:
+            problems.append(f"rows with class loraq-selected after 4 s: {last['selected_rows']} (want [{row['id']}])")
+        if problems:
+            e = CheckFailed("; ".join(problems))
+            e.numbers = nums
+            raise e
+        return nums
+
+    # m. console warnings of the polls ("Too many arguments provided for the endpoint.", gradio 4)
+    def check_m(self, timeout):
+        p = self.page
+        marker = "Too many arguments provided for the endpoint."
+        p.fresh()
+        n0 = len(p.console)
+        p.page.wait_for_timeout(2000)
+        at_load = p.console[n0:]
+        n1 = len(p.console)
+        p.loraq_tab("Train")
+        p.page.wait_for_timeout(10000)
+        in_tab = p.console[n1:]
+        n2 = len(p.console)
+        p.loraq_tab("Queue")
+        p.page.wait_for_timeout(10000)
+        in_queue = p.console[n2:]
+
+        def count(msgs):
+            return sum(1 for _, t in msgs if marker in t)
+
+        window = at_load + in_tab + in_queue
+        props = [t for k, t in window if "props" in t and k in ("error", "pageerror")]
+        props_run = [t for k, t in p.console if "props" in t and k in ("error", "pageerror")]
+        nums = {"too_many_args_at_page_load": count(at_load), "too_many_args_lora_queue_tab_10s": count(in_tab),
+                "too_many_args_queue_subtab_10s": count(in_queue),
+                "console_messages_in_window": len(window),
+                "console_types_in_window": {k: sum(1 for x, _ in window if x == k) for k in {x for x, _ in window}},
+                "distinct_messages_in_window": {f"{k}: {t[:160]}": sum(1 for x in window if x == (k, t))
+                                                for k, t in dict.fromkeys(window)},
+                "errors_in_window": [t[:300] for k, t in window if k in ("error", "pageerror")][:10],
+                "props_errors_in_window": props[:5], "props_errors_this_page": props_run[:5]}
+        if count(in_tab) or count(in_queue):
+            e = CheckFailed(f"{count(in_tab)} + {count(in_queue)} '{marker}' warnings in 10 s + 10 s")
+            e.numbers = nums
+            raise e
+        return nums
+
+
 class Skip(Exception):
     pass
 
@@ -916,6 +1083,52 @@ def pick(page, selector: str, label: str) -> list[str]:
     return options
 
 
+def pick_by_keyboard(page, selector: str, label: str) -> list[str]:
+    """Choose ``label`` in a gradio dropdown with the keyboard only (focus, type to filter, arrows, Enter):
+    no mouse-up lands on whatever lies under the closing option list. Returns the dropdown's options."""
+    box = page.locator(f"{selector} input").first
+    box.focus()
+    page.wait_for_timeout(500)
+
+    def shown() -> list[str]:
+        opts = page.locator(f"{selector} ul.options li")
+        if not opts.count():   # gradio 4 renders the option list elsewhere
+            opts = page.locator("ul.options li")
+        return [t.lstrip("✓").strip() for t in opts.all_inner_texts()]
+
+    options = shown()
+    if not options:
+        page.keyboard.press("ArrowDown")
+        page.wait_for_timeout(400)
+        options = shown()
+    if label not in options:
+        page.keyboard.press("Escape")
+        raise CheckFailed(f"{label!r} not among the options of {selector}: {options}")
+    page.keyboard.press("Control+A")
+    page.keyboard.type(label, delay=20)
+    page.wait_for_timeout(500)
+    filtered = shown()
+    if label not in filtered:
+        page.keyboard.press("Escape")
+        raise CheckFailed(f"typing {label!r} in {selector} left the options {filtered}")
+    active = page.evaluate("""(sel) => { const lis = [...document.querySelectorAll(sel + ' ul.options li, ul.options li')];
+        return lis.findIndex(li => li.classList.contains('active')); }""", selector)   # the highlighted option
+    want = filtered.index(label)
+    steps = want - active if active >= 0 else want + 1
+    for _ in range(max(0, steps)):
+        page.keyboard.press("ArrowDown")
+        page.wait_for_timeout(100)
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(700)
+    value = box.input_value().strip()
+    if value != label:
+        raise CheckFailed(f"keyboard pick in {selector}: value {value!r}, wanted {label!r} "
+                          f"(filtered {filtered}, active index {active})")
+    box.blur()
+    page.wait_for_timeout(300)
+    return options
+
+
 CHECKS = [
     ("a", "tab renders (form, queue, merge) and Settings has the LoRA Queue section", "check_a", 180),
     ("b", "standard job from the tab reaches done; listed in /sdapi/v1/loras; nothing else of ours", "check_b", 1500),
@@ -928,7 +1141,15 @@ CHECKS = [
     ("h", "merge from the merge panel is listed in /sdapi/v1/loras without restart", "check_h", 600),
     ("i", "x/y/z plot with our axes: no console error; same seed twice identical", "check_i", 900),
     ("j", "kill -9 mid-job, restart, resume: job done", "check_j", 1800),
+    ("k", "dataset outside the allowed input folders is refused in the tab; the queue does not grow", "check_k", 180),
+    ("l", "a clicked finished job's summary and row highlight are still there after 4 s", "check_l", 120),
+    ("m", "no 'Too many arguments provided for the endpoint.' in 10 s of the tab + 10 s of its Queue sub-tab",
+     "check_m", 120),
 ]
+PREVIOUS_RSS = {  # GB, run of 2026-12-01 (A1111 @ 55c69e8, Forge @ ffaa07e)
+    "a1111": {"before_job": 4.78, "after_job": 5.02, "after_lora_gen": 8.92},
+    "forge": {"before_job": 0.70, "after_job": 5.11, "after_lora_gen": 6.40},
+}
 
 
 def main(argv=None) -> int:
