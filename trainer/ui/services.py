@@ -55,7 +55,7 @@ class UiServices:
 
     def admission(self) -> Admission:
         """What a job queued from the tab is checked against (see :mod:`trainer.queue.admission`)."""
-        roots = None if self.input_roots is None else (*self.input_roots, self.data_dir)
+        roots = None if self.input_roots is None else tuple(dict.fromkeys((*self.input_roots, self.data_dir)))
         arch, context_dim = self.model_facts()
         return Admission(self.lora_dir, roots, arch, context_dim, model_given=True)
 
