@@ -8,7 +8,7 @@ the results through the WebUI API (the WebUI must run with --api). One line per 
 with its numbers, and a JSON summary. Every check has its own timeout; a failure does not stop the
 others (later checks that need an earlier one's LoRA are skipped).
 
-Checks a-m (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
+Checks a-o (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
 looked at; /work/webui/start_a1111.sh ignores its arguments, so start it with SD_WEBUI_LOG_LEVEL=DEBUG.
 
 Needs: playwright (python), Pillow. Nothing of the extension is imported: this is the user's view.
@@ -748,6 +748,9 @@ class Run:
         p = self.page
         inputs = [n for n in (self.names.get("standard"), self.names.get("long"), self.names.get("lcm"),
                               self.names.get("copier")) if n][:2]
+        if not inputs:   # run on its own (--only h): the newest standard LoRA an earlier run left
+            found = sorted(self.out_dir.glob("e2e_std_*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+            inputs = [f.stem for f in found[:2]]
         if len(inputs) < 1:
             raise_skip("no LoRA to merge")
         if len(inputs) < 2:
@@ -758,14 +761,16 @@ class Run:
         clicked = 0
         p.set_text("loraq_merge_inputs", "")
         for n in dict.fromkeys(inputs):
-            btn = p.page.locator(f"#loraq_lora_list .loraq-lora[data-name='{n}']")
+            # names are relative to the LoRA folder since 640d880 ("lora_queue/NAME")
+            btn = p.page.locator(f"#loraq_lora_list .loraq-lora[data-name='{n}'], "
+                                 f"#loraq_lora_list .loraq-lora[data-name$='/{n}']")
             if btn.count():
                 btn.first.click()
                 clicked += 1
                 p.page.wait_for_timeout(400)
         text = p.value("loraq_merge_inputs")
         if clicked < len(dict.fromkeys(inputs)):
-            p.set_text("loraq_merge_inputs", "\n".join(f"{n}:0.5" for n in dict.fromkeys(inputs)))
+            p.set_text("loraq_merge_inputs", "\n".join(f"{self.out_dir.name}/{n}:0.5" for n in dict.fromkeys(inputs)))
             text = p.value("loraq_merge_inputs")
         out = f"e2e_merged_{RUN_TAG}"
         p.set_text("loraq_merge_output", out)
@@ -1055,6 +1060,161 @@ class Run:
         return nums
 
 
+    # n. a job names its checkpoint; the worker switches the WebUI back to it
+    def _checkpoint(self) -> str:
+        return self.api.get("/sdapi/v1/options").get("sd_model_checkpoint") or ""
+
+    def _set_checkpoint(self, title: str, timeout: float) -> float:
+        t0 = time.time()
+        self.api.post("/sdapi/v1/options", {"sd_model_checkpoint": title}, timeout=timeout)
+        end = time.time() + timeout
+        while time.time() < end:
+            if self._checkpoint().split(" [")[0] == title.split(" [")[0]:   # A1111 adds the hash once loaded
+                if self.args.host == "forge":   # Forge only records the option; its next generation loads it
+                    self.api.txt2img("a red circle", steps=2, timeout=timeout)
+                return round(time.time() - t0, 1)
+            time.sleep(2)
+        raise Timeout(f"sd_model_checkpoint not {title!r} after {timeout:.0f} s (is {self._checkpoint()!r})")
+
+    def check_n(self, timeout):
+        p = self.page
+        src = Path("/work/webui/models/sd15_random.safetensors")
+        extra = self.webui / "models" / "Stable-diffusion" / "sd15_random_b.safetensors"
+        original = self._checkpoint()
+        nums = {"original": original}
+        made = False
+        try:
+            if not extra.exists():
+                os.link(src, extra)
+                made = True
+            self.api.post("/sdapi/v1/refresh-checkpoints", {})
+            titles = [m["title"] for m in self.api.get("/sdapi/v1/sd-models")]
+            b_title = next((t for t in titles if "sd15_random_b" in t), None)
+            nums["titles"] = titles
+            if not b_title:
+                raise CheckFailed(f"sd15_random_b not in /sdapi/v1/sd-models after refresh: {titles}")
+            nums["switch_to_b_s"] = self._set_checkpoint(b_title, 600)
+            p.fresh()   # the tab reads the loaded checkpoint when a job is queued
+            p.loraq_tab("Queue")
+            p.page.locator("#loraq_q_pause").click()
+            p.page.wait_for_timeout(1500)
+            nums["pause_status"] = p.text("loraq_queue_status").strip()
+            ds = self.data / "dataset"
+            if not ds.is_dir():
+                make_dataset(ds, 4)
+            name = f"e2e_ckpt_{RUN_TAG}"
+            job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES, "steps": self.args.steps,
+                                         "network_dim": 4, "network_alpha": 4, "batch_size": 1,
+                                         "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3})
+            nums["job"] = job
+            queued_summary, _ = p.job_summary(job)
+            nums["summary_when_queued"] = queued_summary
+            nums["switch_to_original_s"] = self._set_checkpoint(original, 600)
+            nums["loaded_before_resume"] = self._checkpoint()
+            p.loraq_tab("Queue")
+            p.page.locator("#loraq_q_resume").click()
+            p.page.wait_for_timeout(1500)
+            nums["resume_status"] = p.text("loraq_queue_status").strip()
+            t0 = time.time()
+            nums["row"] = p.wait_state(job, "done", timeout - 120)
+            nums["done_after_resume_s"] = round(time.time() - t0, 1)
+            nums["loaded_after_job"] = self._checkpoint()
+            summary, err = p.job_summary(job)
+            nums["summary_after"] = summary
+            warn = [l for l in summary.splitlines() if re.search(r"warning: the WebUI's checkpoint was switched from .+ to ", l)]
+            nums["warning_lines"] = warn
+            problems = []
+            if not re.search(r"base model: `?[^\n]*sd15_random_b", queued_summary):
+                problems.append(f"summary when queued lacks 'base model: ...sd15_random_b...': {queued_summary[:300]!r}")
+            if "sd15_random_b" not in nums["loaded_after_job"]:
+                problems.append(f"after the job sd_model_checkpoint is {nums['loaded_after_job']!r}")
+            if not warn:
+                problems.append(f"no 'warning: the WebUI's checkpoint was switched from ... to ...' line: {summary[:400]!r}")
+            if problems:
+                e = CheckFailed("; ".join(problems))
+                e.numbers = nums
+                raise e
+            return nums
+        except CheckFailed as e:
+            if not getattr(e, "numbers", None):
+                e.numbers = nums
+            raise
+        finally:
+            try:
+                p.loraq_tab("Queue")
+                p.page.locator("#loraq_q_resume").click()
+            except Exception:
+                pass
+            try:
+                if self._checkpoint().split(" [")[0] != original.split(" [")[0]:
+                    self._set_checkpoint(original, 600)
+            except Exception as e:
+                nums["cleanup_error"] = str(e)
+            if made and extra.exists():
+                extra.unlink()
+            try:
+                self.api.post("/sdapi/v1/refresh-checkpoints", {})
+            except Exception:
+                pass
+            nums["extra_removed"] = not extra.exists()
+
+    # o. the Train form survives a reload; the preset list has the built-in presets
+    def check_o(self, timeout):
+        p = self.page
+        name = f"e2e_reload_{RUN_TAG}"
+        ds = self.data / "dataset"
+        if not ds.is_dir():
+            make_dataset(ds, 4)
+        p.loraq_tab("Queue")
+        p.page.locator("#loraq_q_pause").click()   # the job need not run: it is deleted afterwards
+        p.page.wait_for_timeout(1000)
+        nums = {}
+        try:
+            job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES, "steps": self.args.steps,
+                                         "network_dim": 4, "network_alpha": 4})
+            nums["job"] = job
+            p.fresh()
+            p.loraq_tab("Train")
+            end, shown = time.time() + 20, ""
+            while time.time() < end:
+                shown = p.value("loraq_f_name")
+                if shown == name:
+                    break
+                p.page.wait_for_timeout(500)
+            nums["name_after_reload"] = shown
+            box = p.page.locator("#loraq_preset_name input").first
+            box.click()
+            p.page.wait_for_timeout(700)
+            opts = p.page.locator("#loraq_preset_name ul.options li")
+            if not opts.count():
+                opts = p.page.locator("ul.options li")
+            options = [t.lstrip("✓").strip() for t in opts.all_inner_texts()]
+            p.page.keyboard.press("Escape")
+            box.blur()
+            nums["preset_options"] = options
+            builtin = [o for o in options if o.startswith("built-in")]
+            nums["built_in"] = len(builtin)
+            problems = []
+            if shown != name:
+                problems.append(f"name field after reload {shown!r}, queued {name!r}")
+            if not builtin:
+                problems.append(f"no preset starting with 'built-in': {options}")
+            if problems:
+                e = CheckFailed("; ".join(problems))
+                e.numbers = nums
+                raise e
+            return nums
+        finally:
+            try:
+                if nums.get("job"):
+                    nums["delete_status"] = p.operation(nums["job"], "loraq_op_delete")
+                p.loraq_tab("Queue")
+                p.page.locator("#loraq_q_resume").click()
+                p.page.wait_for_timeout(800)
+            except Exception as e:
+                nums["cleanup_error"] = str(e)
+
+
 class Skip(Exception):
     pass
 
@@ -1145,6 +1305,9 @@ CHECKS = [
     ("l", "a clicked finished job's summary and row highlight are still there after 4 s", "check_l", 120),
     ("m", "no 'Too many arguments provided for the endpoint.' in 10 s of the tab + 10 s of its Queue sub-tab",
      "check_m", 120),
+    ("n", "a job names its checkpoint; queued on B, WebUI switched to A before its turn: the worker loads B, "
+          "job done, summary warns of the switch", "check_n", 2400),
+    ("o", "the Train form as last queued survives a reload; the preset list has built-in presets", "check_o", 180),
 ]
 PREVIOUS_RSS = {  # GB, run of 2026-12-01 (A1111 @ 55c69e8, Forge @ ffaa07e)
     "a1111": {"before_job": 4.78, "after_job": 5.02, "after_lora_gen": 8.92},
