@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -49,15 +50,20 @@ class DemoCheck:
             self.cond = handle.encode_prompts(self.prompts, size)
             self.uncond = handle.uncond(len(self.prompts), size)
             self.noises = [guided.seeded_noise(list(s), (4, 16, 16), "cpu") for s in seed_sets]
-            saved = Path(tempfile.gettempdir()) / f"lcm_demo_refs_cfg{cfg:g}_{seed_sets[0].start}.pt"
+            # safetensors, like every file the project writes: no pickle anywhere
+            saved = Path(tempfile.gettempdir()) / f"lcm_demo_refs_cfg{cfg:g}_{seed_sets[0].start}.safetensors"
             if saved.is_file():
-                self.teacher, self.teacher_30 = torch.load(saved)
+                refs = load_file(str(saved))
+                count = len(self.noises)
+                self.teacher = [refs[f"teacher_{i}"] for i in range(count)]
+                self.teacher_30 = [refs[f"teacher_30_{i}"] for i in range(count)]
             else:
                 self.teacher = [self.pixels(guided.ddim_latents(handle, n, self.cond, self.uncond, steps=50, cfg=cfg))
                                 for n in self.noises]
                 self.teacher_30 = [self.pixels(guided.ddim_latents(handle, n, self.cond, self.uncond, steps=30,
                                                                    cfg=cfg)) for n in self.noises]
-                torch.save((self.teacher, self.teacher_30), saved)
+                save_file({**{f"teacher_{i}": t.contiguous() for i, t in enumerate(self.teacher)},
+                           **{f"teacher_30_{i}": t.contiguous() for i, t in enumerate(self.teacher_30)}}, str(saved))
 
     def pixels(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from trainer.models.demo.shapes import BACKGROUNDS, COLOURS, SHAPES, all_combinations, caption, draw
 
@@ -448,7 +449,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unet-batch", type=int, default=16)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-ckpt", type=Path, default=None,
-                    help="reuse a trained VAE state dict (skips VAE training)")
+                    help="reuse a trained VAE (.safetensors state dict, as written to /tmp/demo_vae.safetensors; skips VAE training)")
     ap.add_argument("--grid", type=str, default="/tmp/demo_samples.png")
     ap.add_argument("--continue-from", type=Path, default=None,
                     help="continue training the UNet of a saved demo model (keeps its tokenizer, text encoder, VAE)")
@@ -473,14 +474,14 @@ def main(argv=None) -> int:
         sum(p.numel() for p in m.parameters()) / 1e6 for m in (te, vae, unet)))
 
     if args.vae_ckpt and args.vae_ckpt.exists():
-        vae.load_state_dict(torch.load(args.vae_ckpt))
+        vae.load_state_dict(load_file(str(args.vae_ckpt)))   # safetensors: no pickle, as everywhere
         vae.eval().requires_grad_(False)
         log(f"loaded VAE from {args.vae_ckpt}")
     else:
         t0 = time.time()
         train_vae(vae, args.vae_steps, batch=args.vae_batch)
         log(f"VAE trained in {(time.time() - t0) / 60:.1f} min")
-        torch.save(vae.state_dict(), "/tmp/demo_vae.pt")
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, "/tmp/demo_vae.safetensors")
     r = vae_report(vae)
     log(f"VAE final: colour err max {r['fg_max']:.4f} mean {r['fg_mean']:.4f}, "
         f"background err max {r['bg_max']:.4f}, mse {r['mse']:.5f}, misclassified {len(r['wrong'])}/45")
