@@ -182,3 +182,39 @@ def test_the_template_command_prints_a_complete_addift_job():
     job = json.loads(out)
     assert job["mode"] == "addift" and job["timestep_min"] == 500 and job["network_dim"] == 4
     assert jobs.job_from_dict(job) == jobs.AddiftJob()
+
+
+# -- masks -------------------------------------------------------------------------------------------
+
+def test_outside_a_kept_mask_the_target_is_the_unchanged_prediction(sd1):
+    from trainer.diffusion.losses import NoiseSettings
+    from trainer.train.loop import diffusion_loss
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = sd1.encode_prompts(["a red circle"], (64, 64)).repeat(2)
+    same = lambda noisy, t, c: sd1.predict(noisy, t, c)          # the model itself: nothing to change
+    loss = lambda mask, unchanged=None: float(diffusion_loss(sd1, x0, cond, NoiseSettings(), torch.Generator().manual_seed(1),
+                                                             mask=mask, unchanged=unchanged))
+    with torch.no_grad():
+        assert loss(torch.zeros(2, 1, 8, 8), same) == 0.0, "all outside: the target is the model's own output"
+        assert loss(torch.ones(2, 1, 8, 8), same) == pytest.approx(loss(None)), "all inside: the usual loss"
+        half = torch.zeros(2, 1, 8, 8)
+        half[..., :4] = 1
+        assert 0 < loss(half, same) < loss(half), "kept outside: the loss there is zero, not the noise's"
+
+
+def test_with_masks_from_alpha_the_transparent_pixels_of_b_are_a_not_white(tmp_path):
+    from PIL import Image
+    a_path, _ = _pair(tmp_path, size=64)
+    b = draw("blue", "circle", "white").convert("RGBA")
+    alpha = Image.new("L", (64, 64), 0)
+    alpha.paste(255, (0, 0, 32, 64))
+    b.putalpha(alpha)
+    b.save(tmp_path / "b_alpha.png")
+    item_a = copier._image_item(a_path, "image_a")
+    item_b = copier._image_item(str(tmp_path / "b_alpha.png"), "image_b")
+    trained = copier.over_the_other(item_b, item_a, (64, 64), tmp_path / "pairs")
+    pixels = torch.tensor(list(Image.open(trained.path).getdata())).view(64, 64, 3)
+    a_pixels = torch.tensor(list(Image.open(a_path).getdata())).view(64, 64, 3)
+    blue_pixels = torch.tensor(list(draw("blue", "circle", "white").getdata())).view(64, 64, 3)
+    assert torch.equal(pixels[:, 32:], a_pixels[:, 32:]) and torch.equal(pixels[:, :32], blue_pixels[:, :32])
+    assert copier.over_the_other(item_a, item_b, (64, 64), tmp_path / "pairs") is item_a, "A has no alpha"

@@ -49,6 +49,7 @@ removed at the end unless ``save_copier``) and counts pass 1 as done.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from trainer import jobs
 from trainer.jobs.vocabulary import Phase
 from trainer.lora import files as lora_files
 from trainer.lora.metadata import TrainingFacts
+from trainer.paths import write_atomic
 from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for_file, switched
 from trainer.diffusion.ddim import predict_x0_eps
@@ -328,19 +330,46 @@ def mask_options(job) -> dict:
             "difference": (job.difference_threshold, job.difference_dilate) if job.difference_mask else None}
 
 
+def over_the_other(item: data.ImageItem, other: data.ImageItem | None, size: tuple[int, int], folder: Path
+                   ) -> data.ImageItem:
+    """With masks from alpha: the image as it trains, its transparent pixels taken from the other image of the
+    pair (its alpha marks where it differs; elsewhere it *is* the other image), not from a white background
+    that would be a change of its own. Written once, by content, as a PNG in ``folder``; the item itself when
+    it has no alpha or no partner."""
+    if other is None:
+        return item
+    with Image.open(item.path) as img:
+        img = ImageOps.exif_transpose(img)
+        if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
+            return item
+        rgba = data.resize_and_crop(img.convert("RGBA"), size)
+    under = data.resize_and_crop(data.open_rgb(other.path), size).convert("RGBA")
+    path = folder / f"{item.sha256[:16]}_over_{other.sha256[:16]}_{size[0]}x{size[1]}.png"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.alpha_composite(under, rgba).convert("RGB").save(buffer, format="PNG")
+        write_atomic(path, buffer.getvalue())
+    return _image_item(str(path), "image_b")
+
+
 def load_pairs(pair_files: list[PairFiles], handle: ModelHandle, cache: data.LatentCache, use_mask: bool,
                difference: tuple[int, int] | None = None) -> list[Pair]:
-    """Latents (from the shared latent cache) and masks of every pair."""
-    items = [(item, pf.size) for pf in pair_files for item in (pf.a, pf.b) if item is not None]
+    """Latents (from the shared latent cache) and masks of every pair; with ``use_mask`` the transparent
+    pixels of an image come from the other image of its pair (:func:`over_the_other`)."""
+    folder = cache.folder.parent / "pairs"
+    trained = [(over_the_other(pf.a, pf.b, pf.size, folder) if use_mask and pf.a is not None else pf.a,
+                over_the_other(pf.b, pf.a, pf.size, folder) if use_mask else pf.b) for pf in pair_files]
+    items = [(item, pf.size) for pf, both in zip(pair_files, trained) for item in both if item is not None]
     latents = cache.get_latents(items, handle)
     identity = handle.identity
     pairs = []
-    for pf in pair_files:
+    for pf, (item_a, item_b) in zip(pair_files, trained):
         get = lambda item: None if item is None else latents[data.latent_key(item.sha256, identity, pf.size)]
-        latent_b = get(pf.b)
+        latent_b = get(item_b)
         masks = (pair_masks(pf, tuple(latent_b.shape[1:]), use_mask, difference) if use_mask or difference
                  else (None, None))
-        pairs.append(Pair(pf, get(pf.a), latent_b, *masks))
+        pairs.append(Pair(pf, get(item_a), latent_b, *masks))
     return pairs
 
 
