@@ -555,6 +555,12 @@ FIELDS: dict[str, Field] = _registry(
           "(the prediction without the LoRA there), so the LoRA changes only the region. ignore: not trained "
           "at all (the LoRA may change it anyway: before this option the whole picture changed). Copier: pass 2.",
           "copier", modes=_DIFFERENCE, choices=OUTSIDE_MASK),
+    Field("pair_prompts", list[str], [], "prompt of each pair",
+          "ADDifT with several pairs (Multi-ADDifT): one caption per pair, one per line in the order of image_a "
+          "(e.g. 'a red circle on a white background', 'a red circle on a gray background'), as traintrain "
+          "reads each image's caption. Empty = the prompt for every pair. A caption that describes a pair well "
+          "matters: a shorter prompt shared by different pairs learned almost nothing on the demo model.",
+          "addift", modes=("addift",), ui="lines"),
     Field("addift_strength", float, 1.0, "training strength",
           "ADDifT: the LoRA strength at which it learns the pair's change, so that at this strength it "
           "reproduces A -> B (1: strength 1 is the change of the pairs). traintrain trains at 0.25, so its "

@@ -236,6 +236,7 @@ class AddiftJob(PairRules, Job):
     difference_threshold: int = 10
     difference_dilate: int = 8
     outside_mask: OutsideMask = 'keep'
+    pair_prompts: list[str] = field(default_factory=list)
     addift_strength: float = 1.0
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
