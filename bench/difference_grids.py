@@ -1,6 +1,6 @@
 """The pictures of docs/difference-modes.md: one strength x seed grid per difference mode, on the demo model.
 
-    python bench/difference_grids.py [--out docs]
+    python bench/difference_grids.py [--out docs] [--only difference_multi_addift,...]
 
 copier (red circle -> blue circle, as tests/test_copier.py trains it), ADDifT (the same pair, its defaults),
 Multi-ADDifT (two pairs, red -> blue circles on white and on gray, each with its caption, 200 steps, shown
@@ -43,6 +43,7 @@ def pair(folder: Path, name: str, a, b) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    parser.add_argument("--only", default="", help="comma-separated picture names (e.g. difference_addift)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -74,6 +75,8 @@ def main() -> int:
             mixed_precision="no", use_mask=True, steps=200)),
     ]
     for name, prompt, job in cases:
+        if args.only and name not in args.only.split(","):
+            continue
         result = run_job(job, handle, ctx)
         grid = lora_file_grid(handle, result.final, prompt, STRENGTHS, SEEDS, steps=30, cfg=5.0, size=(64, 64))
         grid.save(out / f"{name}.png", optimize=True)
