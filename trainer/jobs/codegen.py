@@ -28,6 +28,8 @@ CLASSES: tuple[tuple[str, str, str, dict[str, str], str], ...] = (
      "    ``passes()`` gives the two passes as they run (pass 2 resolved through ``same_as_pass1``)."),
     ("lcm", "LcmJob", "Job", {},
      "LCM distillation into a LoRA (LCM-LoRA) from a dataset or from prompts."),
+    ("ileco", "IlecoJob", "Job", {},
+     "iLECO: a slider LoRA from two prompts alone (no images), moving source_prompt toward target_prompt."),
 )
 
 _CHOICE_TYPES = {

@@ -8,8 +8,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal, get_args
 
-Mode = Literal["standard", "copier", "lcm"]
-Scope = Literal["standard", "copier", "lcm", "copier_pass", "difference_pass"]
+Mode = Literal["standard", "copier", "lcm", "ileco"]
+Scope = Literal["standard", "copier", "lcm", "ileco", "copier_pass", "difference_pass"]
 TargetSet = Literal["attn", "attn_mlp", "all"]
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -21,7 +21,7 @@ LossType = Literal["huber", "l2"]
 Arch = Literal["sd1", "sd2", "sdxl"]
 
 MODES: tuple[Mode, ...] = get_args(Mode)
-#: Where a field's value lives: the three job modes plus the copier's two passes.
+#: Where a field's value lives: the job modes plus the copier's two passes.
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 TARGET_SETS: tuple[TargetSet, ...] = get_args(TargetSet)
 OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
