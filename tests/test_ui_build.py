@@ -167,6 +167,14 @@ def test_a_merge_tells_the_host_so_the_webui_lists_the_new_lora(tmp_path):
     assert "--verbose" not in big
     with pytest.raises(MergeError, match="'abc' is not a number"):
         loras.merge_into_folder("a:abc", RankPolicy(rank=2), "bad", "fp16", False, tmp_path)
+    # SuperMerger's semantics from the panel's choice: the report says how far it is from "applied together"
+    mode = loras.supermerger_mode("SuperMerger: no (same rank)", 8, False)
+    sm = loras.merge_into_folder("a:0.5\nb:0.5", RankPolicy(rank=2), "sm", "fp16", False, tmp_path, supermerger=mode)
+    assert "SuperMerger semantics, remake dimension no" in sm and "applied together" in sm
+    assert loras.supermerger_mode("SuperMerger: rank box", 4.0, True).dimension == 4
+    assert loras.supermerger_mode("linear (ours)", 4, False) is None
+    with pytest.raises(MergeError, match="whole number >= 1 in the rank box"):
+        loras.supermerger_mode("SuperMerger: rank box", 0, False)
 
 
 def test_results_list_final_then_checkpoints_by_step(tmp_path):

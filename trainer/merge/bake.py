@@ -19,7 +19,7 @@ import torch
 from trainer.lora.files import LoraFileError
 from trainer.lora.formats import LowRankDelta
 from trainer.lora.reading import family, open_lora
-from trainer.merge.svd_merge import MergeError, MergeInput, block_weights, builtin_presets
+from trainer.merge.svd_merge import MergeError, MergeInput, block_weights, builtin_presets, module_block_weight
 from trainer.models import naming
 from trainer.models.single_file import (SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX,
                                         detect_checkpoint)
@@ -110,7 +110,7 @@ def bake_loras(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out_
         used = 0
         for name in sorted(lora.groups):
             block = naming.block_id_of_key(name, info.arch)
-            w = spec.ratio * (1.0 if weights is None else weights.get(block, 0.0) if block else 0.0)
+            w = spec.ratio * module_block_weight(weights, block)
             if w == 0.0:
                 continue
             try:

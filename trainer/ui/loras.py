@@ -8,6 +8,7 @@ from typing import Callable
 
 from trainer import jobs
 from trainer.lora.files import LoraFileError, read_header
+from trainer.merge.supermerger import SuperMergerMode, supermerger_files
 from trainer.merge.svd_merge import MergeError, MergeInput, RankPolicy, format_report, merge_files, parse_input_spec
 
 
@@ -70,10 +71,29 @@ def resolve_inputs(text: str, folder: Path) -> list[MergeInput]:
     return out
 
 
+#: Ratio semantics: ours, or SuperMerger's with its "remake dimension" (docs/merge-semantics.md).
+SEMANTICS = ("linear (ours)", "SuperMerger: no (same rank)", "SuperMerger: auto", "SuperMerger: rank box")
+
+
+def supermerger_mode(semantics: str, rank, same_to_strength: bool) -> SuperMergerMode | None:
+    """The SuperMerger mode the semantics choice describes; None for ours."""
+    if semantics not in SEMANTICS:
+        raise MergeError(f"ratio semantics: choose one of {', '.join(SEMANTICS)}")
+    if semantics == SEMANTICS[0]:
+        return None
+    if semantics == SEMANTICS[3]:
+        if rank in (None, "") or not float(rank).is_integer() or int(rank) < 1:
+            raise MergeError(f"rank: SuperMerger's rank N needs a whole number >= 1 in the rank box, got {rank!r}")
+        return SuperMergerMode(int(rank), bool(same_to_strength))
+    return SuperMergerMode("no" if semantics == SEMANTICS[1] else "auto", bool(same_to_strength))
+
+
 def merge_into_folder(text: str, policy: RankPolicy, output: str, precision: str, overwrite: bool, folder: Path,
-                      written: Callable[[Path], None] = lambda path: None, library: Path | None = None) -> str:
+                      written: Callable[[Path], None] = lambda path: None, library: Path | None = None,
+                      supermerger: SuperMergerMode | None = None) -> str:
     """Merge the entries of ``text`` (names in ``library``, default ``folder``) into ``folder/OUTPUT.safetensors``;
-    the report. ``written`` is told of the new file (the WebUI re-lists its LoRAs, as after a job). Raises
+    the report. ``written`` is told of the new file (the WebUI re-lists its LoRAs, as after a job). With
+    ``supermerger`` the ratios mean what they mean in SuperMerger (the policy is then unused). Raises
     MergeError/ValueError/OSError."""
     name = (output or "").strip()
     problem = jobs.output_name_problem(name)
@@ -83,14 +103,23 @@ def merge_into_folder(text: str, policy: RankPolicy, output: str, precision: str
     if out.exists() and not overwrite:
         raise MergeError(f"{out} already exists: choose another output name or tick overwrite")
     inputs = resolve_inputs(text or "", library or folder)
-    policy.validate()
     started = time.perf_counter()
-    result = merge_files(inputs, out, policy, dtype=precision)
+    if supermerger is not None:
+        supermerger.validate()
+        result = supermerger_files(inputs, out, supermerger, dtype=precision)
+    else:
+        policy.validate()
+        result = merge_files(inputs, out, policy, dtype=precision)
     written(out)
     ranks = sorted({m.rank for m in result.modules})
     got = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    if policy.rank is not None and not policy.concat and ranks and ranks[-1] < policy.rank:
+    if supermerger is None and policy.rank is not None and not policy.concat and ranks and ranks[-1] < policy.rank:
         got += f" (asked {policy.rank}: no module has more to keep — the inputs' ranks add up to less)"
+    if supermerger is not None:
+        got += "; " + supermerger.describe()
     head = (f"merged {len(inputs)} LoRAs ({result.arch.upper()}, {got}) -> {out} "
             f"in {time.perf_counter() - started:.1f} s")
-    return head + "\n" + format_report(result, more="(the 10 worst modules are shown)")
+    report = format_report(result, more="(the 10 worst modules are shown)")
+    if supermerger is not None:
+        report += "\n(relative error: distance from the LoRAs applied together at their ratios, as a merge here means)"
+    return head + "\n" + report

@@ -12,6 +12,7 @@ from trainer.ui.services import UiServices
 RANK_MODES = ("rank", "auto", "concat")
 
 
+
 def rank_policy(mode: str, rank, conv_rank, energy) -> RankPolicy:
     """The policy the panel's controls describe; conv rank 0 = same as rank."""
     as_int = lambda v: int(v) if v not in (None, "") and float(v).is_integer() else v
@@ -51,6 +52,14 @@ class MergePanel:
                                                elem_id="loraq_merge_conv_rank")
                     self.energy = gr.Number(0.99, label="auto: energy kept", elem_id="loraq_merge_energy")
                 with gr.Row():
+                    self.semantics = gr.Dropdown(list(loras.SEMANTICS), value=loras.SEMANTICS[0], label="ratio semantics",
+                                                 elem_id="loraq_merge_semantics",
+                                                 info="ours: 0.5 halves a LoRA, -1 subtracts; SuperMerger's: a "
+                                                      "ratio acts squared with cross terms between LoRAs "
+                                                      "(docs/merge-semantics.md)")
+                    self.same_to_strength = gr.Checkbox(False, label="SuperMerger: same to Strength",
+                                                        elem_id="loraq_merge_same_to_strength")
+                with gr.Row():
                     self.output = gr.Textbox(label="output name", value="merged", elem_id="loraq_merge_output",
                                              max_lines=1)
                     self.precision = gr.Dropdown(list(SAVE_PRECISIONS), value="fp16", label="save precision",
@@ -63,17 +72,21 @@ class MergePanel:
         self.filter.change(listing, [self.filter], [self.listing], show_progress=False)
         self.refresh.click(listing, [self.filter], [self.listing], show_progress=False)
         self.run.click(self.merge, [self.inputs, self.mode, self.rank, self.conv_rank, self.energy, self.output,
-                                    self.precision, self.overwrite], [self.report, self.listing])
+                                    self.precision, self.overwrite, self.semantics, self.same_to_strength],
+                       [self.report, self.listing])
 
     def _listing(self, text: str | None) -> str:
         library = self.services.library
         return loras.lora_list_html(loras.list_loras(library, text or ""), library)
 
-    def merge(self, text, mode, rank, conv_rank, energy, output, precision, overwrite):
+    def merge(self, text, mode, rank, conv_rank, energy, output, precision, overwrite, semantics=loras.SEMANTICS[0],
+              same_to_strength=False):
         try:
-            report = loras.merge_into_folder(text, rank_policy(mode, rank, conv_rank, energy), output, precision,
+            supermerger = loras.supermerger_mode(semantics, rank, same_to_strength)
+            policy = rank_policy(mode, rank, conv_rank, energy) if supermerger is None else RankPolicy()
+            report = loras.merge_into_folder(text, policy, output, precision,
                                              overwrite, self.services.lora_dir, self.services.lora_written,
-                                             library=self.services.library)
+                                             library=self.services.library, supermerger=supermerger)
         except (MergeError, ValueError, OSError) as e:
             return f"error: {e}", gr.update()
         return report, self._listing("")
