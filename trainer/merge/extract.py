@@ -120,3 +120,16 @@ def save_extracted(result: Extracted, out_path: str | os.PathLike) -> Path:
     if not out.parent.is_dir():
         raise MergeError(f"output folder '{out.parent}' does not exist")
     return lora_files.write_lora(out, dict(result.tensors), dict(result.metadata))
+
+
+def extract_models(tuned: str, base: str, policy: RankPolicy, *, dtype: str = "fp16", text_encoder: bool = True,
+                   title: str = "extracted") -> Extracted:
+    """:func:`extract_lora` of two models named as the CLI names them (diffusers folders, single files, 'demo')."""
+    from trainer.device import SAVE_PRECISION
+    from trainer.models.diffusers_model import load_handle
+
+    if dtype not in SAVE_PRECISION:
+        raise MergeError(f"save precision must be one of {', '.join(SAVE_PRECISION)}, got {dtype!r}")
+    with torch.no_grad():
+        return extract_lora(load_handle(tuned), load_handle(base), policy, dtype=SAVE_PRECISION[dtype],
+                            text_encoder=text_encoder, title=title)
