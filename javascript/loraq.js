@@ -1,6 +1,7 @@
 // LoRA Queue: the two things Gradio cannot do by itself.
 //  1. a click on a row of the queue table selects that job (fills #loraq_selected_job)
-//  2. a click on a LoRA name in the merge panel appends "name:1.0" to the merge text
+//  2. a click on a LoRA name in the LoRA tools tab appends "name:1.0" to the merge (or bake) text, or
+//     names the LoRA to resize, whichever section is in view
 // Loaded by the WebUI from javascript/, and by the standalone app on page load. No framework.
 (function () {
   if (window.loraqInstalled) return;
@@ -34,10 +35,18 @@
         return;
       }
       if (el.classList.contains("loraq-lora") && el.dataset.name) {
-        var input = field("loraq_merge_inputs");
+        // the LoRA tools section in view: resize takes the one name, merge and bake add name:1.0
+        var resize = field("loraq_resize_input");
+        if (resize && resize.offsetParent !== null) {
+          setText("loraq_resize_input", el.dataset.name);
+          return;
+        }
+        var bake = field("loraq_bake_inputs");
+        var target = bake && bake.offsetParent !== null ? "loraq_bake_inputs" : "loraq_merge_inputs";
+        var input = field(target);
         if (!input) return;
         var current = input.value.replace(/\s+$/, "");
-        setText("loraq_merge_inputs", (current ? current + "\n" : "") + el.dataset.name + ":1.0");
+        setText(target, (current ? current + "\n" : "") + el.dataset.name + ":1.0");
         return;
       }
     }

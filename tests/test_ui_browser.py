@@ -80,6 +80,10 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
+    # The Resize section of the LoRA tools: the click named the merge there (the merge text kept its two lines)
+    assert session["resize_report"].startswith("resized red_to_blue_merged.safetensors"), session["resize_report"]
+    assert "rank 2" in session["resize_report"] and "total:" in session["resize_report"]
+    assert session["merge_inputs_after_resize_click"] == "red_to_blue:1.0\nred_to_blue_copier:1.0"
     assert session["form_after_reload"] == "red_to_blue", "a reload must not lose the form"
     assert session["fresh_resolution"] == "64"
     assert "red_to_blue.safetensors" in session["train_status"], "Add to queue says where the LoRA will go"
@@ -259,7 +263,7 @@ def session(out: Path, app_python: str) -> None:
             shot("5_grid")
 
             # 6. Merge the difference with its copier (clicks on the list add name:1.0).
-            tab("Merge").click()
+            tab("LoRA tools").click()
             page.click("#loraq_lora_refresh")
             page.locator(".loraq-lora[data-name='red_to_blue']").click()
             page.locator(".loraq-lora[data-name='red_to_blue_copier']").click()
@@ -272,6 +276,19 @@ def session(out: Path, app_python: str) -> None:
             merged = data / "loras" / "red_to_blue_merged.safetensors"
             facts["merged_file_bytes"] = merged.stat().st_size if merged.exists() else 0
             shot("6_merge")
+
+            # 6b. Resize the merge in the Resize section: a click on the list names the LoRA to resize there.
+            tab("Resize").click()
+            page.click("#loraq_lora_refresh")
+            page.locator(".loraq-lora[data-name='red_to_blue_merged']").click()
+            expect(box("loraq_resize_input")).to_have_value("red_to_blue_merged")
+            fill("loraq_resize_rank", 2)
+            fill("loraq_resize_output", "red_to_blue_r2")
+            page.click("#loraq_resize_run")
+            resized = box("loraq_resize_report")
+            expect(resized).to_have_value(__import__("re").compile("total:"), timeout=60_000)
+            facts["resize_report"] = resized.input_value()
+            facts["merge_inputs_after_resize_click"] = box("loraq_merge_inputs").input_value()
 
             # 7. A reload keeps the form as last queued, and lists the built-in presets.
             page.reload()
