@@ -61,6 +61,18 @@ class Sampling:
 LCM_SAMPLING = Sampling("lcm", 4, 1.5)
 
 
+def job_prompts(job) -> list[str]:
+    """What a job's LoRA is looked at with: its preview prompts; else the copier's prompt, the LCM job's first
+    prompt, the trigger word; never nothing (an empty prompt shows only the model's average image)."""
+    if job.sample_prompts:
+        return list(job.sample_prompts)
+    for candidate in (getattr(job, "prompt", ""), (list(getattr(job, "prompts", []) or []) or [""])[0],
+                      getattr(job, "trigger_word", "")):
+        if candidate and candidate.strip():
+            return [candidate.strip()]
+    return ["a picture"]
+
+
 def sampling_for(job) -> Sampling:
     """The job's own sampling settings: what its previews use (LCM jobs: the LCM sampler at 4 steps)."""
     return LCM_SAMPLING if job.mode == "lcm" else Sampling("ddim", PREVIEW_STEPS, PREVIEW_CFG)

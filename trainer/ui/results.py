@@ -21,7 +21,7 @@ from trainer.queue.store import QueueError
 from trainer.queue.worker import work_folder
 from trainer.sampling.grids import lora_file_grid
 from trainer.sampling.sheets import stack
-from trainer.train.previews import preview_files, preview_step, sampling_for
+from trainer.train.previews import job_prompts, preview_files, preview_step, sampling_for
 
 #: The x axis users build by hand with the x/y/z plot: negative strength shows what the LoRA removes.
 STRENGTHS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
@@ -55,15 +55,8 @@ def relative(path: str | Path, *roots: Path) -> str:
 
 
 def default_prompts(job: jobs.Job) -> list[str]:
-    """What a grid of the job is sampled with first: its preview prompts; else the copier's prompt, the LCM job's
-    first prompt, the trigger word; never nothing (an empty prompt shows the base model's average image)."""
-    if job.sample_prompts:
-        return list(job.sample_prompts)
-    for candidate in (getattr(job, "prompt", ""), (list(getattr(job, "prompts", []) or []) or [""])[0],
-                      getattr(job, "trigger_word", "")):
-        if candidate and candidate.strip():
-            return [candidate.strip()]
-    return ["a picture"]
+    """What a grid of the job is sampled with first: its preview prompts (see ``previews.job_prompts``)."""
+    return job_prompts(job)
 
 
 def default_prompt(job: jobs.Job) -> str:
