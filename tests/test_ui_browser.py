@@ -114,7 +114,16 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
-    assert session["form_after_reload"] == "red_to_blue", "a reload must not lose the form"
+    assert session["form_after_reload"] == "red_to_blue_2", "a reload must not lose the form"
+    # Edit: the finished job came back as a new job of its own name + _2, the queued copy was changed in place
+    assert "loaded as a new job" in session["edit_done"]["status"] and session["edit_done"]["pass1_steps"] == "40"
+    assert session["edit_done"]["button"].strip() == "Add to queue"
+    assert "✔ saved job 2" in session["edit_queued"]["status"], session["edit_queued"]
+    assert session["edit_queued"]["button_after"].strip() == "Add to queue"
+    assert session["rows_after_edit"] == 2
+    from trainer.queue.store import JobQueue
+    stored = JobQueue(tmp_path / "data" / "queue.sqlite").get(2)
+    assert (stored.name, stored.state, stored.job.copier_pass.steps) == ("red_to_blue_2", "queued", 30)
     assert session["fresh_resolution"] == "64"
     assert "red_to_blue.safetensors" in session["train_status"], "Add to queue says where the LoRA will go"
     for name in SCREENSHOTS:
@@ -319,6 +328,34 @@ def session(out: Path, app_python: str) -> None:
             page.locator("#loraq_grid").scroll_into_view_if_needed()
             shot("5_grid")
 
+            # 5b. Edit: the finished job into the form becomes a new job; a queued one is saved back in place.
+            page.click("#loraq_q_pause")    # the queue takes no next job: the edited ones stay queued
+            expect(el("loraq_queue_status")).to_contain_text("takes no next job", timeout=10_000)
+            page.click("#loraq_op_edit")
+            expect(box("loraq_f_name")).to_have_value("red_to_blue_2", timeout=10_000)
+            facts["edit_done"] = {"status": el("loraq_train_status").inner_text(),
+                                  "mode": page.locator("#loraq_mode input:checked").get_attribute("value")
+                                  if page.locator("#loraq_mode input:checked").count() else None,
+                                  "pass1_steps": box("loraq_f_copier_pass__steps").input_value(),
+                                  "button": page.locator("#loraq_add").inner_text()}
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ queued", timeout=15_000)
+            tab("Queue").click()
+            copy = table.locator("tr.loraq-row[data-job-id='2']")
+            expect(copy).to_contain_text("red_to_blue_2", timeout=10_000)
+            copy.click()
+            expect(box("loraq_selected_job")).to_have_value("2", timeout=10_000)
+            page.click("#loraq_op_edit")
+            expect(page.locator("#loraq_add")).to_have_text("Save job 2", timeout=10_000)
+            fill("loraq_f_copier_pass__steps", 30)
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ saved job 2", timeout=15_000)
+            facts["edit_queued"] = {"status": el("loraq_train_status").inner_text(),
+                                    "button_after": page.locator("#loraq_add").inner_text()}
+            tab("Queue").click()
+            expect(table).to_contain_text("red_to_blue_2", timeout=10_000)
+            facts["rows_after_edit"] = table.locator("tr.loraq-row").count()
+
             # 6. Merge the difference with its copier (clicks on the list add name:1.0).
             tab("Merge").click()
             page.click("#loraq_lora_refresh")
@@ -337,7 +374,7 @@ def session(out: Path, app_python: str) -> None:
             # 7. A reload keeps the form as last queued, and lists the built-in presets.
             page.reload()
             page.wait_for_selector("#loraq_add")
-            expect(box("loraq_f_name")).to_have_value("red_to_blue", timeout=15_000)
+            expect(box("loraq_f_name")).to_have_value("red_to_blue_2", timeout=15_000)
             facts["form_after_reload"] = box("loraq_f_name").input_value()
             browser.close()
     finally:

@@ -68,6 +68,8 @@ class QueuePanel:
             self.refresh = gr.Button("Refresh", elem_id="loraq_queue_refresh", size="sm", scale=0)
         with gr.Row(elem_id="loraq_queue_ops"):
             self.ops = {method: gr.Button(label, elem_id=elem, size="sm") for label, method, elem in OPERATIONS}
+            # the form is the Train tab's: wired by the app (trainer/ui/app.py)
+            self.edit = gr.Button("Edit in form", elem_id="loraq_op_edit", size="sm")
         self.status = gr.Markdown("", elem_id="loraq_queue_status")
         self.summary = gr.Markdown("", elem_id="loraq_job_summary")
         self.error = gr.Textbox(label="error", visible=False, lines=3, interactive=False, elem_id="loraq_job_error")

@@ -12,6 +12,7 @@ import gradio as gr
 from trainer import jobs
 from trainer.ui import form
 from trainer.ui.compat import file_input, file_paths, no_progress, then_js
+from trainer.queue.store import QueueError
 from trainer.ui.presets import PresetError, PresetStore
 from trainer.ui.services import UiServices
 
@@ -122,6 +123,8 @@ class TrainPanel:
                                                     "lr=5e-5,1e-4,2e-4; network_alpha=2,4,8",
                                         elem_id="loraq_sweep", max_lines=1, scale=3)
                 self.add = gr.Button("Add to queue", variant="primary", elem_id="loraq_add", scale=1, min_width=160)
+                self.new_job = gr.Button("Add as a new job instead", elem_id="loraq_add_new", scale=0, min_width=120,
+                                         size="sm", visible=False)
         self.status = gr.Markdown("", elem_id="loraq_train_status")
 
     def _cell(self, c: form.Control, min_width: int, scale: int = 1, by_mode: bool = True):
@@ -199,14 +202,25 @@ class TrainPanel:
 
         errors_out = [self.errors[k] for k in keys] + [self.status] + [box for box, _ in self.accordions]
 
-        def add(sweep: str, mode: str, *values):
+        # editing: the id of the queued job the form was loaded from (Add saves it in place), else None
+        self.editing = gr.State(None)
+        self.edit_out = [self.editing, self.add, self.new_job]
+
+        def add(sweep: str, editing: int | None, mode: str, *values):
             data = self._job_dict(mode, values)
+            in_place = editing is not None and not (sweep or "").strip()
             try:
                 job = jobs.job_from_dict(data)
                 if not job.model and self.services.default_model():
                     job = dataclasses.replace(job, model=self.services.default_model())
-                many = jobs.sweep_jobs(job, jobs.parse_sweep(sweep)) if (sweep or "").strip() else [job]
-                ids = self.services.queue.add_many(many, root=self.services.root, admission=self.services.admission())
+                if in_place:
+                    self.services.queue.update(editing, job, root=self.services.root,
+                                               admission=self.services.admission())
+                    ids, many = [editing], [job]
+                else:
+                    many = jobs.sweep_jobs(job, jobs.parse_sweep(sweep)) if (sweep or "").strip() else [job]
+                    ids = self.services.queue.add_many(many, root=self.services.root,
+                                                       admission=self.services.admission())
             except jobs.JobError as e:
                 errors = {**self._path_problems(data), **e.errors}
                 for key in ("image_a", "image_b"):
@@ -214,7 +228,9 @@ class TrainPanel:
                     if "empty file" in errors.get(key, ""):
                         errors[key] = ("the image is empty: if you just picked it, it may still be uploading — "
                                        "wait a moment and click Add to queue again")
-                return self._error_updates(mode, errors, e.message)
+                return self._error_updates(mode, errors, e.message) + [gr.update()] * 3
+            except QueueError as e:   # the job started since it was loaded: it runs as queued
+                return self._error_updates(mode, {}, f"{e}") + self._editing_updates(None)
             if self.services.worker is not None:
                 self.services.worker.wake()
             self.presets.remember(data)
@@ -223,10 +239,14 @@ class TrainPanel:
             what = (f"**{job.name}** as job {ids[0]} → `{where}`" if len(ids) == 1 else
                     f"a sweep of {len(ids)} jobs ({', '.join(j.name for j in many[:3])}{', ...' if len(ids) > 3 else ''})"
                     f" as jobs {ids[0]}-{ids[-1]}")
-            return self._error_updates(mode, {}, "", done=f"✔ queued {what}{notes}")
+            done = f"✔ saved job {editing}: {what}" if in_place else f"✔ queued {what}"
+            return self._error_updates(mode, {}, "", done=done + notes) + self._editing_updates(None)
 
         # after the answer is on the page: outline the fields in error and scroll to the first (javascript/loraq.js)
-        then_js(self.add.click(add, [self.sweep] + values_in, errors_out), SHOW_ERRORS_JS)
+        then_js(self.add.click(add, [self.sweep, self.editing] + values_in, errors_out + self.edit_out),
+                SHOW_ERRORS_JS)
+        self.new_job.click(lambda: self._editing_updates(None) + ["the form queues a new job"], None,
+                           self.edit_out + [self.status], **no_progress())
 
         def save_preset(name: str, mode: str, *values):
             try:
@@ -241,11 +261,8 @@ class TrainPanel:
         then_js(self.preset_save.click(save_preset, [self.preset_name] + values_in, [self.preset_name] + errors_out),
                 SHOW_ERRORS_JS)
 
-        def form_updates(data: dict, message: str) -> list:
-            mode = data["mode"]
-            values = {k: c.default(mode) for k, c in self.by_key.items() if mode in c.modes}
-            values.update(form.ui_values(data))
-            return [gr.update(value=mode), mode] + self._mode_updates(mode, values) + [gr.update(value=message)]
+        form_updates = self._form_updates
+        self.form_out = [self.mode, self.previous_mode] + visible_out + [self.status]
 
         def load_preset(name: str):
             try:
@@ -276,6 +293,41 @@ class TrainPanel:
             return gr.update(choices=self.presets.names(), value=None), gr.update(value=f"✔ deleted preset **{name}**")
 
         self.preset_delete.click(delete_preset, [self.preset_name], [self.preset_name, self.status])
+
+    def _form_updates(self, data: dict, message: str) -> list:
+        """The whole form set to a job dict (a preset, a job loaded from the queue): its mode, its values, the
+        defaults of that mode for the rest."""
+        mode = data["mode"]
+        values = {k: c.default(mode) for k, c in self.by_key.items() if mode in c.modes}
+        values.update(form.ui_values(data))
+        return [gr.update(value=mode), mode] + self._mode_updates(mode, values) + [gr.update(value=message)]
+
+    def _editing_updates(self, job_id: int | None) -> list:
+        """For ``edit_out``: which queued job Add saves in place (None: Add queues a new job)."""
+        if job_id is None:
+            return [None, gr.update(value="Add to queue"), gr.update(visible=False)]
+        return [job_id, gr.update(value=f"Save job {job_id}"), gr.update(visible=True)]
+
+    def load_job(self, selected: str):
+        """Edit: the form set to the selected job. A queued job is saved back in place by the next Add; any
+        other becomes a new job, under a name no job has yet (its own file exists)."""
+        try:
+            job_id = int(str(selected).strip())
+            row = self.services.queue.get(job_id)
+            data = jobs.job_to_dict(row.job)
+        except (TypeError, ValueError):
+            return [gr.update()] * len(self.form_out[:-1]) + ["⚠ select a job first: click a row of the table"] \
+                + [gr.update()] * 3
+        except (QueueError, jobs.JobError) as e:
+            return [gr.update()] * len(self.form_out[:-1]) + [f"⚠ {getattr(e, 'message', e)}"] + [gr.update()] * 3
+        if row.state == "queued":
+            message = (f"editing queued job {job_id} (**{row.name}**): Save job {job_id} changes it in place "
+                       "(refused if it has started by then)")
+            return self._form_updates(data, message) + self._editing_updates(job_id)
+        data["name"] = self.services.queue.free_name(row.name)
+        message = (f"job {job_id} (**{row.name}**, {row.state}) loaded as a new job **{data['name']}**: "
+                   "Add to queue queues it")
+        return self._form_updates(data, message) + self._editing_updates(None)
 
     def _path_problems(self, data: dict) -> dict[str, str]:
         """Missing files and folders, also when other fields are invalid: every error shows at once."""
