@@ -154,6 +154,22 @@ def test_operations_follow_the_job_states(tmp_path, queue):
     assert [r.name for r in queue.list()] == ["c", "a", "b_2"]
 
 
+def test_a_resumed_job_runs_next_but_is_listed_after_the_finished_ones(tmp_path, queue):
+    _dataset(tmp_path / "data")
+    a, b, c, d = queue.add_many([_job(tmp_path, n) for n in "abcd"])
+    for _ in range(2):
+        queue.finish(queue.claim_next().id, "done")
+    assert queue.stop_and_save(queue.claim_next().id) == "running"
+    queue.finish(c, "stopped")
+    queue.resume(c)
+    assert [r.name for r in queue.list()] == ["a", "b", "c", "d"], "not above the jobs that ran before it"
+    assert queue.claim_next().id == c
+    queue.finish(c, "done")
+    queue.finish(queue.claim_next().id, "stopped")   # d, with nothing queued after it
+    queue.resume(d)
+    assert [r.name for r in queue.list()] == ["a", "b", "c", "d"] and queue.claim_next().id == d
+
+
 def test_a_queued_job_is_changed_in_place_and_a_started_one_never(tmp_path, queue):
     _dataset(tmp_path / "data")
     a, b, c = queue.add_many([_job(tmp_path, "a"), _job(tmp_path, "b"), _job(tmp_path, "c")])

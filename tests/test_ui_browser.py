@@ -111,6 +111,9 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     assert len(times) >= 3 and times[len(times) // 2] < 100 and times[-1] < 500, session["refresh_ms"]
     # The grid: 7 strengths x 3 seeds of 64 px cells, upscaled to 128 px, below a label row.
     assert session["grid_size"][0] >= 7 * 128 and session["grid_size"][1] >= 3 * 128
+    # the LoRA file by its name in the LoRA folder, not a cut-off absolute path; no grid of another job
+    assert session["checkpoint_shown"] == "red_to_blue.safetensors", session["checkpoint_shown"]
+    assert session["grid_status_other_job"].strip() == ""
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
@@ -319,6 +322,7 @@ def session(out: Path, app_python: str) -> None:
             # 5. The comparison grid on the job's own model.
             expect(page.locator("#loraq_grid_prompt textarea, #loraq_grid_prompt input").first).to_have_value(
                 PROMPT, timeout=10_000)
+            facts["checkpoint_shown"] = box("loraq_checkpoint").input_value()
             page.click("#loraq_grid_generate")
             grid = page.locator("#loraq_grid img")
             expect(grid).to_be_visible(timeout=90_000)
@@ -345,6 +349,9 @@ def session(out: Path, app_python: str) -> None:
             expect(copy).to_contain_text("red_to_blue_2", timeout=10_000)
             copy.click()
             expect(box("loraq_selected_job")).to_have_value("2", timeout=10_000)
+            # another job selected: job 1's grid is gone, not shown under job 2
+            expect(page.locator("#loraq_grid img")).to_have_count(0, timeout=10_000)
+            facts["grid_status_other_job"] = el("loraq_grid_status").inner_text()
             page.click("#loraq_op_edit")
             expect(page.locator("#loraq_add")).to_have_text("Save job 2", timeout=10_000)
             fill("loraq_f_copier_pass__steps", 30)

@@ -529,9 +529,12 @@ class JobQueue:
             state, name = self._require(db, job_id)
             if state not in allowed:
                 raise QueueError(f"job {job_id} ({name}) is {state}; only {', '.join(allowed)} jobs can be {verb}")
-            if front:
-                position = db.execute("SELECT COALESCE(MIN(position), 1) - 1 FROM jobs WHERE state = 'queued'"
-                                      ).fetchone()[0]
+            first = db.execute("SELECT MIN(position) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            if front and first is not None:
+                # next in line, yet below the jobs that are over in the table (which lists by position):
+                # the queued jobs move down one place
+                db.execute("UPDATE jobs SET position = position + 1 WHERE position >= ?", (first,))
+                position = first
             else:
                 position = self._next_position(db)
             db.execute("UPDATE jobs SET state = 'queued', position = ?, resume = ?, request = NULL, error = NULL, "

@@ -104,7 +104,9 @@ class QueuePanel:
         details_out = [self.summary, self.error, self.plot, self.plot_key]
         poll(blocks, self.details, [self.selected, self.plot_key], details_out, DETAILS_EVERY_S)
         self.selected.change(self.details, [self.selected, gr.State(None)], details_out, **no_progress())
-        self.selected.change(self.results_choices, [self.selected], [self.checkpoint, self.prompt], **no_progress())
+        # another job's grid does not stay on the page under this job's name
+        self.selected.change(self.results_choices, [self.selected],
+                             [self.checkpoint, self.prompt, self.grid, self.grid_status], **no_progress())
         self.selected.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
         for method, button in self.ops.items():
             button.click(self._operation(method), [self.selected, self.show],
@@ -123,27 +125,46 @@ class QueuePanel:
         key = [row.id, row.state, row.step, row.phase]
         done = f"{queue_view.percent_done(row)}%"
         speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
-        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {row.state}, step {row.step}/{row.total} "
+        # stop-and-save is no error: its note ("stopped and saved at step N; resume continues it") is the state's
+        stopped = row.state == "stopped"
+        state = f"stopped — {row.error}" if stopped and row.error else row.state
+        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {state}, step {row.step}/{row.total} "
                    f"({done}{speed})" + _model_line(row) + "".join(f"\n- warning: {w}" for w in row.warnings)
-                   + "".join(f"\n- output: `{p}`" for p in row.outputs))
-        error = gr.update(visible=bool(row.error), value=(row.error or "") + (
-            "\n\n" + row.error_detail if row.error_detail else ""))
+                   + "".join(f"\n- output: `{self._shown(p)}`" for p in row.outputs)
+                   + (f"\n\n(outputs in `{self.services.lora_dir}`)" if row.outputs else ""))
+        failed = bool(row.error) and not stopped
+        error = gr.update(visible=failed, value=(row.error or "") + (
+            "\n\n" + row.error_detail if row.error_detail else "") if failed else "")
         if key == last_key:
             return summary, error, gr.update(), key
         figure = queue_view.loss_figure(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
         return summary, error, figure, key
 
     def results_choices(self, selected: str):
+        cleared = [None, ""]
         job_id = selected_id(selected)
         if job_id is None:
-            return gr.update(choices=[], value=None), gr.update()
+            return [gr.update(choices=[], value=None), gr.update()] + cleared
         try:
             row = self.queue.get(job_id)
             job = row.job
         except (QueueError, jobs.JobError):
-            return gr.update(choices=[], value=None), gr.update()
-        files = results.checkpoints(row.outputs, job, self.services.lora_dir)
-        return gr.update(choices=files, value=files[0] if files else None), gr.update(value=results.default_prompt(job))
+            return [gr.update(choices=[], value=None), gr.update()] + cleared
+        # names as the LoRA folder holds them ("sub/name-000500.safetensors"), not absolute paths cut off in the box
+        files = [self._shown(p) for p in results.checkpoints(row.outputs, job, self.services.lora_dir)]
+        return [gr.update(choices=files, value=files[0] if files else None),
+                gr.update(value=results.default_prompt(job))] + cleared
+
+    def _shown(self, path: str) -> str:
+        """A file of the LoRA folder by its name there; any other by its full path."""
+        try:
+            return Path(path).resolve().relative_to(Path(self.services.lora_dir).resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _file(self, shown: str) -> str:
+        path = Path(shown)
+        return str(path if path.is_absolute() else Path(self.services.lora_dir) / path)
 
     def _operation(self, method: str):
         def run(selected: str, show: str | None = None):
@@ -191,6 +212,7 @@ class QueuePanel:
         job_id = selected_id(selected)
         if job_id is None or not checkpoint:
             return None, "⚠ select a finished job and one of its LoRA files first"
+        checkpoint = self._file(checkpoint)
         try:
             seeds = results.parse_seeds(seeds_text or "")
             job = self.queue.get(job_id).job
