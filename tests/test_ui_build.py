@@ -39,6 +39,21 @@ def test_every_job_field_has_exactly_one_control_per_place_it_lives():
         assert {c.field.name for c in form.controls() if c.part == part} == {f.name for f in jobs.fields_for(part)}
 
 
+def test_the_top_of_the_form_holds_what_each_mode_needs_and_shows_its_pictures(tmp_path):
+    top = {c.key for c in form.controls() if c.essential}
+    # what a job needs and the handful of settings people change, per copier pass too
+    assert {"name", "model", "dataset_dir", "resolution", "steps", "network_dim", "network_alpha", "lr", "optimizer",
+            "batch_size", "image_a", "image_b"} <= top
+    for part in form.PASSES:
+        assert {f"{part}.{k}" for k in ("steps", "network_dim", "network_alpha", "lr", "optimizer", "batch_size")} <= top
+    assert len(top) <= 26, "the top is for the few settings people change"
+    draw("red", "circle", "white", 64).save(tmp_path / "a.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    html = form.thumbnails_html([str(tmp_path / "a.png"), str(tmp_path / "junk.png")])
+    assert html.count("<img") == 1 and "a.png (64x64)" in html and "⚠ not an image" in html
+    assert form.thumbnails_html([]) == ""
+
+
 def test_form_defaults_give_each_modes_template():
     for mode in jobs.MODES:
         values = {c.key: c.default(mode) for c in form.controls() if mode in c.modes}

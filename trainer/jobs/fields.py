@@ -79,6 +79,7 @@ class Field:
     metadata: str | bool = False              # written to a LoRA as ss_<kohya or name> (True) or this ss_* key
     ui: str = ""                              # "slider" | "folder" | "file" | "image" | "lines" | "checkboxes"
     advanced: bool = False                    # UI: shown under "advanced"
+    essential: bool = False                   # UI: at the top of the form (what a job needs, what people change)
 
     def default_for(self, scope: str) -> Any:
         """The default in a scope (a mode or a copier pass); pass 2 falls back to pass 1, then copier."""
@@ -324,7 +325,7 @@ FIELDS: dict[str, Field] = _registry(
           "NAME-000500.safetensors. Letters, digits, - and _ are safest; at most 128 characters.",
           "saving", check=output_name_problem, defaults={"copier": "my_difference", "lcm": "my_lcm_lora", "addift": "my_addift",
                                                          "ileco": "my_slider"},
-          kohya="output_name"),
+          kohya="output_name", essential=True),
     Field("output_dir", str, "", "output folder",
           "Sub-folder of the host's LoRA folder the LoRA is written to (e.g. styles/v2); created if missing. "
           "Empty = the LoRA folder itself (WebUI: models/Lora/lora_queue; standalone: $LORAQ_HOME/outputs "
@@ -343,7 +344,7 @@ FIELDS: dict[str, Field] = _registry(
     Field("model", str, "", "base model",
           "Model to train on: a checkpoint file (.safetensors/.ckpt), a diffusers folder, or 'demo' (the "
           "built-in tiny model). Empty = the model the WebUI has loaded (standalone runs need a value).",
-          "model", path="model", ui="file", kohya="pretrained_model_name_or_path"),
+          "model", path="model", ui="file", kohya="pretrained_model_name_or_path", essential=True),
     Field("prediction", str, "auto", "prediction type",
           "What the model predicts: auto = read it from the model (v for SD2-768 and v-pred checkpoints), "
           "eps = noise, v = velocity. Override only when auto is wrong for your checkpoint.",
@@ -361,7 +362,7 @@ FIELDS: dict[str, Field] = _registry(
           "for a character or style, 64 for LCM. Copier: 16 for pass 1, 4-32 for the difference (pass 2). "
           "iLECO: 4, as traintrain's preset (a slider is a small change).",
           "network", min=1, max=1024, in_copier="passes", ui="slider",
-          defaults={"lcm": 64, "copier_pass": 16, "difference_pass": 8, "addift": 4, "ileco": 4}),
+          defaults={"lcm": 64, "copier_pass": 16, "difference_pass": 8, "addift": 4, "ileco": 4}, essential=True),
     Field("network_alpha", float, 8.0, "alpha",
           "Scales the LoRA's output by alpha / rank, so at the same learning rate a smaller alpha takes "
           "smaller steps. Usual: rank/2 to rank (keep alpha <= rank; far above 4x rank warns). Learning "
@@ -370,7 +371,7 @@ FIELDS: dict[str, Field] = _registry(
           "learning rates quoted from that time are 8x too high for alpha 64. iLECO: 8 at rank 4, as traintrain's "
           "preset (its README: above the rank may be better for iLECO).",
           "network", min=0, min_exclusive=True, max=4096, in_copier="passes",
-          defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0, "addift": 4.0, "ileco": 8.0}),
+          defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0, "addift": 4.0, "ileco": 8.0}, essential=True),
     Field("conv_dim", int, 0, "conv rank",
           "Rank for the 3x3 convolutions of the ResNet blocks (LoCon); 0 = plain LoRA without them. "
           "Needs target set 'all'. Typical 4-16; helps textures and styles. LCM: 64, as the LCM-LoRA "
@@ -403,7 +404,7 @@ FIELDS: dict[str, Field] = _registry(
           "(image.png + image.txt); subfolders included. LCM: optional, empty = train on images the "
           "teacher generates from the prompts.",
           "data", modes=("standard", "lcm"), path="dir", required_in=("standard",), ui="folder",
-          kohya="train_data_dir"),
+          kohya="train_data_dir", essential=True),
     Field("trigger_word", str, "", "trigger word",
           "Word put in front of every caption (e.g. 'sks_style'); write it in a prompt to call up the LoRA. "
           "Empty = captions as they are.", "data", modes=("standard",)),
@@ -427,7 +428,7 @@ FIELDS: dict[str, Field] = _registry(
     Field("resolution", int, 512, "resolution",
           "Training size in pixels: images are resized so their area is about resolution x resolution "
           "(buckets keep the aspect ratio). 512 for SD1.x, 768 for SD2-768, 1024 for SDXL; multiple of 64.",
-          "data", min=64, max=4096, multiple_of=64, ui="slider"),
+          "data", min=64, max=4096, multiple_of=64, ui="slider", essential=True),
     Field("enable_buckets", bool, True, "aspect-ratio buckets",
           "Train each image near its own aspect ratio instead of centre-cropping it to a square.",
           "data", modes=("standard",), kohya="enable_bucket", metadata=True),
@@ -445,7 +446,7 @@ FIELDS: dict[str, Field] = _registry(
           "Optimizer steps to train; each step sees batch_size x gradient_accumulation images. Typical "
           "1000-3000 for 20-50 images, 300-1000 per copier pass, 1000-4000 for LCM, 300-500 for iLECO. A lower "
           "learning rate needs more steps.", "training", min=1, max=1_000_000, in_copier="passes",
-          defaults={"copier_pass": 500, "addift": 100, "ileco": 300}, kohya="max_train_steps", metadata=True),
+          defaults={"copier_pass": 500, "addift": 100, "ileco": 300}, kohya="max_train_steps", metadata=True, essential=True),
     Field("batch_size", int, 1, "batch size",
           "Images per step. " + _RATE_VS_BATCH + " Roughly: doubling the batch allows up to about 1.4-2x "
           "the learning rate, and the same number of images seen takes half the steps; memory grows with it. "
@@ -453,7 +454,7 @@ FIELDS: dict[str, Field] = _registry(
           "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch. "
           "iLECO: noise latents per step (no images), 2 as traintrain's preset.",
           "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4, "addift": 1, "ileco": 2},
-          kohya="train_batch_size", metadata="ss_batch_size_per_device"),
+          kohya="train_batch_size", metadata="ss_batch_size_per_device", essential=True),
     Field("gradient_accumulation", int, 1, "gradient accumulation",
           "Add up the gradients of N batches before each optimizer step: an effective batch of "
           "batch_size x N in the memory of one batch, each step taking N times longer.",
@@ -465,7 +466,7 @@ FIELDS: dict[str, Field] = _registry(
           "5e-4 (traintrain's preset; its README: 1e-4 to 1e-3).",
           "training", min=0, min_exclusive=True, max=10, in_copier="passes",
           defaults={"copier_pass": 5e-4, "difference_pass": 1e-4, "addift": 1e-3, "ileco": 5e-4}, kohya="learning_rate",
-          metadata=True),
+          metadata=True, essential=True),
     Field("text_encoder_lr", float, 5e-5, "text encoder learning rate",
           "Learning rate of the text encoder when train_text_encoder is on; 0 = same as lr. Usually 1/2 to "
           "1/10 of lr.", "training", modes=_STD_COPIER, min=0, max=10, advanced=True, metadata=True),
@@ -473,7 +474,7 @@ FIELDS: dict[str, Field] = _registry(
           "AdamW: the reliable default. AdamW8bit: the same in less memory (needs bitsandbytes and CUDA). "
           "Lion: use a 3-10x lower lr. Prodigy: adapts the step size, set lr 1.0. Adafactor: least memory. "
           "SGD: plain, needs a much higher lr.", "training", choices=OPTIMIZERS, in_copier="passes",
-          kohya="optimizer_type", metadata="ss_optimizer"),
+          kohya="optimizer_type", metadata="ss_optimizer", essential=True),
     Field("optimizer_args", str, "", "optimizer arguments",
           "Extra optimizer settings as space-separated key=value pairs, e.g. 'weight_decay=0.01 "
           "betas=0.9,0.999', or for Prodigy 'd_coef=1 safeguard_warmup=True'. Empty = the optimizer's defaults.",
@@ -523,11 +524,11 @@ FIELDS: dict[str, Field] = _registry(
           "Image(s) A, the 'before'. Copier: pass 1 trains a copier LoRA until it reproduces them. Several "
           "images make several pairs (e.g. front, left and right views; ADDifT with several pairs is "
           "traintrain's Multi-ADDifT): image_a[i] pairs with image_b[i]. Not needed when copier_file is set.",
-          "copier", modes=_DIFFERENCE, path="file", required_in=("addift",), check=_paths_not_empty, ui="image"),
+          "copier", modes=_DIFFERENCE, path="file", required_in=("addift",), check=_paths_not_empty, ui="image", essential=True),
     Field("image_b", list[str], [], "image B",
           "Image(s) B, the 'after', in the same order and number as image_a and at the same size: the LoRA "
           "learns only what changes from A to B.", "copier", modes=_DIFFERENCE, path="file",
-          required_in=_DIFFERENCE, check=_paths_not_empty, ui="image"),
+          required_in=_DIFFERENCE, check=_paths_not_empty, ui="image", essential=True),
     Field("prompt", str, "", "prompt",
           "Caption of A and B (in both passes of a copier), e.g. 'a photo of a woman'. Empty = no caption. The "
           "difference works best with prompts like those you will use it with.", "copier", modes=_DIFFERENCE),
@@ -570,7 +571,7 @@ FIELDS: dict[str, Field] = _registry(
     Field("same_as_pass1", bool, True, "training settings as pass 1",
           "Pass 2 trains with pass 1's training settings (steps, batch, lr, optimizer, schedule, seed, "
           "timestep range); its network (rank, alpha, conv, blocks) is always its own. Turn off to set "
-          "pass 2's training settings separately.", "pass2", modes=("copier",), in_copier="difference_pass"),
+          "pass 2's training settings separately.", "pass2", modes=("copier",), in_copier="difference_pass", essential=True),
     # --- lcm ----------------------------------------------------------------------------------
     Field("prompts_file", str, "", "prompts file",
           "Text file with one prompt per line; the teacher generates training images from them when "
