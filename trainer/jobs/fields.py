@@ -614,11 +614,11 @@ FIELDS: dict[str, Field] = _registry(
     # --- ileco --------------------------------------------------------------------------------
     Field("source_prompt", str, "", "source prompt",
           "What the slider changes, e.g. 'a red circle' or 'red': the LoRA is trained on this prompt, so it acts "
-          "where the picture shows it. Required.", "ileco", modes=("ileco",), metadata="ss_ileco_source_prompt"),
+          "where the picture shows it. Required.", "ileco", modes=("ileco",), metadata="ss_ileco_source_prompt", essential=True),
     Field("target_prompt", str, "", "target prompt",
           "What strength 1 turns the source into, e.g. 'a blue circle'. Empty = erase the source concept "
           "(toward the empty prompt, as traintrain's iLECO). Must differ from the source prompt.",
-          "ileco", modes=("ileco",), metadata="ss_ileco_target_prompt"),
+          "ileco", modes=("ileco",), metadata="ss_ileco_target_prompt", essential=True),
     Field("slider_scale", float, 1.0, "slider scale",
           "How far strength 1 goes: the LoRA learns prediction(source) + scale x (prediction(target) - "
           "prediction(source)) on the source prompt. 1 = the target itself; above 1 overshoots (stronger "
