@@ -362,6 +362,7 @@ def wait_for_http(url: str, app: subprocess.Popen, timeout: float = 120) -> None
 def session(out: Path, app_python: str) -> None:
     from playwright.sync_api import expect, sync_playwright
 
+    from trainer import jobs
     from trainer.models.demo.shapes import draw
 
     out.mkdir(parents=True, exist_ok=True)
@@ -460,7 +461,7 @@ def session(out: Path, app_python: str) -> None:
             facts["thumbnails"] = page.evaluate(
                 "() => Array.from(document.querySelectorAll('.loraq-thumb img')).map(i => i.naturalWidth)")
             shot("2_copier_job", full=False)
-            page.locator("#loraq_group_copier").get_by_text("Copier (two-pass difference)").first.click()
+            page.locator("#loraq_group_copier").get_by_text(jobs.GROUPS["copier"]).first.click()
             fill("loraq_f_prompt", PROMPT)
             page.locator("#loraq_f_save_copier input[type=checkbox]").check()
             status = el("loraq_train_status")
