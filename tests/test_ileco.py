@@ -1,6 +1,7 @@
 """iLECO: a slider LoRA from two prompts alone. The math, the training latents, the refusals at enqueue, the CLI
 template, resume, previews, and on the demo model the slider people want: "a red circle" turns blue as the
-strength goes 0 -> 1, redder at -1, bit-identical to the base model at 0 and monotone in between."""
+strength goes 0 -> 1 and away from blue at -1 (less blue, farther from blue), bit-identical to the base model
+at 0 and monotone in between."""
 from __future__ import annotations
 
 import json
@@ -117,7 +118,8 @@ def test_a_slider_without_a_source_prompt_or_with_the_same_prompt_twice_is_refus
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "LORAQ_HOME": str(cwd / "home")})
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "LORAQ_HOME": str(cwd / "home"),
+                               "OMP_NUM_THREADS": "1"})   # one thread, as the other tests
 
 
 def test_the_cli_template_is_a_complete_ileco_job_and_trains_once_its_prompts_are_set(tmp_path):
@@ -130,9 +132,8 @@ def test_the_cli_template_is_a_complete_ileco_job_and_trains_once_its_prompts_ar
     assert (data["network_dim"], data["network_alpha"], data["lr"], data["lr_scheduler"], data["steps"],
             data["batch_size"]) == (4, 8.0, 5e-4, "cosine", 300, 2)
     assert "dataset_dir" not in data and "train_text_encoder" not in data
-    (tmp_path / "job.json").write_text(json.dumps(data))
-    refused = _cli("train", "job.json", "--model", "demo", "--out", "loras", cwd=tmp_path)
-    assert refused.returncode != 0 and "source_prompt" in refused.stderr and "required" in refused.stderr, refused.stderr
+    with pytest.raises(jobs.JobError, match="source prompt is required"):     # as typed: refused before training
+        jobs.check_job(jobs.job_from_dict(data), tmp_path, model_given=True)
     data.update(source_prompt=SOURCE, target_prompt=TARGET, resolution=64, steps=2, denoise_steps=2)
     (tmp_path / "job.json").write_text(json.dumps(data))
     trained = _cli("train", "job.json", "--model", "demo", "--out", "loras", cwd=tmp_path)
@@ -194,7 +195,7 @@ def slider(tmp_path_factory, handle):
     return result, network
 
 
-def test_the_slider_turns_the_red_circle_blue_at_1_redder_at_minus_1_and_is_monotone(handle, slider):
+def test_the_slider_turns_the_red_circle_blue_at_1_away_from_blue_at_minus_1_and_is_monotone(handle, slider):
     _, network = slider
     base = sample(handle, [SOURCE] * len(SEEDS), SEEDS, **SAMPLING)
     rows = strength_grid_images(handle, network, SOURCE, STRENGTHS, SEEDS, **SAMPLING)
@@ -215,3 +216,30 @@ def test_the_slider_turns_the_red_circle_blue_at_1_redder_at_minus_1_and_is_mono
             img = rows[i][STRENGTHS.index(s)]
             assert (score.shape_of(img), score.background_colour(img)) == ("circle", "white"), (s, report)
     print("blue minus red by strength:", "; ".join(report))
+
+
+def test_a_finished_slider_job_frees_its_network_without_a_full_garbage_collection(tmp_path, handle, monkeypatch):
+    """As for the other modes (tests/test_queue.py): no reference cycle keeps the LoRA alive after the job."""
+    import gc
+    import weakref
+
+    from trainer.train import runner
+
+    refs = []
+
+    def capture(*args, _build=ileco.build_network, **kwargs):
+        network = _build(*args, **kwargs)
+        refs.extend(weakref.ref(p) for p in network.parameters())
+        refs.append(weakref.ref(network))
+        return network
+
+    monkeypatch.setattr(ileco, "build_network", capture)
+    monkeypatch.setattr(runner, "free_memory", lambda: None)
+    gc.collect()
+    gc.disable()
+    try:
+        run_job(_job(steps=2, denoise_steps=2), handle, _ctx(tmp_path))
+        alive = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
+    assert refs and alive == 0, f"{alive} of {len(refs)} LoRA tensors of a finished ileco job are still alive"
