@@ -6,6 +6,7 @@ from typing import Callable
 from trainer import jobs
 from trainer.device import free_memory
 from trainer.models.handle import ModelHandle
+from trainer.train.modes.addift import train_addift
 from trainer.train.modes.copier import train_copier
 from trainer.train.loop import LoopResult
 from trainer.train.modes.ileco import train_ileco
@@ -14,7 +15,7 @@ from trainer.train.modes.standard import train_standard
 from trainer.train.context import JobContext
 
 RUNNERS: dict[str, Callable[..., LoopResult]] = {"standard": train_standard, "copier": train_copier, "lcm": train_lcm,
-                                                  "ileco": train_ileco}
+                                                 "addift": train_addift, "ileco": train_ileco}
 
 
 def run_job(job: jobs.Job, handle: ModelHandle, ctx: JobContext) -> LoopResult:
