@@ -218,11 +218,14 @@ def test_the_slider_turns_the_red_circle_blue_at_1_away_from_blue_at_minus_1_and
     print("blue minus red by strength:", "; ".join(report))
 
 
-def test_a_finished_slider_job_frees_its_network_without_a_full_garbage_collection(tmp_path, handle, monkeypatch):
-    """As for the other modes (tests/test_queue.py): no reference cycle keeps the LoRA alive after the job."""
+def test_a_queued_slider_runs_to_the_end_and_frees_its_network_without_a_full_garbage_collection(
+        tmp_path, handle, monkeypatch):
+    """Through the queue's worker; and as for the other modes (tests/test_queue.py), no reference cycle keeps the
+    LoRA alive after the job."""
     import gc
     import weakref
 
+    from trainer.queue.worker import Worker
     from trainer.train import runner
 
     refs = []
@@ -235,13 +238,19 @@ def test_a_finished_slider_job_frees_its_network_without_a_full_garbage_collecti
 
     monkeypatch.setattr(ileco, "build_network", capture)
     monkeypatch.setattr(runner, "free_memory", lambda: None)
+    queue = JobQueue(tmp_path / "queue.sqlite")
+    job_id = queue.add(_job(steps=2, denoise_steps=2), tmp_path, Admission(tmp_path / "out", model_given=True))
+    worker = Worker(queue, lambda job: handle, lambda row: _ctx(tmp_path))
     gc.collect()
     gc.disable()
     try:
-        run_job(_job(steps=2, denoise_steps=2), handle, _ctx(tmp_path))
+        assert worker.run_until_empty() == [job_id]
         alive = sum(r() is not None for r in refs)
     finally:
         gc.enable()
+    row = queue.get(job_id)
+    assert (row.state, row.mode, row.step, row.total) == ("done", "ileco", 2, 2), (row.state, row.error)
+    assert Path(row.outputs[-1]) == tmp_path / "out" / "slider.safetensors" and Path(row.outputs[-1]).is_file()
     assert refs and alive == 0, f"{alive} of {len(refs)} LoRA tensors of a finished ileco job are still alive"
 
 
