@@ -632,8 +632,9 @@ FIELDS: dict[str, Field] = _registry(
           max=10, ui="slider", metadata="ss_ileco_slider_scale"),
     Field("both_directions", bool, True, "train both directions",
           "Also train strength -1 toward the opposite, prediction(source) - scale x (prediction(target) - "
-          "prediction(source)), so negative strengths are a trained slider and not an extrapolation. Each "
-          "step then runs the LoRA twice (about 1.5x slower).", "ileco", modes=("ileco",),
+          "prediction(source)), so negative strengths are a trained slider and not an extrapolation (on the demo "
+          "model, without it strength -1 to -0.5 was not monotone). Each step runs the LoRA twice (1.1x the "
+          "time on the demo model).", "ileco", modes=("ileco",),
           metadata="ss_ileco_both_directions"),
     Field("denoise_steps", int, 20, "denoise steps",
           "The training latents: noise the base model denoises on the source prompt (DDIM, CFG 5) for a "
