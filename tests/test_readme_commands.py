@@ -98,6 +98,8 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     job = json.loads((tmp_path / "job.json").read_text())
     (tmp_path / "job.json").write_text(json.dumps({**job, "name": "b", "save_every_n_steps": 2}))
     second = Path(run("python -m trainer train job.json --model demo --resume").stdout.split()[-1])
+    budget = run("python -m trainer budget job.json --arch sdxl --free-gib 8").stdout
+    assert re.search(r"peak: \d+\.\d\d GiB", budget) and "fits in 8 GiB" in budget, budget
     for trained, name in ((first, "a"), (second, "b")):
         (tmp_path / f"{name}.safetensors").write_bytes(trained.read_bytes())
 
