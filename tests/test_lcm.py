@@ -374,9 +374,9 @@ def test_prompts_only_job_generates_the_teacher_images_once_and_saves_lcm_previe
     logs = []
     job = _job(sample_prompts=["red circle"], save_every_n_steps=1, use_ema_target=True)
     result = run_job(job, handle, _ctx(tmp_path, logs))
-    assert [p.name for p in result.saved] == ["lcm-000001.safetensors", "lcm.safetensors"]
+    assert [p.name for p in result.saved] == ["lcm-000001.safetensors", "lcm.safetensors", "lcm.comparison.png"]
     # the final preview is the LoRA's card picture beside it; the step previews stay in the job's folder
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["lcm.preview.png"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["lcm.comparison.png", "lcm.preview.png"]
     assert sorted(p.name for p in (tmp_path / "work" / "lcm").glob("*.png")) == ["lcm-000001.preview.png"]
     meta = read_metadata(result.final)
     assert meta["ss_lcm_teacher_cfg_min"] == "4.0" and meta["ss_lcm_teacher_cfg_max"] == "16.0"
@@ -385,6 +385,43 @@ def test_prompts_only_job_generates_the_teacher_images_once_and_saves_lcm_previe
     assert sum("teacher: generating" in m for m in logs) == 1
     run_job(_job(overwrite=True), handle, _ctx(tmp_path, logs))
     assert sum("teacher: generating" in m for m in logs) == 1, "the second job reads the cached teacher images"
+
+
+def test_a_finished_lcm_job_leaves_a_comparison_sheet_teacher_25_steps_against_the_lora_at_2_4_8(tmp_path,
+                                                                                                 few_teacher_steps):
+    from PIL import Image
+
+    from trainer.train import previews
+
+    handle = _handle(tmp_path)
+    result = run_job(_job(steps=3), handle, _ctx(tmp_path))
+    sheet_file = tmp_path / "out" / "lcm.comparison.png"
+    assert result.saved[-1] == sheet_file and result.saved[-2] == result.final, "listed with the job's outputs"
+    sheet = Image.open(sheet_file).convert("RGB")
+    # columns: 2 prompts x seeds 1, 2; rows: teacher, LCM 2, 4, 8; cells 64 px shown at 128; labels 70 px left,
+    # title and column labels 40 px on top
+    cell, left, top = 128, 70, 40
+    assert previews.SHEET_SEEDS == (1, 2) and previews.SHEET_LCM_STEPS == (2, 4, 8)
+    assert sheet.size == (left + 2 * 2 * cell, top + 4 * cell)
+
+    def cell_at(row: int, column: int) -> torch.Tensor:
+        box = (left + column * cell, top + row * cell, left + (column + 1) * cell, top + (row + 1) * cell)
+        return torch.tensor(list(sheet.crop(box).getdata()), dtype=torch.float32)
+
+    teacher = guided.sample(handle, ["blue square"], [2], steps=25, cfg=7.0, size=(64, 64))[0]
+    expected = torch.tensor(list(teacher.resize((cell, cell), Image.NEAREST).getdata()), dtype=torch.float32)
+    assert float((cell_at(0, 3) - expected).abs().mean()) < 1.0, "row 0 is the model alone, 25 steps, CFG 7, seed 2"
+    lora = build_network(handle, _job(init_lora=str(result.final)))
+    lora.enable()
+    try:
+        # the same batch as the sheet's column pair: the LCM sampler's fresh noise is drawn for the whole batch
+        four = lcm_sampling.sample_lcm(handle, ["red circle"] * 2, [1, 2], steps=4, size=(64, 64))[0]
+    finally:
+        lora.detach()
+    expected = torch.tensor(list(four.resize((cell, cell), Image.NEAREST).getdata()), dtype=torch.float32)
+    assert float((cell_at(2, 0) - expected).abs().mean()) < 1.0, "row 2 is the saved LoRA at 4 LCM steps, seed 1"
+    assert float((cell_at(2, 0) - cell_at(0, 0)).abs().mean()) > 1.0, "the teacher and the student differ"
+    assert float((cell_at(1, 0) - cell_at(3, 0)).abs().mean()) > 0.0, "2 and 8 steps differ"
 
 
 def test_dataset_folder_job_trains_on_captioned_images(tmp_path):
