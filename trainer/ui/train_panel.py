@@ -10,6 +10,7 @@ import gradio as gr
 from trainer import jobs
 from trainer.ui import form
 from trainer.ui.compat import file_input, file_paths
+from trainer.ui.distil import DistilButton
 from trainer.ui.presets import PresetError, PresetStore
 from trainer.ui.services import UiServices
 
@@ -64,6 +65,7 @@ class TrainPanel:
                                     max_lines=2, scale=3)
             self.add = gr.Button("Add to queue", variant="primary", elem_id="loraq_add", scale=1)
         self.status = gr.Markdown("", elem_id="loraq_train_status")
+        self.distil = DistilButton(self.services)
         self._wire()
 
     def _group(self, title: str, members: list[form.Control], open_: bool, elem: str) -> None:
