@@ -388,13 +388,30 @@ def test_prompts_only_job_generates_the_teacher_images_once_and_saves_lcm_previe
 
 
 def test_a_finished_lcm_job_leaves_a_comparison_sheet_teacher_25_steps_against_the_lora_at_2_4_8(tmp_path,
-                                                                                                 few_teacher_steps):
+                                                                                                 few_teacher_steps,
+                                                                                                 monkeypatch):
     from PIL import Image
 
     from trainer.train import previews
 
+    import gc
+    import weakref
+
     handle = _handle(tmp_path)
-    result = run_job(_job(steps=3), handle, _ctx(tmp_path))
+    made = []
+
+    def network_for_file(*args, _load=previews.network_for_file):
+        network = _load(*args)
+        made.append(weakref.ref(network))
+        return network
+    monkeypatch.setattr(previews, "network_for_file", network_for_file)
+    gc.collect()
+    gc.disable()
+    try:
+        result = run_job(_job(steps=3), handle, _ctx(tmp_path))
+        assert len(made) == 1 and made[0]() is None, "the sheet's LoRA is freed without a full garbage collection"
+    finally:
+        gc.enable()
     sheet_file = tmp_path / "out" / "lcm.comparison.png"
     assert result.saved[-1] == sheet_file and result.saved[-2] == result.final, "listed with the job's outputs"
     sheet = Image.open(sheet_file).convert("RGB")
