@@ -647,6 +647,11 @@ FIELDS: dict[str, Field] = _registry(
           "saved. Empty = no previews.", "preview", ui="lines"),
     Field("sample_every_n_steps", int, 0, "preview every N steps",
           "Also render previews every N steps; 0 = only with each saved file.", "preview", min=0),
+    Field("comparison_sheet", bool, True, "comparison sheet",
+          "When the job finishes, save NAME.comparison.png beside the LoRA: the teacher (the model without "
+          "the LoRA) at 25 DDIM steps and CFG 7 against the LoRA at 2, 4 and 8 LCM steps and CFG 1, from the "
+          "same seeds, for the preview prompts (or up to 4 of the training prompts).",
+          "preview", modes=("lcm",)),
 )
 
 

@@ -189,6 +189,7 @@ class LcmJob(Job):
     ema_decay: float = 0.95
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
+    comparison_sheet: bool = True
 
 
 @typed_spec('addift')
