@@ -29,6 +29,20 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOTS = ("1_invalid_job", "2_copier_job", "3_queue_done", "4_loss_plot", "5_grid", "6_merge")
 PROMPT = "a red circle on a white background"
+#: The error messages showing, and what the user sees of them: colour, outline of the field, on screen or not.
+ERRORS_SEEN = """() => { const seen = {}, out = [];
+  for (const box of document.querySelectorAll('[id^=loraq_err_]')) {
+    if (seen[box.id] || box.offsetParent === null || !box.textContent.trim()) continue;
+    seen[box.id] = true;
+    const key = box.id.slice('loraq_err_'.length), field = document.querySelector('#loraq_f_' + key);
+    const text = box.querySelector('p') || box, r = field.getBoundingClientRect();
+    out.push({key, color: getComputedStyle(text).color, outlined: getComputedStyle(field).boxShadow.includes('inset'),
+              on_screen: r.top >= 0 && r.bottom <= window.innerHeight});
+  }
+  return out; }"""
+#: Titles of the form's sections a user sees.
+SECTIONS_SHOWN = """() => Array.from(document.querySelectorAll('[id^=loraq_group_], #loraq_copier_passes'))
+  .filter(e => e.offsetParent !== null && !e.id.endsWith('_advanced')).map(e => e.id)"""
 ANSWER_MS = """() => { const r = performance.getEntriesByType('resource')
   .filter(e => e.name.includes('/run/predict') || e.name.includes('/api/predict')).pop();
   return r ? r.responseEnd - r.startTime : 1e9; }"""
@@ -64,6 +78,26 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
 
     # An invalid job: both messages next to their fields, and nothing queued.
     assert "must be >= 1 (got 0)" in session["error_next_to_network_dim"]
+    # Add to queue on the first screen of a 1366x768 laptop, in standard and in copier mode
+    assert all(px <= 768 for px in session["add_bottom_px"].values()), session["add_bottom_px"]
+    # only the mode's sections: no copier or LCM headers in standard mode, no dataset options for a copier
+    assert "loraq_group_copier" not in session["sections_in_standard"], session["sections_in_standard"]
+    assert "loraq_group_lcm" not in session["sections_in_standard"] and "loraq_copier_passes" not in \
+        session["sections_in_standard"]
+    assert {"loraq_group_copier", "loraq_copier_passes"} <= set(session["sections_in_copier"])
+    assert "loraq_group_lcm" not in session["sections_in_copier"]
+    assert len(session["thumbnails"]) == 2 and min(session["thumbnails"]) > 0, session["thumbnails"]
+    # Errors in red, the fields outlined, the first on screen (network_dim, dataset_dir, sample_every_n_steps)
+    seen = {e["key"]: e for e in session["errors_seen"]}
+    assert {"network_dim", "dataset_dir", "sample_every_n_steps"} <= set(seen), session["errors_seen"]
+    for e in seen.values():
+        r, g, b = map(int, re.findall(r"\d+", e["color"])[:3])
+        assert r > 150 and g < 80 and b < 80, e      # red (#b42318), not gradio's grey
+        assert e["outlined"], e
+    assert session["errors_seen"][0]["on_screen"], session["errors_seen"]
+    # the one error left sits in the collapsed Previews section: opened, outlined and scrolled into view
+    assert [e["key"] for e in session["deep_error_seen"]] == ["sample_every_n_steps"], session["deep_error_seen"]
+    assert session["deep_error_seen"][0]["on_screen"] and session["deep_error_seen"][0]["outlined"]
     assert "dataset folder is required" in session["error_next_to_dataset_dir"]
     assert session["jobs_after_invalid_add"] == 0
     # The copier job ran to the end, and the page kept answering while it trained.
@@ -77,6 +111,9 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     assert len(times) >= 3 and times[len(times) // 2] < 100 and times[-1] < 500, session["refresh_ms"]
     # The grid: 7 strengths x 3 seeds of 64 px cells, upscaled to 128 px, below a label row.
     assert session["grid_size"][0] >= 7 * 128 and session["grid_size"][1] >= 3 * 128
+    # the LoRA file by its name in the LoRA folder, not a cut-off absolute path; no grid of another job
+    assert session["checkpoint_shown"] == "red_to_blue.safetensors", session["checkpoint_shown"]
+    assert session["grid_status_other_job"].strip() == ""
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
@@ -84,12 +121,218 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     assert session["resize_report"].startswith("resized red_to_blue_merged.safetensors"), session["resize_report"]
     assert "rank 2" in session["resize_report"] and "total:" in session["resize_report"]
     assert session["merge_inputs_after_resize_click"] == "red_to_blue:1.0\nred_to_blue_copier:1.0"
-    assert session["form_after_reload"] == "red_to_blue", "a reload must not lose the form"
+    assert session["form_after_reload"] == "red_to_blue_2", "a reload must not lose the form"
+    # Edit: the finished job came back as a new job of its own name + _2, the queued copy was changed in place
+    assert "loaded as a new job" in session["edit_done"]["status"] and session["edit_done"]["pass1_steps"] == "40"
+    assert session["edit_done"]["button"].strip() == "Add to queue"
+    assert "✔ saved job 2" in session["edit_queued"]["status"], session["edit_queued"]
+    assert session["edit_queued"]["button_after"].strip() == "Add to queue"
+    assert session["rows_after_edit"] == 2
+    from trainer.queue.store import JobQueue
+    stored = JobQueue(tmp_path / "data" / "queue.sqlite").get(2)
+    assert (stored.name, stored.state, stored.job.copier_pass.steps) == ("red_to_blue_2", "queued", 30)
     assert session["fresh_resolution"] == "64"
     assert "red_to_blue.safetensors" in session["train_status"], "Add to queue says where the LoRA will go"
     for name in SCREENSHOTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 5_000
     assert seconds < 180, f"the browser session took {seconds:.0f} s (budget 180 s)"
+
+
+# ------------------------------------------------------------------------------------------------
+# The results area (previews, comparison grid, morning sheet): its own session, so the form's session and
+# this one change independently. A standard job with previews every 10 steps is queued into the app's store
+# before the page opens (the form is tested above); the session watches it from the Queue tab.
+# ------------------------------------------------------------------------------------------------
+
+def test_results_area_under_gradio_3_41(tmp_path):
+    results_session_checked(tmp_path, "3.41")
+
+
+def test_results_area_under_gradio_4_40(tmp_path):
+    results_session_checked(tmp_path, "4.40")
+
+
+def results_session_checked(tmp_path: Path, gradio: str) -> None:
+    app_python = VENV_PYTHON if gradio == "3.41" else ROOT / ".venv-gradio4" / "bin" / "python"
+    assert app_python.is_file() and VENV_PYTHON.is_file(), "run ./dev setup (it builds the gradio envs)"
+    started = time.perf_counter()
+    run = subprocess.run([str(VENV_PYTHON), __file__, str(tmp_path), str(app_python), "results"], env=ui_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    print(run.stdout[-6000:], run.stderr[-6000:], sep="\n")
+    assert run.returncode == 0, f"results session failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    facts = json.loads((tmp_path / "session.json").read_text())
+    # The gallery shows the job's previews while it trains, and more of them as it goes on.
+    assert facts["previews_while_running"] >= 1, facts
+    assert facts["previews_at_end"] > facts["previews_while_running"], facts
+    assert "step" in facts["preview_captions"][0] and facts["preview_captions"][-1] == "final", facts
+    # The job's outputs list the preview files.
+    assert any(o.endswith("squares.preview.png") for o in facts["outputs"]), facts["outputs"]
+    # The grid's defaults come from the job: its preview prompt, its sampling; files relative to the LoRA folder.
+    assert facts["grid_prompt"] == PROMPT
+    assert facts["grid_choices"][0] == "squares.safetensors" and "squares-000020.safetensors" in facts["grid_choices"]
+    # 7 strengths x 3 seeds, then 2 strengths x 3 seeds: the grid follows the strengths typed.
+    assert facts["grid_sizes"][0][0] >= 7 * 128 and facts["grid_sizes"][0][1] >= 3 * 128, facts["grid_sizes"]
+    assert facts["grid_sizes"][1][0] < facts["grid_sizes"][0][0] - 4 * 128, facts["grid_sizes"]
+    assert facts["grid_pixels_differ"], "the grid did not change when the strengths changed"
+    assert "saved squares_grid.png" in facts["grid_status"], facts["grid_status"]
+    # The morning sheet: shown in the tab and saved beside the LoRA.
+    assert facts["morning_size"][0] >= 7 * 128 and facts["morning_size"][1] >= 3 * 3 * 128, facts["morning_size"]
+    assert "squares.morning.png" in facts["morning_status"] and facts["morning_file_bytes"] > 10_000, facts
+    assert "best" in facts["morning_status"], facts["morning_status"]
+    assert seconds < 200, f"the results session took {seconds:.0f} s"
+
+
+def results_session(out: Path, app_python: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from trainer import jobs
+    from trainer.models.demo.shapes import draw
+    from trainer.queue.admission import Admission
+    from trainer.queue.store import JobQueue
+
+    out.mkdir(parents=True, exist_ok=True)
+    images, data = out / "squares", out / "data"
+    images.mkdir(exist_ok=True)
+    for i, colour in enumerate(("red", "red")):
+        draw(colour, "square", "white", 64).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(PROMPT)
+    job = jobs.StandardJob(name="squares", dataset_dir=str(images), resolution=64, min_bucket_reso=64,
+                           max_bucket_reso=128, steps=40, lr=5e-3, network_dim=4, network_alpha=4.0,
+                           save_every_n_steps=20, sample_every_n_steps=10, sample_prompts=[PROMPT], seed=1)
+    queue = JobQueue(data / "queue.sqlite")
+    job_id = queue.add(job, admission=Admission(data / "loras"))
+    queue.close()
+    port = free_port()
+    log = open(out / "app.log", "w")
+    app = subprocess.Popen([app_python, "-m", "trainer", "ui", "--model", "demo", "--port", str(port),
+                            "--data", str(data), "--threads", "1"], cwd=ROOT, env=ui_env(), stdout=log, stderr=log)
+    facts: dict = {}
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_http(url, app)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.wait_for_selector("#loraq_add")
+
+            def box(elem_id: str):
+                return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox])").first
+
+            def el(elem_id: str):
+                return page.locator(f"#{elem_id}").first
+
+            page.locator(".tab-nav button", has_text="Queue").first.click()
+            table = el("loraq_queue_table")
+            table.locator("tr.loraq-row", has_text="squares").click()
+            expect(box("loraq_selected_job")).to_have_value(str(job_id), timeout=10_000)
+            previews = page.locator("#loraq_previews img")
+            # 1. While the job trains, its previews appear in the gallery (the poll brings them).
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                shown, state = previews.count(), queue_state(data, job_id)
+                if shown and state == "running":
+                    facts["previews_while_running"] = shown
+                    break
+                if state in ("done", "failed"):
+                    break
+                time.sleep(0.5)
+            wait_for_state(data, job_id, ("done", "failed"), 150)
+            facts["state"] = queue_state(data, job_id)
+            expect(page.locator("#loraq_previews img")).to_have_count(4, timeout=15_000)  # steps 10, 20, 30 + final
+            facts["previews_at_end"] = previews.count()
+            facts["preview_captions"] = [c.strip() for c in page.locator("#loraq_previews .caption-label, "
+                                                                         "#loraq_previews figcaption").all_inner_texts()]
+            page.locator("#loraq_previews").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "7_previews.png"))
+            facts["outputs"] = JobQueue(data / "queue.sqlite").get(job_id).outputs
+
+            # 2. The comparison grid: the job's prompt and files by default; new strengths give a new grid.
+            # (re-select so that the grid's choices include the files the finished job wrote)
+            box("loraq_selected_job").fill("")
+            box("loraq_selected_job").fill(str(job_id))
+            box("loraq_selected_job").press("Enter")
+            expect(box("loraq_grid_prompt")).to_have_value(PROMPT, timeout=10_000)
+            facts["grid_prompt"] = box("loraq_grid_prompt").input_value()
+            facts["grid_choices"] = grid_choices(page)
+            grid = page.locator("#loraq_grid img")
+            sizes, pixels = [], []
+            for strengths in ("-1, -0.5, 0, 0.5, 1, 1.5, 2", "0, 2"):
+                field = box("loraq_grid_strengths")
+                field.fill(strengths)
+                field.press("Tab")
+                page.click("#loraq_grid_generate")
+                expect(el("loraq_grid_status")).to_contain_text(f"x {len(strengths.split(','))} strengths",
+                                                                timeout=90_000)
+                expect(grid).to_be_visible(timeout=10_000)
+                sizes.append(page.evaluate("() => { const i = document.querySelector('#loraq_grid img');"
+                                           " return [i.naturalWidth, i.naturalHeight]; }"))
+                pixels.append(page.evaluate(CELL_PIXELS))
+            facts["grid_sizes"], facts["grid_status"] = sizes, el("loraq_grid_status").inner_text()
+            facts["grid_pixels_differ"] = pixels[0] != pixels[1]
+            page.locator("#loraq_grid").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "8_grid_strengths.png"))
+
+            # 3. The morning sheet.
+            box("loraq_grid_strengths").fill("-1, -0.5, 0, 0.5, 1, 1.5, 2")
+            box("loraq_grid_strengths").press("Tab")
+            page.click("#loraq_morning_generate")
+            expect(el("loraq_morning_status")).to_contain_text("✔", timeout=120_000)
+            facts["morning_status"] = el("loraq_morning_status").inner_text()
+            morning = page.locator("#loraq_morning img")
+            expect(morning).to_be_visible(timeout=10_000)
+            facts["morning_size"] = page.evaluate("() => { const i = document.querySelector('#loraq_morning img');"
+                                                  " return [i.naturalWidth, i.naturalHeight]; }")
+            sheet = data / "loras" / "squares.morning.png"
+            facts["morning_file_bytes"] = sheet.stat().st_size if sheet.exists() else 0
+            page.locator("#loraq_morning").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "9_morning.png"))
+            browser.close()
+    finally:
+        (out / "session.json").write_text(json.dumps(facts, indent=1))
+        app.terminate()
+        try:
+            app.wait(15)
+        except subprocess.TimeoutExpired:
+            app.kill()
+        log.close()
+    if os.environ.get("LORAQ_UPDATE_SCREENSHOTS") == "1":
+        shots = ROOT / "docs" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        for name in ("7_previews", "8_grid_strengths", "9_morning"):
+            shutil.copyfile(out / f"{name}.png", shots / f"{name}.png")
+
+
+#: A digest of the grid as drawn in the browser (a 32 x 32 thumbnail's pixels): changes when its images change.
+CELL_PIXELS = """() => { const i = document.querySelector('#loraq_grid img'); const c = document.createElement('canvas');
+  c.width = 32; c.height = 32; const x = c.getContext('2d'); x.drawImage(i, 0, 0, 32, 32);
+  return Array.from(x.getImageData(0, 0, 32, 32).data).join(','); }"""
+
+
+def queue_state(data: Path, job_id: int) -> str:
+    from trainer.queue.store import JobQueue
+
+    q = JobQueue(data / "queue.sqlite")
+    try:
+        return q.get(job_id).state
+    finally:
+        q.close()
+
+
+def wait_for_state(data: Path, job_id: int, states, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and queue_state(data, job_id) not in states:
+        time.sleep(0.5)
+
+
+def grid_choices(page) -> list[str]:
+    """The checkpoint dropdown's choices as the user sees them (open it, read the options, close it)."""
+    page.locator("#loraq_checkpoint input").first.click()
+    options = page.locator("ul.options li, #loraq_checkpoint .item").all_inner_texts()
+    page.keyboard.press("Escape")
+    return [o.strip().lstrip("✓").strip() for o in options if o.strip()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +380,7 @@ def session(out: Path, app_python: str) -> None:
         wait_for_http(url, app)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1366, "height": 768})   # a common laptop screen
             page.set_default_timeout(30_000)
             page.goto(url)
             page.wait_for_selector("#loraq_add")
@@ -162,37 +405,64 @@ def session(out: Path, app_python: str) -> None:
             # 0. On the 64 px demo model a fresh form starts at 64 px (at 512 a job takes hours on a CPU).
             expect(box("loraq_f_resolution")).to_have_value("64", timeout=15_000)
             facts["fresh_resolution"] = box("loraq_f_resolution").input_value()
+            standard_sections = page.evaluate(SECTIONS_SHOWN)
 
-            # 1. An invalid standard job: rank 0 and no dataset folder.
+            def bottom_of(elem_id: str) -> float:
+                return page.evaluate(f"() => document.querySelector('#{elem_id}').getBoundingClientRect().bottom")
+
+            # 1. The form's top holds what a job needs: Add to queue is on the first screen.
+            facts["add_bottom_px"] = {"standard": bottom_of("loraq_add")}
+
+            # An invalid standard job: rank 0 and no dataset folder, and a preview interval of -5 set in the
+            # collapsed Previews section.
+            section = page.locator("#loraq_group_preview").get_by_text("Previews").first
+            section.click()
+            fill("loraq_f_sample_every_n_steps", -5)
+            section.click()
             fill("loraq_f_network_dim", 0)
             page.click("#loraq_add")
             error_dim = el("loraq_err_network_dim")
             expect(error_dim).to_contain_text("must be >= 1", timeout=15_000)
+            time.sleep(0.6)   # the page script outlines the fields and scrolls once the answer has rendered
             facts["error_next_to_network_dim"] = error_dim.inner_text()
             facts["error_next_to_dataset_dir"] = el("loraq_err_dataset_dir").inner_text()
-            el("loraq_err_network_dim").scroll_into_view_if_needed()
-            shot("1_invalid_job")
+            facts["errors_seen"] = page.evaluate(ERRORS_SEEN)
+            shot("1_invalid_job", full=False)
+            # Only the error in the collapsed section is left: its section opens and the page scrolls to it.
             fill("loraq_f_network_dim", 16)
+            fill("loraq_f_dataset_dir", str(images))
+            page.evaluate("() => window.scrollTo(0, 0)")
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("1 field to fix", timeout=15_000)
+            time.sleep(0.6)
+            facts["deep_error_seen"] = page.evaluate(ERRORS_SEEN)
+            fill("loraq_f_sample_every_n_steps", 0)
 
             # 2. The copier job: two uploaded images, tiny passes.
+            page.evaluate("() => window.scrollTo(0, 0)")
             page.locator("#loraq_mode label", has_text="copier").click()
             expect(page.locator("#loraq_f_image_a")).to_be_visible()
+            facts["sections_in_standard"] = standard_sections
+            facts["sections_in_copier"] = page.evaluate(SECTIONS_SHOWN)
             fill("loraq_f_name", "red_to_blue")
             fill("loraq_f_resolution", 64)
-            fill("loraq_f_prompt", PROMPT)
-            page.locator("#loraq_f_save_copier input[type=checkbox]").check()
+            # A, then B, as a user picks them; their previews show beside the passes' settings
             page.locator("#loraq_f_image_a input[type=file]").set_input_files(str(images / "red_circle.png"))
+            expect(page.locator("#loraq_thumbs_image_a img")).to_have_count(1, timeout=15_000)
             page.locator("#loraq_f_image_b input[type=file]").set_input_files(str(images / "blue_circle.png"))
-            expect(page.locator("#loraq_f_image_b")).to_contain_text("blue_circle", timeout=15_000)
+            expect(page.locator("#loraq_thumbs_image_b img")).to_have_count(1, timeout=15_000)
             for key, value in (("steps", 40), ("network_dim", 4), ("network_alpha", 4), ("lr", 0.002),
                                ("batch_size", 1)):
                 fill(f"loraq_f_copier_pass__{key}", value)
-            page.locator("#loraq_tab_copier_pass").scroll_into_view_if_needed()
-            tab("Pass 2: difference (A -> B)").click()
             fill("loraq_f_difference_pass__network_dim", 4)
             fill("loraq_f_difference_pass__network_alpha", 4)
-            tab("Pass 1: copier (learns image A)").click()
-            shot("2_copier_job")
+            facts["add_bottom_px"]["copier"] = bottom_of("loraq_add")
+            facts["thumbnails"] = page.evaluate(
+                "() => Array.from(document.querySelectorAll('.loraq-thumb img')).map(i => i.naturalWidth)")
+            shot("2_copier_job", full=False)
+            page.locator("#loraq_group_copier").get_by_text("Copier (two-pass difference)").first.click()
+            fill("loraq_f_prompt", PROMPT)
+            page.locator("#loraq_f_save_copier input[type=checkbox]").check()
             status = el("loraq_train_status")
             page.click("#loraq_add")
             page.wait_for_function(   # this answer, not step 1's refusal of 2 fields still on the page
@@ -253,6 +523,7 @@ def session(out: Path, app_python: str) -> None:
             # 5. The comparison grid on the job's own model.
             expect(page.locator("#loraq_grid_prompt textarea, #loraq_grid_prompt input").first).to_have_value(
                 PROMPT, timeout=10_000)
+            facts["checkpoint_shown"] = box("loraq_checkpoint").input_value()
             page.click("#loraq_grid_generate")
             grid = page.locator("#loraq_grid img")
             expect(grid).to_be_visible(timeout=90_000)
@@ -261,6 +532,37 @@ def session(out: Path, app_python: str) -> None:
                 "() => { const i = document.querySelector('#loraq_grid img'); return [i.naturalWidth, i.naturalHeight]; }")
             page.locator("#loraq_grid").scroll_into_view_if_needed()
             shot("5_grid")
+
+            # 5b. Edit: the finished job into the form becomes a new job; a queued one is saved back in place.
+            page.click("#loraq_q_pause")    # the queue takes no next job: the edited ones stay queued
+            expect(el("loraq_queue_status")).to_contain_text("takes no next job", timeout=10_000)
+            page.click("#loraq_op_edit")
+            expect(box("loraq_f_name")).to_have_value("red_to_blue_2", timeout=10_000)
+            facts["edit_done"] = {"status": el("loraq_train_status").inner_text(),
+                                  "mode": page.locator("#loraq_mode input:checked").get_attribute("value")
+                                  if page.locator("#loraq_mode input:checked").count() else None,
+                                  "pass1_steps": box("loraq_f_copier_pass__steps").input_value(),
+                                  "button": page.locator("#loraq_add").inner_text()}
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ queued", timeout=15_000)
+            tab("Queue").click()
+            copy = table.locator("tr.loraq-row[data-job-id='2']")
+            expect(copy).to_contain_text("red_to_blue_2", timeout=10_000)
+            copy.click()
+            expect(box("loraq_selected_job")).to_have_value("2", timeout=10_000)
+            # another job selected: job 1's grid is gone, not shown under job 2
+            expect(page.locator("#loraq_grid img")).to_have_count(0, timeout=10_000)
+            facts["grid_status_other_job"] = el("loraq_grid_status").inner_text()
+            page.click("#loraq_op_edit")
+            expect(page.locator("#loraq_add")).to_have_text("Save job 2", timeout=10_000)
+            fill("loraq_f_copier_pass__steps", 30)
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ saved job 2", timeout=15_000)
+            facts["edit_queued"] = {"status": el("loraq_train_status").inner_text(),
+                                    "button_after": page.locator("#loraq_add").inner_text()}
+            tab("Queue").click()
+            expect(table).to_contain_text("red_to_blue_2", timeout=10_000)
+            facts["rows_after_edit"] = table.locator("tr.loraq-row").count()
 
             # 6. Merge the difference with its copier (clicks on the list add name:1.0).
             tab("LoRA tools").click()
@@ -293,7 +595,7 @@ def session(out: Path, app_python: str) -> None:
             # 7. A reload keeps the form as last queued, and lists the built-in presets.
             page.reload()
             page.wait_for_selector("#loraq_add")
-            expect(box("loraq_f_name")).to_have_value("red_to_blue", timeout=15_000)
+            expect(box("loraq_f_name")).to_have_value("red_to_blue_2", timeout=15_000)
             facts["form_after_reload"] = box("loraq_f_name").input_value()
             browser.close()
     finally:
@@ -314,4 +616,7 @@ def session(out: Path, app_python: str) -> None:
 
 
 if __name__ == "__main__":
-    session(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[3:] == ["results"]:
+        results_session(Path(sys.argv[1]), sys.argv[2])
+    else:
+        session(Path(sys.argv[1]), sys.argv[2])

@@ -39,6 +39,21 @@ def test_every_job_field_has_exactly_one_control_per_place_it_lives():
         assert {c.field.name for c in form.controls() if c.part == part} == {f.name for f in jobs.fields_for(part)}
 
 
+def test_the_top_of_the_form_holds_what_each_mode_needs_and_shows_its_pictures(tmp_path):
+    top = {c.key for c in form.controls() if c.essential}
+    # what a job needs and the handful of settings people change, per copier pass too
+    assert {"name", "model", "dataset_dir", "resolution", "steps", "network_dim", "network_alpha", "lr", "optimizer",
+            "batch_size", "image_a", "image_b"} <= top
+    for part in form.PASSES:
+        assert {f"{part}.{k}" for k in ("steps", "network_dim", "network_alpha", "lr", "optimizer", "batch_size")} <= top
+    assert len(top) <= 26, "the top is for the few settings people change"
+    draw("red", "circle", "white", 64).save(tmp_path / "a.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    html = form.thumbnails_html([str(tmp_path / "a.png"), str(tmp_path / "junk.png")])
+    assert html.count("<img") == 1 and "a.png (64x64)" in html and "⚠ not an image" in html
+    assert form.thumbnails_html([]) == ""
+
+
 def test_form_defaults_give_each_modes_template():
     for mode in jobs.MODES:
         values = {c.key: c.default(mode) for c in form.controls() if mode in c.modes}
@@ -228,6 +243,33 @@ def test_results_list_final_then_checkpoints_by_step(tmp_path):
     assert results.parse_seeds("1, 2 3") == [1, 2, 3]
     with pytest.raises(ValueError, match="'x'"):
         results.parse_seeds("1, x")
+
+
+def test_the_gallery_lists_a_jobs_previews_in_step_order_the_final_last(tmp_path):
+    job = jobs.StandardJob(name="style", output_dir="night")
+    work, loras = tmp_path / "jobs" / "3", tmp_path / "loras"
+    (loras / "night").mkdir(parents=True)
+    work.mkdir(parents=True)
+    for name in ("style-000100", "style-000020", "other-000010"):
+        (work / f"{name}.preview.png").write_bytes(b"png")
+    assert [c for _, c in results.gallery_items(job, loras, work)] == ["step 20", "step 100"]
+    (loras / "night" / "style.preview.png").write_bytes(b"png")
+    items = results.gallery_items(job, loras, work)
+    assert [c for _, c in items] == ["step 20", "step 100", "final"]
+    assert results.relative(items[-1][0], loras, tmp_path) == "night/style.preview.png"
+    assert results.relative(items[0][0], loras, tmp_path) == "jobs/3/style-000020.preview.png"
+
+
+def test_grid_defaults_follow_the_job_prompts_and_sampling():
+    lcm = jobs.LcmJob(name="l", prompts=["a cat"], sample_prompts=[])
+    assert results.default_prompts(lcm) == ["a cat"]
+    assert results.grid_defaults(lcm) == ("lcm", 4, 1.5)          # LCM sampler, 4 steps, CFG within 1-2
+    standard = jobs.StandardJob(name="s", sample_prompts=["one", "two"])
+    assert results.default_prompt(standard) == "one\ntwo" and results.grid_defaults(standard)[0] == "ddim"
+    assert results.default_prompts(jobs.StandardJob(name="s")) == ["a picture"], "never an empty prompt"
+    assert results.parse_strengths("-1, 0 0.5") == [-1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="'x'"):
+        results.parse_strengths("1, x")
 
 
 # -- the Blocks under both gradio versions ------------------------------------------------------------------
