@@ -165,8 +165,12 @@ def lora_errors(lora: Path, base: Path, tuned: Path, rename=lambda n: n, exact_e
     total_energy, total_error, optimal_sq, sampled_sq, per = 0.0, 0.0, 0.0, 0.0, {}
     with TensorFile(base) as b, TensorFile(tuned) as t:
         targets = checkpoint_targets(b.entries, "sd1", True)
+        unmatched = []
         for i, name in enumerate(names):
-            ref = targets[rename(name)]
+            ref = targets.get(rename(name))
+            if ref is None:
+                unmatched.append(name)
+                continue
             delta = (t.get(ref.key, ref.row).float() - b.get(ref.key, ref.row).float()).reshape(
                 b.shape(ref.key)[0], -1).double()
             down = tensors[f"{name}.lora_down.weight"].double().flatten(1)
@@ -182,7 +186,8 @@ def lora_errors(lora: Path, base: Path, tuned: Path, rename=lambda n: n, exact_e
                 s = torch.linalg.svdvals(delta)
                 optimal_sq += float((s[RANK:] ** 2).sum())
                 sampled_sq += error_sq
-    out = {"modules": len(names), "relative_error": math.sqrt(total_error / total_energy), "per_module": per}
+    out = {"modules": len(names) - len(unmatched), "unmatched": unmatched[:5], "relative_error":
+           math.sqrt(total_error / total_energy), "per_module": per}
     if exact_every:
         out["sampled_error_over_optimal"] = math.sqrt(sampled_sq / optimal_sq) if optimal_sq else None
     return out
@@ -206,14 +211,12 @@ def main() -> None:
         return
     env = single_thread_env()
     results = {}
-    if args.only in ("ours", "both"):
-        out = args.work / f"ours_{args.svd}.safetensors"
-        cmd = [sys.executable, "-c", OURS_RUNNER, "extract", "--out", str(out), "--rank", str(RANK), "--conv-rank",
-               str(RANK), "--svd", args.svd, str(tuned), str(base)]
-        results["ours"] = run_measured(cmd, env, args.work / f"ours_{args.svd}.log")
-        if results["ours"]["exit"] == 0:
-            results["ours"].update(lora_errors(out, base, tuned, exact_every=args.exact_every))
-        print("ours:", {k: v for k, v in results["ours"].items() if k != "per_module"})
+
+    def save(found: dict) -> None:     # after each tool: a run cut short keeps what it measured
+        summary = {k: ({kk: vv for kk, vv in v.items() if kk != "per_module"} if isinstance(v, dict) else v)
+                   for k, v in found.items()}
+        (args.work / f"results_{args.only}_{args.svd}.json").write_text(json.dumps(summary, indent=1))
+
     if args.only in ("kohya", "both"):
         out = args.work / "kohya.safetensors"
         script = args.kohya / "networks" / "extract_lora_from_models.py"
@@ -224,6 +227,16 @@ def main() -> None:
         if results["kohya"]["exit"] == 0:
             results["kohya"].update(lora_errors(out, base, tuned, kohya_to_ours, exact_every=args.exact_every))
         print("kohya:", {k: v for k, v in results["kohya"].items() if k != "per_module"})
+        save(results)
+    if args.only in ("ours", "both"):
+        out = args.work / f"ours_{args.svd}.safetensors"
+        cmd = [sys.executable, "-c", OURS_RUNNER, "extract", "--out", str(out), "--rank", str(RANK), "--conv-rank",
+               str(RANK), "--svd", args.svd, str(tuned), str(base)]
+        results["ours"] = run_measured(cmd, env, args.work / f"ours_{args.svd}.log")
+        if results["ours"]["exit"] == 0:
+            results["ours"].update(lora_errors(out, base, tuned, exact_every=args.exact_every))
+        print("ours:", {k: v for k, v in results["ours"].items() if k != "per_module"})
+        save(results)
     if "ours" in results and "kohya" in results and "per_module" in results["ours"] and "per_module" in results["kohya"]:
         common = sorted(set(results["ours"]["per_module"]) & set(results["kohya"]["per_module"]))
         ratio = [results["ours"]["per_module"][n] / results["kohya"]["per_module"][n] for n in common]
@@ -232,10 +245,8 @@ def main() -> None:
                                                   "max": max(ratio)}
         results["time_ratio_kohya_over_ours"] = results["kohya"]["seconds"] / results["ours"]["seconds"]
         print({k: v for k, v in results.items() if k.startswith(("common", "error_ratio", "time_ratio"))})
-    summary = {k: ({kk: vv for kk, vv in v.items() if kk != "per_module"} if isinstance(v, dict) else v)
-               for k, v in results.items()}
-    (args.work / f"results_{args.only}_{args.svd}.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+    save(results)
+    print((args.work / f"results_{args.only}_{args.svd}.json").read_text())
 
 
 if __name__ == "__main__":
