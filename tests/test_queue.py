@@ -155,6 +155,46 @@ def test_operations_follow_the_job_states(tmp_path, queue):
     assert [r.name for r in queue.list()] == ["c", "a", "b_2"]
 
 
+def test_a_resumed_job_runs_next_but_is_listed_after_the_finished_ones(tmp_path, queue):
+    _dataset(tmp_path / "data")
+    a, b, c, d = queue.add_many([_job(tmp_path, n) for n in "abcd"])
+    for _ in range(2):
+        queue.finish(queue.claim_next().id, "done")
+    assert queue.stop_and_save(queue.claim_next().id) == "running"
+    queue.finish(c, "stopped")
+    queue.resume(c)
+    assert [r.name for r in queue.list()] == ["a", "b", "c", "d"], "not above the jobs that ran before it"
+    assert queue.claim_next().id == c
+    queue.finish(c, "done")
+    queue.finish(queue.claim_next().id, "stopped")   # d, with nothing queued after it
+    queue.resume(d)
+    assert [r.name for r in queue.list()] == ["a", "b", "c", "d"] and queue.claim_next().id == d
+
+
+def test_a_queued_job_is_changed_in_place_and_a_started_one_never(tmp_path, queue):
+    _dataset(tmp_path / "data")
+    a, b, c = queue.add_many([_job(tmp_path, "a"), _job(tmp_path, "b"), _job(tmp_path, "c")])
+    changed = jobs.job_from_dict({**jobs.job_to_dict(queue.get(b).job), "name": "b_rank8", "network_dim": 8})
+    queue.update(b, changed)
+    row = queue.get(b)
+    assert (row.id, row.name, row.state, row.job.network_dim) == (b, "b_rank8", "queued", 8)
+    assert [r.name for r in queue.list()] == ["a", "b_rank8", "c"], "it keeps its place"
+    queue.update(b, changed)     # its own output is no conflict with itself
+    with pytest.raises(jobs.JobError, match="job 3 'c'") as e:   # another queued job writes that file
+        queue.update(b, jobs.job_from_dict({**jobs.job_to_dict(changed), "name": "c"}))
+    assert "name" in e.value.errors or "output_dir" in e.value.errors
+    with pytest.raises(jobs.JobError, match="not changed"):
+        queue.update(b, jobs.job_from_dict({**jobs.job_to_dict(changed), "dataset_dir": str(tmp_path / "nowhere")}))
+    assert queue.get(b).job.network_dim == 8 and queue.get(b).job.dataset_dir == str(tmp_path / "data")
+    assert queue.claim_next().id == a
+    with pytest.raises(QueueError, match="is running: only a queued job can be changed"):
+        queue.update(a, changed)
+    queue.finish(a, "done")
+    with pytest.raises(QueueError, match="is done: only a queued job can be changed"):
+        queue.update(a, changed)
+    assert queue.get(a).name == "a"
+
+
 def test_an_invalid_job_is_refused_at_add_with_the_field_named(tmp_path, queue):
     with pytest.raises(jobs.JobError, match="not queued") as e:
         queue.add(_job(tmp_path, dataset_dir=str(tmp_path / "nowhere")))

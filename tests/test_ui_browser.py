@@ -29,6 +29,20 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SCREENSHOTS = ("1_invalid_job", "2_copier_job", "3_queue_done", "4_loss_plot", "5_grid", "6_merge")
 PROMPT = "a red circle on a white background"
+#: The error messages showing, and what the user sees of them: colour, outline of the field, on screen or not.
+ERRORS_SEEN = """() => { const seen = {}, out = [];
+  for (const box of document.querySelectorAll('[id^=loraq_err_]')) {
+    if (seen[box.id] || box.offsetParent === null || !box.textContent.trim()) continue;
+    seen[box.id] = true;
+    const key = box.id.slice('loraq_err_'.length), field = document.querySelector('#loraq_f_' + key);
+    const text = box.querySelector('p') || box, r = field.getBoundingClientRect();
+    out.push({key, color: getComputedStyle(text).color, outlined: getComputedStyle(field).boxShadow.includes('inset'),
+              on_screen: r.top >= 0 && r.bottom <= window.innerHeight});
+  }
+  return out; }"""
+#: Titles of the form's sections a user sees.
+SECTIONS_SHOWN = """() => Array.from(document.querySelectorAll('[id^=loraq_group_], #loraq_copier_passes'))
+  .filter(e => e.offsetParent !== null && !e.id.endsWith('_advanced')).map(e => e.id)"""
 ANSWER_MS = """() => { const r = performance.getEntriesByType('resource')
   .filter(e => e.name.includes('/run/predict') || e.name.includes('/api/predict')).pop();
   return r ? r.responseEnd - r.startTime : 1e9; }"""
@@ -64,6 +78,26 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
 
     # An invalid job: both messages next to their fields, and nothing queued.
     assert "must be >= 1 (got 0)" in session["error_next_to_network_dim"]
+    # Add to queue on the first screen of a 1366x768 laptop, in standard and in copier mode
+    assert all(px <= 768 for px in session["add_bottom_px"].values()), session["add_bottom_px"]
+    # only the mode's sections: no copier or LCM headers in standard mode, no dataset options for a copier
+    assert "loraq_group_copier" not in session["sections_in_standard"], session["sections_in_standard"]
+    assert "loraq_group_lcm" not in session["sections_in_standard"] and "loraq_copier_passes" not in \
+        session["sections_in_standard"]
+    assert {"loraq_group_copier", "loraq_copier_passes"} <= set(session["sections_in_copier"])
+    assert "loraq_group_lcm" not in session["sections_in_copier"]
+    assert len(session["thumbnails"]) == 2 and min(session["thumbnails"]) > 0, session["thumbnails"]
+    # Errors in red, the fields outlined, the first on screen (network_dim, dataset_dir, sample_every_n_steps)
+    seen = {e["key"]: e for e in session["errors_seen"]}
+    assert {"network_dim", "dataset_dir", "sample_every_n_steps"} <= set(seen), session["errors_seen"]
+    for e in seen.values():
+        r, g, b = map(int, re.findall(r"\d+", e["color"])[:3])
+        assert r > 150 and g < 80 and b < 80, e      # red (#b42318), not gradio's grey
+        assert e["outlined"], e
+    assert session["errors_seen"][0]["on_screen"], session["errors_seen"]
+    # the one error left sits in the collapsed Previews section: opened, outlined and scrolled into view
+    assert [e["key"] for e in session["deep_error_seen"]] == ["sample_every_n_steps"], session["deep_error_seen"]
+    assert session["deep_error_seen"][0]["on_screen"] and session["deep_error_seen"][0]["outlined"]
     assert "dataset folder is required" in session["error_next_to_dataset_dir"]
     assert session["jobs_after_invalid_add"] == 0
     # The copier job ran to the end, and the page kept answering while it trained.
@@ -77,10 +111,26 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     assert len(times) >= 3 and times[len(times) // 2] < 100 and times[-1] < 500, session["refresh_ms"]
     # The grid: 7 strengths x 3 seeds of 64 px cells, upscaled to 128 px, below a label row.
     assert session["grid_size"][0] >= 7 * 128 and session["grid_size"][1] >= 3 * 128
+    # the LoRA file by its name in the LoRA folder, not a cut-off absolute path; no grid of another job
+    assert session["checkpoint_shown"] == "red_to_blue.safetensors", session["checkpoint_shown"]
+    assert session["grid_status_other_job"].strip() == ""
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
-    assert session["form_after_reload"] == "red_to_blue", "a reload must not lose the form"
+    # The Resize section of the LoRA tools: the click named the merge there (the merge text kept its two lines)
+    assert session["resize_report"].startswith("resized red_to_blue_merged.safetensors"), session["resize_report"]
+    assert "rank 2" in session["resize_report"] and "total:" in session["resize_report"]
+    assert session["merge_inputs_after_resize_click"] == "red_to_blue:1.0\nred_to_blue_copier:1.0"
+    assert session["form_after_reload"] == "red_to_blue_2", "a reload must not lose the form"
+    # Edit: the finished job came back as a new job of its own name + _2, the queued copy was changed in place
+    assert "loaded as a new job" in session["edit_done"]["status"] and session["edit_done"]["pass1_steps"] == "40"
+    assert session["edit_done"]["button"].strip() == "Add to queue"
+    assert "✔ saved job 2" in session["edit_queued"]["status"], session["edit_queued"]
+    assert session["edit_queued"]["button_after"].strip() == "Add to queue"
+    assert session["rows_after_edit"] == 2
+    from trainer.queue.store import JobQueue
+    stored = JobQueue(tmp_path / "data" / "queue.sqlite").get(2)
+    assert (stored.name, stored.state, stored.job.copier_pass.steps) == ("red_to_blue_2", "queued", 30)
     assert session["fresh_resolution"] == "64"
     assert "red_to_blue.safetensors" in session["train_status"], "Add to queue says where the LoRA will go"
     for name in SCREENSHOTS:
@@ -317,7 +367,7 @@ def session(out: Path, app_python: str) -> None:
         wait_for_http(url, app)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1366, "height": 768})   # a common laptop screen
             page.set_default_timeout(30_000)
             page.goto(url)
             page.wait_for_selector("#loraq_add")
@@ -342,37 +392,64 @@ def session(out: Path, app_python: str) -> None:
             # 0. On the 64 px demo model a fresh form starts at 64 px (at 512 a job takes hours on a CPU).
             expect(box("loraq_f_resolution")).to_have_value("64", timeout=15_000)
             facts["fresh_resolution"] = box("loraq_f_resolution").input_value()
+            standard_sections = page.evaluate(SECTIONS_SHOWN)
 
-            # 1. An invalid standard job: rank 0 and no dataset folder.
+            def bottom_of(elem_id: str) -> float:
+                return page.evaluate(f"() => document.querySelector('#{elem_id}').getBoundingClientRect().bottom")
+
+            # 1. The form's top holds what a job needs: Add to queue is on the first screen.
+            facts["add_bottom_px"] = {"standard": bottom_of("loraq_add")}
+
+            # An invalid standard job: rank 0 and no dataset folder, and a preview interval of -5 set in the
+            # collapsed Previews section.
+            section = page.locator("#loraq_group_preview").get_by_text("Previews").first
+            section.click()
+            fill("loraq_f_sample_every_n_steps", -5)
+            section.click()
             fill("loraq_f_network_dim", 0)
             page.click("#loraq_add")
             error_dim = el("loraq_err_network_dim")
             expect(error_dim).to_contain_text("must be >= 1", timeout=15_000)
+            time.sleep(0.6)   # the page script outlines the fields and scrolls once the answer has rendered
             facts["error_next_to_network_dim"] = error_dim.inner_text()
             facts["error_next_to_dataset_dir"] = el("loraq_err_dataset_dir").inner_text()
-            el("loraq_err_network_dim").scroll_into_view_if_needed()
-            shot("1_invalid_job")
+            facts["errors_seen"] = page.evaluate(ERRORS_SEEN)
+            shot("1_invalid_job", full=False)
+            # Only the error in the collapsed section is left: its section opens and the page scrolls to it.
             fill("loraq_f_network_dim", 16)
+            fill("loraq_f_dataset_dir", str(images))
+            page.evaluate("() => window.scrollTo(0, 0)")
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("1 field to fix", timeout=15_000)
+            time.sleep(0.6)
+            facts["deep_error_seen"] = page.evaluate(ERRORS_SEEN)
+            fill("loraq_f_sample_every_n_steps", 0)
 
             # 2. The copier job: two uploaded images, tiny passes.
+            page.evaluate("() => window.scrollTo(0, 0)")
             page.locator("#loraq_mode label", has_text="copier").click()
             expect(page.locator("#loraq_f_image_a")).to_be_visible()
+            facts["sections_in_standard"] = standard_sections
+            facts["sections_in_copier"] = page.evaluate(SECTIONS_SHOWN)
             fill("loraq_f_name", "red_to_blue")
             fill("loraq_f_resolution", 64)
-            fill("loraq_f_prompt", PROMPT)
-            page.locator("#loraq_f_save_copier input[type=checkbox]").check()
+            # A, then B, as a user picks them; their previews show beside the passes' settings
             page.locator("#loraq_f_image_a input[type=file]").set_input_files(str(images / "red_circle.png"))
+            expect(page.locator("#loraq_thumbs_image_a img")).to_have_count(1, timeout=15_000)
             page.locator("#loraq_f_image_b input[type=file]").set_input_files(str(images / "blue_circle.png"))
-            expect(page.locator("#loraq_f_image_b")).to_contain_text("blue_circle", timeout=15_000)
+            expect(page.locator("#loraq_thumbs_image_b img")).to_have_count(1, timeout=15_000)
             for key, value in (("steps", 40), ("network_dim", 4), ("network_alpha", 4), ("lr", 0.002),
                                ("batch_size", 1)):
                 fill(f"loraq_f_copier_pass__{key}", value)
-            page.locator("#loraq_tab_copier_pass").scroll_into_view_if_needed()
-            tab("Pass 2: difference (A -> B)").click()
             fill("loraq_f_difference_pass__network_dim", 4)
             fill("loraq_f_difference_pass__network_alpha", 4)
-            tab("Pass 1: copier (learns image A)").click()
-            shot("2_copier_job")
+            facts["add_bottom_px"]["copier"] = bottom_of("loraq_add")
+            facts["thumbnails"] = page.evaluate(
+                "() => Array.from(document.querySelectorAll('.loraq-thumb img')).map(i => i.naturalWidth)")
+            shot("2_copier_job", full=False)
+            page.locator("#loraq_group_copier").get_by_text("Copier (two-pass difference)").first.click()
+            fill("loraq_f_prompt", PROMPT)
+            page.locator("#loraq_f_save_copier input[type=checkbox]").check()
             status = el("loraq_train_status")
             page.click("#loraq_add")
             page.wait_for_function(   # this answer, not step 1's refusal of 2 fields still on the page
@@ -433,6 +510,7 @@ def session(out: Path, app_python: str) -> None:
             # 5. The comparison grid on the job's own model.
             expect(page.locator("#loraq_grid_prompt textarea, #loraq_grid_prompt input").first).to_have_value(
                 PROMPT, timeout=10_000)
+            facts["checkpoint_shown"] = box("loraq_checkpoint").input_value()
             page.click("#loraq_grid_generate")
             grid = page.locator("#loraq_grid img")
             expect(grid).to_be_visible(timeout=90_000)
@@ -442,8 +520,39 @@ def session(out: Path, app_python: str) -> None:
             page.locator("#loraq_grid").scroll_into_view_if_needed()
             shot("5_grid")
 
+            # 5b. Edit: the finished job into the form becomes a new job; a queued one is saved back in place.
+            page.click("#loraq_q_pause")    # the queue takes no next job: the edited ones stay queued
+            expect(el("loraq_queue_status")).to_contain_text("takes no next job", timeout=10_000)
+            page.click("#loraq_op_edit")
+            expect(box("loraq_f_name")).to_have_value("red_to_blue_2", timeout=10_000)
+            facts["edit_done"] = {"status": el("loraq_train_status").inner_text(),
+                                  "mode": page.locator("#loraq_mode input:checked").get_attribute("value")
+                                  if page.locator("#loraq_mode input:checked").count() else None,
+                                  "pass1_steps": box("loraq_f_copier_pass__steps").input_value(),
+                                  "button": page.locator("#loraq_add").inner_text()}
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ queued", timeout=15_000)
+            tab("Queue").click()
+            copy = table.locator("tr.loraq-row[data-job-id='2']")
+            expect(copy).to_contain_text("red_to_blue_2", timeout=10_000)
+            copy.click()
+            expect(box("loraq_selected_job")).to_have_value("2", timeout=10_000)
+            # another job selected: job 1's grid is gone, not shown under job 2
+            expect(page.locator("#loraq_grid img")).to_have_count(0, timeout=10_000)
+            facts["grid_status_other_job"] = el("loraq_grid_status").inner_text()
+            page.click("#loraq_op_edit")
+            expect(page.locator("#loraq_add")).to_have_text("Save job 2", timeout=10_000)
+            fill("loraq_f_copier_pass__steps", 30)
+            page.click("#loraq_add")
+            expect(el("loraq_train_status")).to_contain_text("✔ saved job 2", timeout=15_000)
+            facts["edit_queued"] = {"status": el("loraq_train_status").inner_text(),
+                                    "button_after": page.locator("#loraq_add").inner_text()}
+            tab("Queue").click()
+            expect(table).to_contain_text("red_to_blue_2", timeout=10_000)
+            facts["rows_after_edit"] = table.locator("tr.loraq-row").count()
+
             # 6. Merge the difference with its copier (clicks on the list add name:1.0).
-            tab("Merge").click()
+            tab("LoRA tools").click()
             page.click("#loraq_lora_refresh")
             page.locator(".loraq-lora[data-name='red_to_blue']").click()
             page.locator(".loraq-lora[data-name='red_to_blue_copier']").click()
@@ -457,10 +566,23 @@ def session(out: Path, app_python: str) -> None:
             facts["merged_file_bytes"] = merged.stat().st_size if merged.exists() else 0
             shot("6_merge")
 
+            # 6b. Resize the merge in the Resize section: a click on the list names the LoRA to resize there.
+            tab("Resize").click()
+            page.click("#loraq_lora_refresh")
+            page.locator(".loraq-lora[data-name='red_to_blue_merged']").click()
+            expect(box("loraq_resize_input")).to_have_value("red_to_blue_merged")
+            fill("loraq_resize_rank", 2)
+            fill("loraq_resize_output", "red_to_blue_r2")
+            page.click("#loraq_resize_run")
+            resized = box("loraq_resize_report")
+            expect(resized).to_have_value(__import__("re").compile("total:"), timeout=60_000)
+            facts["resize_report"] = resized.input_value()
+            facts["merge_inputs_after_resize_click"] = box("loraq_merge_inputs").input_value()
+
             # 7. A reload keeps the form as last queued, and lists the built-in presets.
             page.reload()
             page.wait_for_selector("#loraq_add")
-            expect(box("loraq_f_name")).to_have_value("red_to_blue", timeout=15_000)
+            expect(box("loraq_f_name")).to_have_value("red_to_blue_2", timeout=15_000)
             facts["form_after_reload"] = box("loraq_f_name").input_value()
             browser.close()
     finally:

@@ -39,6 +39,21 @@ def test_every_job_field_has_exactly_one_control_per_place_it_lives():
         assert {c.field.name for c in form.controls() if c.part == part} == {f.name for f in jobs.fields_for(part)}
 
 
+def test_the_top_of_the_form_holds_what_each_mode_needs_and_shows_its_pictures(tmp_path):
+    top = {c.key for c in form.controls() if c.essential}
+    # what a job needs and the handful of settings people change, per copier pass too
+    assert {"name", "model", "dataset_dir", "resolution", "steps", "network_dim", "network_alpha", "lr", "optimizer",
+            "batch_size", "image_a", "image_b"} <= top
+    for part in form.PASSES:
+        assert {f"{part}.{k}" for k in ("steps", "network_dim", "network_alpha", "lr", "optimizer", "batch_size")} <= top
+    assert len(top) <= 26, "the top is for the few settings people change"
+    draw("red", "circle", "white", 64).save(tmp_path / "a.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    html = form.thumbnails_html([str(tmp_path / "a.png"), str(tmp_path / "junk.png")])
+    assert html.count("<img") == 1 and "a.png (64x64)" in html and "⚠ not an image" in html
+    assert form.thumbnails_html([]) == ""
+
+
 def test_form_defaults_give_each_modes_template():
     for mode in jobs.MODES:
         values = {c.key: c.default(mode) for c in form.controls() if mode in c.modes}
@@ -167,6 +182,55 @@ def test_a_merge_tells_the_host_so_the_webui_lists_the_new_lora(tmp_path):
     assert "--verbose" not in big
     with pytest.raises(MergeError, match="'abc' is not a number"):
         loras.merge_into_folder("a:abc", RankPolicy(rank=2), "bad", "fp16", False, tmp_path)
+    # SuperMerger's semantics from the panel's choice: the report says how far it is from "applied together"
+    mode = loras.supermerger_mode("SuperMerger: no (same rank)", 8, False)
+    sm = loras.merge_into_folder("a:0.5\nb:0.5", RankPolicy(rank=2), "sm", "fp16", False, tmp_path, supermerger=mode)
+    assert "SuperMerger semantics, remake dimension no" in sm and "applied together" in sm
+    assert loras.supermerger_mode("SuperMerger: rank box", 4.0, True).dimension == 4
+    assert loras.supermerger_mode("linear (ours)", 4, False) is None
+    with pytest.raises(MergeError, match="whole number >= 1 in the rank box"):
+        loras.supermerger_mode("SuperMerger: rank box", 0, False)
+
+
+def test_lora_tools_resize_extract_and_bake_write_their_files_with_reports(tmp_path):
+    import torch
+
+    from test_single_file import tiny_pipeline, write_checkpoint
+    from tiny import sd1_pipeline
+    from trainer.lora.network import LoraNetwork, NetworkShape
+    from trainer.merge.svd_merge import RankPolicy
+    from trainer.models.diffusers_model import DiffusersHandle
+    from trainer.models.handle import TargetOptions
+
+    # resize: a name from the LoRA folder, to rank 1, reported per module
+    pipe = tiny_pipeline("sd1")
+    net = LoraNetwork(DiffusersHandle(pipe).lora_targets(TargetOptions("attn")), NetworkShape(4, 4.0), seed=1)
+    for lora in net.lora.values():
+        torch.nn.init.normal_(lora.lora_up.weight, std=0.1)
+    net.save(tmp_path / "a.safetensors")
+    written = []
+    report = loras.resize_into_folder("a", RankPolicy(rank=1), "a_r1", "fp16", False, tmp_path, written.append)
+    assert report.startswith("resized a.safetensors") and "rank 1" in report and "total:" in report
+    assert written == [tmp_path / "a_r1.safetensors"]
+    # bake: into a checkpoint file, saved beside it as a new checkpoint
+    base = write_checkpoint(pipe, "sd1", tmp_path / "base.safetensors")
+    report = loras.bake_into_folder(str(base), "a:0.5", "baked", False, tmp_path / "ckpt", library=tmp_path)
+    assert report.startswith("baked 1 LoRAs into base.safetensors") and (tmp_path / "ckpt" / "baked.safetensors").is_file()
+    # extract: tuned - base of two model folders, only inside the folders the host lets the tab read
+    models = tmp_path / "models"
+    sd1_pipeline(models).save_pretrained(models / "base")
+    tuned = sd1_pipeline(models)
+    with torch.no_grad():
+        q = tuned.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        q.weight += 0.3 * torch.randn(q.weight.shape[0], 1) @ torch.randn(1, q.weight.shape[1])
+    tuned.save_pretrained(models / "tuned")
+    with pytest.raises(MergeError, match="outside the folders LoRA Queue may read"):
+        loras.extract_into_folder(str(models / "tuned"), str(models / "base"), RankPolicy(rank=2), "x", "fp16",
+                                  False, tmp_path, roots=(tmp_path / "data",))
+    report = loras.extract_into_folder(str(models / "tuned"), str(models / "base"), RankPolicy(rank=2), "ex",
+                                       "fp16", False, tmp_path, roots=(models,), text_encoder=False)
+    assert report.startswith("extracted 1 modules of tuned - base") and "total:" in report, report
+    assert (tmp_path / "ex.safetensors").is_file() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_results_list_final_then_checkpoints_by_step(tmp_path):
@@ -227,6 +291,10 @@ def test_tab_builds_and_serves_under_webui_gradio(version, tmp_path):
     assert "The queue is empty" in found["queue_table_answer"]
     assert found["loss_plot_lines"] == 2 * 3             # two phases x (raw loss, smoothed loss, lr)
     assert found["build_seconds"] < 60
+    labels = found["tab_labels"]
+    assert "LoRA tools" in labels, labels
+    tools = labels.index("LoRA tools")
+    assert labels[tools + 1:tools + 5] == ["Merge", "Resize", "Extract", "Bake"], labels
 
 
 def build_and_serve(out: Path) -> dict:
@@ -249,6 +317,10 @@ def build_and_serve(out: Path) -> dict:
     wanted = [c.elem_id for c in form.controls()] + ["loraq_err_" + c.key.replace(".", "__") for c in form.controls()]
     wanted += ["loraq_mode", "loraq_add", "loraq_queue_table", "loraq_loss_plot", "loraq_grid", "loraq_merge_inputs",
                "loraq_merge_report", "loraq_lora_list", "loraq_dataset_check"]
+    # the LoRA tools tab: its four sections, each with its button and report, and the merge preview
+    wanted += ["loraq_tab_tools", "loraq_preview_run", "loraq_preview_image", "loraq_preview_report"]
+    wanted += [f"loraq_{tool}_{part}" for tool in ("merge", "resize", "extract", "bake") for part in ("run", "report")]
+    wanted += ["loraq_resize_input", "loraq_extract_tuned", "loraq_extract_base", "loraq_bake_base", "loraq_bake_inputs"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -268,7 +340,8 @@ def build_and_serve(out: Path) -> dict:
         app.close()
     figure = queue_view.loss_figure([ProgressRow(phase, step, 0.1, 0.1, 1e-4, float(step))
                                      for phase in ("pass 1 of 2", "pass 2 of 2") for step in range(1, 5)])
-    return {"gradio": gr.__version__, "build_seconds": round(build_seconds, 2),
+    tab_labels = [c.get("props", {}).get("label") for c in config["components"] if c.get("type") in ("tabitem", "tab")]
+    return {"gradio": gr.__version__, "build_seconds": round(build_seconds, 2), "tab_labels": tab_labels,
             "missing_elem_ids": sorted(set(wanted) - set(ids)),
             "unprefixed_elem_ids": sorted(i for i in ids if not i.startswith("loraq_")),
             "field_controls": sum(1 for c in form.controls() if c.elem_id in ids),

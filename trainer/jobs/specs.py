@@ -96,6 +96,16 @@ def typed_spec(scope: str):
     return bind
 
 
+class PairRules:
+    """Jobs trained on pairs of images (ADDifT): one image B for each image A."""
+
+    def _check_parts_together(self) -> tuple[dict[str, str], dict[str, str]]:
+        if len(self.image_a) != len(self.image_b) and self.image_a and self.image_b:
+            return {"image_b": (f"{len(self.image_a)} image(s) A but {len(self.image_b)} image(s) B: "
+                                "give one B for each A, in the same order")}, {}
+        return {}, {}
+
+
 class CopierRules:
     """Behaviour of copier jobs across their two passes."""
 

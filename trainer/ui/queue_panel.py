@@ -66,6 +66,8 @@ class QueuePanel:
             self.refresh = gr.Button("Refresh", elem_id="loraq_queue_refresh", size="sm", scale=0)
         with gr.Row(elem_id="loraq_queue_ops"):
             self.ops = {method: gr.Button(label, elem_id=elem, size="sm") for label, method, elem in OPERATIONS}
+            # the form is the Train tab's: wired by the app (trainer/ui/app.py)
+            self.edit = gr.Button("Edit in form", elem_id="loraq_op_edit", size="sm")
         self.status = gr.Markdown("", elem_id="loraq_queue_status")
         self.summary = gr.Markdown("", elem_id="loraq_job_summary")
         self.error = gr.Textbox(label="error", visible=False, lines=3, interactive=False, elem_id="loraq_job_error")
@@ -103,11 +105,16 @@ class QueuePanel:
         key = [row.id, row.state, row.step, row.phase]
         done = f"{queue_view.percent_done(row)}%"
         speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
-        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {row.state}, step {row.step}/{row.total} "
+        # stop-and-save is no error: its note ("stopped and saved at step N; resume continues it") is the state's
+        stopped = row.state == "stopped"
+        state = f"stopped — {row.error}" if stopped and row.error else row.state
+        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {state}, step {row.step}/{row.total} "
                    f"({done}{speed})" + _model_line(row) + "".join(f"\n- warning: {w}" for w in row.warnings)
-                   + "".join(f"\n- output: `{p}`" for p in row.outputs))
-        error = gr.update(visible=bool(row.error), value=(row.error or "") + (
-            "\n\n" + row.error_detail if row.error_detail else ""))
+                   + "".join(f"\n- output: `{results.relative(p, self.services.lora_dir)}`" for p in row.outputs)
+                   + (f"\n\n(outputs in `{self.services.lora_dir}`)" if row.outputs else ""))
+        failed = bool(row.error) and not stopped
+        error = gr.update(visible=failed, value=(row.error or "") + (
+            "\n\n" + row.error_detail if row.error_detail else "") if failed else "")
         if key == last_key:
             return summary, error, gr.update(), key
         figure = queue_view.loss_figure(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
