@@ -119,6 +119,8 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     assert re.search(r"\bdone\b.*\bqueued\b", listing), listing
     again = run("python -m trainer queue run --resume-interrupted --until-empty --model demo")
     assert again.returncode == 0
+    sheet = Path(run("python -m trainer morning 1 --model demo", timeout=600).stdout.split()[-1])
+    assert sheet.name == "queued.morning.png" and sheet.stat().st_size > 10_000
 
     demo = run("python -m trainer demo --out demo-output", timeout=600)
     assert (tmp_path / "demo-output" / "demo_square_grid.png").is_file(), demo.stdout
