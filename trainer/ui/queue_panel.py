@@ -73,7 +73,7 @@ class QueuePanel:
         self.status = gr.Markdown("", elem_id="loraq_queue_status")
         self.summary = gr.Markdown("", elem_id="loraq_job_summary")
         self.error = gr.Textbox(label="error", visible=False, lines=3, interactive=False, elem_id="loraq_job_error")
-        self.plot = gr.Plot(label="loss and learning rate", elem_id="loraq_loss_plot")
+        self.plot = gr.HTML(queue_view.loss_svg([], "loss and learning rate"), elem_id="loraq_loss_plot")
         self.plot_key = gr.State(None)
         with gr.Accordion("Results: LoRA strength x seed grid", open=True, elem_id="loraq_results"):
             with gr.Row():
@@ -101,13 +101,16 @@ class QueuePanel:
         self.show.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
         for elem, button in self.queue_ops.items():
             button.click(self._queue_operation(elem), [self.selected, self.show], [self.status, self.table_html])
-        details_out = [self.summary, self.error, self.plot, self.plot_key]
+        details_out = [self.summary, self.error, self.plot, self.plot_key, self.checkpoint]
         poll(blocks, self.details, [self.selected, self.plot_key], details_out, DETAILS_EVERY_S)
-        self.selected.change(self.details, [self.selected, gr.State(None)], details_out, **no_progress())
+        # A click on a row: its text at once, outside the request queue (which a slow grid may hold); the plot after.
+        self.selected.change(self.details_text, [self.selected], [self.summary, self.error], queue=False,
+                             **no_progress())
+        self.selected.change(self.details_plot, [self.selected], [self.plot, self.plot_key], **no_progress())
         # another job's grid does not stay on the page under this job's name
         self.selected.change(self.results_choices, [self.selected],
                              [self.checkpoint, self.prompt, self.grid, self.grid_status], **no_progress())
-        self.selected.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
+        self.selected.change(self.table, [self.selected, self.show], [self.table_html], queue=False, **no_progress())
         for method, button in self.ops.items():
             button.click(self._operation(method), [self.selected, self.show],
                          [self.status, self.table_html, self.selected])
@@ -115,14 +118,48 @@ class QueuePanel:
                                              self.cfg], [self.grid, self.grid_status])
 
     def details(self, selected: str, last_key):
+        """The poll: summary, error, the plot when the job moved, and its files once it has finished."""
         job_id = selected_id(selected)
         if job_id is None:
-            return "", gr.update(visible=False), gr.update(), None
+            # nothing to refresh; the selection's own change event clears the details. A tick that read the
+            # selection a moment before a click must not blank what that click has just shown.
+            return gr.update(), gr.update(), gr.update(), None, gr.update()
         try:
             row = self.queue.get(job_id)
         except QueueError as e:
-            return f"⚠ {e}", gr.update(visible=False), gr.update(), None
+            return f"⚠ {e}", gr.update(visible=False), gr.update(), None, gr.update()
+        summary, error = self._text(row)
         key = [row.id, row.state, row.step, row.phase]
+        # a job selected while it ran lists its files when it ends (not on every tick: the user's choice stays)
+        files = self._files(row)[0] if last_key and last_key[0] == row.id and last_key[1] != row.state \
+            else gr.update()
+        if key == last_key:
+            return summary, error, gr.update(), key, files
+        figure = queue_view.loss_svg(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
+        return summary, error, figure, key, files
+
+    def details_text(self, selected: str):
+        """Summary and error of the newly selected job: answered first, before its plot is drawn."""
+        job_id = selected_id(selected)
+        if job_id is None:
+            return "", gr.update(visible=False)
+        try:
+            return self._text(self.queue.get(job_id))
+        except QueueError as e:
+            return f"⚠ {e}", gr.update(visible=False)
+
+    def details_plot(self, selected: str):
+        job_id = selected_id(selected)
+        if job_id is None:
+            return gr.update(), None
+        try:
+            row = self.queue.get(job_id)
+        except QueueError:
+            return gr.update(), None
+        return (queue_view.loss_svg(self.queue.progress(job_id), f"{row.name}: loss and learning rate"),
+                [row.id, row.state, row.step, row.phase])
+
+    def _text(self, row) -> tuple[str, dict]:
         done = f"{queue_view.percent_done(row)}%"
         speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
         # stop-and-save is no error: its note ("stopped and saved at step N; resume continues it") is the state's
@@ -135,10 +172,17 @@ class QueuePanel:
         failed = bool(row.error) and not stopped
         error = gr.update(visible=failed, value=(row.error or "") + (
             "\n\n" + row.error_detail if row.error_detail else "") if failed else "")
-        if key == last_key:
-            return summary, error, gr.update(), key
-        figure = queue_view.loss_figure(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
-        return summary, error, figure, key
+        return summary, error
+
+    def _files(self, row) -> tuple[dict, dict]:
+        """(the file list's update, the prompt's) for a job's row."""
+        try:
+            job = row.job
+        except (QueueError, jobs.JobError):
+            return gr.update(choices=[], value=None), gr.update()
+        # names as the LoRA folder holds them ("sub/name-000500.safetensors"), not absolute paths cut off in the box
+        files = [self._shown(p) for p in results.checkpoints(row.outputs, job, self.services.lora_dir)]
+        return gr.update(choices=files, value=files[0] if files else None), gr.update(value=results.default_prompt(job))
 
     def results_choices(self, selected: str):
         cleared = [None, ""]
@@ -146,14 +190,9 @@ class QueuePanel:
         if job_id is None:
             return [gr.update(choices=[], value=None), gr.update()] + cleared
         try:
-            row = self.queue.get(job_id)
-            job = row.job
-        except (QueueError, jobs.JobError):
+            return list(self._files(self.queue.get(job_id))) + cleared
+        except QueueError:
             return [gr.update(choices=[], value=None), gr.update()] + cleared
-        # names as the LoRA folder holds them ("sub/name-000500.safetensors"), not absolute paths cut off in the box
-        files = [self._shown(p) for p in results.checkpoints(row.outputs, job, self.services.lora_dir)]
-        return [gr.update(choices=files, value=files[0] if files else None),
-                gr.update(value=results.default_prompt(job))] + cleared
 
     def _shown(self, path: str) -> str:
         """A file of the LoRA folder by its name there; any other by its full path."""
