@@ -523,7 +523,7 @@ class Run:
                                         "loraq_add"]),
                              ("Queue", ["loraq_queue_table", "loraq_selected_job", "loraq_op_stop",
                                         "loraq_op_resume", "loraq_results"]),
-                             ("Merge", ["loraq_lora_list", "loraq_merge_inputs", "loraq_merge_run"])):
+                             ("LoRA tools", ["loraq_lora_list", "loraq_merge_inputs", "loraq_merge_run"])):
             p.loraq_tab(inner)
             for e in elems:
                 seen[e] = p.page.locator(f"#{e}").first.is_visible()
@@ -779,7 +779,7 @@ class Run:
         self.names["lcm"] = name
         return nums
 
-    # h. merge from the merge panel
+    # h. merge from the LoRA tools tab (its Merge section)
     def check_h(self, timeout):
         p = self.page
         inputs = [n for n in (self.names.get("standard"), self.names.get("long"), self.names.get("lcm"),
@@ -791,7 +791,7 @@ class Run:
             raise_skip("no LoRA to merge")
         if len(inputs) < 2:
             inputs = inputs * 2
-        p.loraq_tab("Merge")
+        p.loraq_tab("LoRA tools")
         p.page.locator("#loraq_lora_refresh").click()
         p.page.wait_for_timeout(1500)
         clicked = 0
@@ -1375,7 +1375,7 @@ CHECKS = [
     ("f", "stop and save, then resume, finishes the job (safe unpickler)", "check_f", 1800),
     ("g1", "copier job from the tab finishes", "check_g_copier", 1500),
     ("g2", "LCM job from the tab finishes", "check_g_lcm", 1500),
-    ("h", "merge from the merge panel is listed in /sdapi/v1/loras without restart", "check_h", 600),
+    ("h", "merge from the LoRA tools tab is listed in /sdapi/v1/loras without restart", "check_h", 600),
     ("i", "x/y/z plot with our axes: no console error; same seed twice identical", "check_i", 900),
     ("j", "kill -9 mid-job, restart, resume: job done", "check_j", 1800),
     ("k", "dataset outside the allowed input folders is refused in the tab; the queue does not grow", "check_k", 180),

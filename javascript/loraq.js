@@ -1,6 +1,7 @@
 // LoRA Queue: the things Gradio cannot do by itself.
 //  1. a click on a row of the queue table selects that job (fills #loraq_selected_job)
-//  2. a click on a LoRA name in the merge panel appends "name:1.0" to the merge text
+//  2. a click on a LoRA name in the LoRA tools tab appends "name:1.0" to the merge (or bake) text, or
+//     names the LoRA to resize, whichever section is in view
 //  3. a field whose message (#loraq_err_KEY) shows is outlined (#loraq_f_KEY gets .loraq-invalid); after a
 //     refused Add to queue the page scrolls to the first (window.loraqShowErrors, called by the answer)
 //  4. a help line cut to one line at the top of the form shows whole on hover
@@ -37,10 +38,18 @@
         return;
       }
       if (el.classList.contains("loraq-lora") && el.dataset.name) {
-        var input = field("loraq_merge_inputs");
+        // the LoRA tools section in view: resize takes the one name, merge and bake add name:1.0
+        var resize = field("loraq_resize_input");
+        if (resize && resize.offsetParent !== null) {
+          setText("loraq_resize_input", el.dataset.name);
+          return;
+        }
+        var bake = field("loraq_bake_inputs");
+        var target = bake && bake.offsetParent !== null ? "loraq_bake_inputs" : "loraq_merge_inputs";
+        var input = field(target);
         if (!input) return;
         var current = input.value.replace(/\s+$/, "");
-        setText("loraq_merge_inputs", (current ? current + "\n" : "") + el.dataset.name + ":1.0");
+        setText(target, (current ? current + "\n" : "") + el.dataset.name + ":1.0");
         return;
       }
     }

@@ -35,7 +35,8 @@ from trainer.models.diffusers_model import DiffusersHandle, load_handle
 from trainer.train.loop import Progress
 from trainer.train.context import JobContext
 from trainer.queue.store import JobQueue, QueueError, WorkerLock, thinning_plan, thinning_stride
-from trainer.queue.worker import Worker
+from trainer.queue.admission import Admission
+from trainer.queue.worker import Worker, work_folder
 from trainer.sampling.guided import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,6 +265,28 @@ def test_200_jobs_run_to_the_end_with_nothing_lost_and_a_bounded_store(tmp_path,
     queue.close()                                   # the last connection folds the WAL into the file
     size = sum(p.stat().st_size for p in tmp_path.glob("queue.sqlite*"))
     assert size < 200 * 5_000, f"the store holds {size} bytes for 200 finished jobs (limit 5 kB a job)"
+
+
+@pytest.mark.parametrize("mode", ["standard", "lcm"])
+def test_a_finished_jobs_outputs_list_its_previews_in_step_order_before_its_loras(tmp_path, queue, handle, mode,
+                                                                                   monkeypatch):
+    """Every mode renders its preview prompts; the tab and `queue show` list them with the job's files."""
+    from trainer.train.modes import lcm as lcm_mode
+
+    monkeypatch.setattr(lcm_mode, "TEACHER_SAMPLING_STEPS", 2)   # speed only: the teacher's own images
+    _dataset(tmp_path / "data", n=1)
+    common = dict(steps=2, save_every_n_steps=1, sample_prompts=["red"], resolution=64)
+    job = (_job(tmp_path, "p", **common) if mode == "standard" else
+           jobs.LcmJob(name="p", prompts=["red circle"], num_generated_images=2, batch_size=1, network_dim=2,
+                       network_alpha=2.0, mixed_precision="no", **common))
+    job_id = queue.add(job, admission=Admission(tmp_path / "out"))
+    _worker(queue, handle, tmp_path).run_until_empty()
+    row = queue.get(job_id)
+    assert row.state == "done", row.error
+    names = [Path(p).name for p in row.outputs]
+    assert names == ["p-000001.preview.png", "p.preview.png", "p-000001.safetensors", "p.safetensors"], names
+    assert all(Path(p).is_file() for p in row.outputs)
+    assert Path(row.outputs[0]).parent == work_folder(queue, job_id)
 
 
 def test_a_job_whose_dataset_vanished_fails_clearly_and_the_queue_goes_on(tmp_path, queue, handle):

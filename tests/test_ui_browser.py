@@ -153,6 +153,10 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
     assert session["merged_file_bytes"] > 10_000
+    # The Resize section of the LoRA tools: the click named the merge there (the merge text kept its two lines)
+    assert session["resize_report"].startswith("resized red_to_blue_merged.safetensors"), session["resize_report"]
+    assert "rank 2" in session["resize_report"] and "total:" in session["resize_report"]
+    assert session["merge_inputs_after_resize_click"] == "red_to_blue:1.0\nred_to_blue_copier:1.0"
     assert session["form_after_reload"] == "vanishing", "a reload must not lose the form"
     # Edit: the finished job came back as a new job of its own name + _2, the queued copy was changed in place
     assert "loaded as a new job" in session["edit_done"]["status"] and session["edit_done"]["pass1_steps"] == "60"
@@ -168,6 +172,203 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     print(f"gradio {gradio}: click to details while training (ms): {clicks}, refresh answers (ms): {times}, "
           f"console warnings: {session['console_warnings']}")
     assert seconds < 180, f"the browser session took {seconds:.0f} s (budget 180 s)"
+
+
+# ------------------------------------------------------------------------------------------------
+# The results area (previews, comparison grid, morning sheet): its own session, so the form's session and
+# this one change independently. A standard job with previews every 10 steps is queued into the app's store
+# before the page opens (the form is tested above); the session watches it from the Queue tab.
+# ------------------------------------------------------------------------------------------------
+
+def test_results_area_under_gradio_3_41(tmp_path):
+    results_session_checked(tmp_path, "3.41")
+
+
+def test_results_area_under_gradio_4_40(tmp_path):
+    results_session_checked(tmp_path, "4.40")
+
+
+def results_session_checked(tmp_path: Path, gradio: str) -> None:
+    app_python = VENV_PYTHON if gradio == "3.41" else ROOT / ".venv-gradio4" / "bin" / "python"
+    assert app_python.is_file() and VENV_PYTHON.is_file(), "run ./dev setup (it builds the gradio envs)"
+    started = time.perf_counter()
+    run = subprocess.run([str(VENV_PYTHON), __file__, str(tmp_path), str(app_python), "results"], env=ui_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - started
+    print(run.stdout[-6000:], run.stderr[-6000:], sep="\n")
+    assert run.returncode == 0, f"results session failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    facts = json.loads((tmp_path / "session.json").read_text())
+    # The gallery shows the job's previews while it trains, and more of them as it goes on.
+    assert facts["previews_while_running"] >= 1, facts
+    assert facts["previews_at_end"] > facts["previews_while_running"], facts
+    assert "step" in facts["preview_captions"][0] and facts["preview_captions"][-1] == "final", facts
+    # The job's outputs list the preview files.
+    assert any(o.endswith("squares.preview.png") for o in facts["outputs"]), facts["outputs"]
+    # The grid's defaults come from the job: its preview prompt, its sampling; files relative to the LoRA folder.
+    assert facts["grid_prompt"] == PROMPT
+    assert facts["grid_choices"][0] == "squares.safetensors" and "squares-000020.safetensors" in facts["grid_choices"]
+    # 7 strengths x 3 seeds, then 2 strengths x 3 seeds: the grid follows the strengths typed.
+    assert facts["grid_sizes"][0][0] >= 7 * 128 and facts["grid_sizes"][0][1] >= 3 * 128, facts["grid_sizes"]
+    assert facts["grid_sizes"][1][0] < facts["grid_sizes"][0][0] - 4 * 128, facts["grid_sizes"]
+    assert facts["grid_pixels_differ"], "the grid did not change when the strengths changed"
+    assert "saved squares_grid.png" in facts["grid_status"], facts["grid_status"]
+    # The morning sheet: shown in the tab and saved beside the LoRA.
+    assert facts["morning_size"][0] >= 7 * 128 and facts["morning_size"][1] >= 3 * 3 * 128, facts["morning_size"]
+    assert "squares.morning.png" in facts["morning_status"] and facts["morning_file_bytes"] > 10_000, facts
+    assert "best" in facts["morning_status"], facts["morning_status"]
+    assert seconds < 200, f"the results session took {seconds:.0f} s"
+
+
+def results_session(out: Path, app_python: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from trainer import jobs
+    from trainer.models.demo.shapes import draw
+    from trainer.queue.admission import Admission
+    from trainer.queue.store import JobQueue
+
+    out.mkdir(parents=True, exist_ok=True)
+    images, data = out / "squares", out / "data"
+    images.mkdir(exist_ok=True)
+    for i, colour in enumerate(("red", "red")):
+        draw(colour, "square", "white", 64).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(PROMPT)
+    job = jobs.StandardJob(name="squares", dataset_dir=str(images), resolution=64, min_bucket_reso=64,
+                           max_bucket_reso=128, steps=40, lr=5e-3, network_dim=4, network_alpha=4.0,
+                           save_every_n_steps=20, sample_every_n_steps=10, sample_prompts=[PROMPT], seed=1)
+    queue = JobQueue(data / "queue.sqlite")
+    job_id = queue.add(job, admission=Admission(data / "loras"))
+    queue.close()
+    port = free_port()
+    log = open(out / "app.log", "w")
+    app = subprocess.Popen([app_python, "-m", "trainer", "ui", "--model", "demo", "--port", str(port),
+                            "--data", str(data), "--threads", "1"], cwd=ROOT, env=ui_env(), stdout=log, stderr=log)
+    facts: dict = {}
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_for_http(url, app)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(url)
+            page.wait_for_selector("#loraq_add")
+
+            def box(elem_id: str):
+                return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox])").first
+
+            def el(elem_id: str):
+                return page.locator(f"#{elem_id}").first
+
+            page.locator(".tab-nav button", has_text="Queue").first.click()
+            table = el("loraq_queue_table")
+            table.locator("tr.loraq-row", has_text="squares").click()
+            expect(box("loraq_selected_job")).to_have_value(str(job_id), timeout=10_000)
+            previews = page.locator("#loraq_previews img")
+            # 1. While the job trains, its previews appear in the gallery (the poll brings them).
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                shown, state = previews.count(), queue_state(data, job_id)
+                if shown and state == "running":
+                    facts["previews_while_running"] = shown
+                    break
+                if state in ("done", "failed"):
+                    break
+                time.sleep(0.5)
+            wait_for_state(data, job_id, ("done", "failed"), 150)
+            facts["state"] = queue_state(data, job_id)
+            expect(page.locator("#loraq_previews img")).to_have_count(4, timeout=15_000)  # steps 10, 20, 30 + final
+            facts["previews_at_end"] = previews.count()
+            facts["preview_captions"] = [c.strip() for c in page.locator("#loraq_previews .caption-label, "
+                                                                         "#loraq_previews figcaption").all_inner_texts()]
+            page.locator("#loraq_previews").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "7_previews.png"))
+            facts["outputs"] = JobQueue(data / "queue.sqlite").get(job_id).outputs
+
+            # 2. The comparison grid: the job's prompt and files by default; new strengths give a new grid.
+            # (re-select so that the grid's choices include the files the finished job wrote)
+            box("loraq_selected_job").fill("")
+            box("loraq_selected_job").fill(str(job_id))
+            box("loraq_selected_job").press("Enter")
+            expect(box("loraq_grid_prompt")).to_have_value(PROMPT, timeout=10_000)
+            facts["grid_prompt"] = box("loraq_grid_prompt").input_value()
+            facts["grid_choices"] = grid_choices(page)
+            grid = page.locator("#loraq_grid img")
+            sizes, pixels = [], []
+            for strengths in ("-1, -0.5, 0, 0.5, 1, 1.5, 2", "0, 2"):
+                field = box("loraq_grid_strengths")
+                field.fill(strengths)
+                field.press("Tab")
+                page.click("#loraq_grid_generate")
+                expect(el("loraq_grid_status")).to_contain_text(f"x {len(strengths.split(','))} strengths",
+                                                                timeout=90_000)
+                expect(grid).to_be_visible(timeout=10_000)
+                sizes.append(page.evaluate("() => { const i = document.querySelector('#loraq_grid img');"
+                                           " return [i.naturalWidth, i.naturalHeight]; }"))
+                pixels.append(page.evaluate(CELL_PIXELS))
+            facts["grid_sizes"], facts["grid_status"] = sizes, el("loraq_grid_status").inner_text()
+            facts["grid_pixels_differ"] = pixels[0] != pixels[1]
+            page.locator("#loraq_grid").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "8_grid_strengths.png"))
+
+            # 3. The morning sheet.
+            box("loraq_grid_strengths").fill("-1, -0.5, 0, 0.5, 1, 1.5, 2")
+            box("loraq_grid_strengths").press("Tab")
+            page.click("#loraq_morning_generate")
+            expect(el("loraq_morning_status")).to_contain_text("✔", timeout=120_000)
+            facts["morning_status"] = el("loraq_morning_status").inner_text()
+            morning = page.locator("#loraq_morning img")
+            expect(morning).to_be_visible(timeout=10_000)
+            facts["morning_size"] = page.evaluate("() => { const i = document.querySelector('#loraq_morning img');"
+                                                  " return [i.naturalWidth, i.naturalHeight]; }")
+            sheet = data / "loras" / "squares.morning.png"
+            facts["morning_file_bytes"] = sheet.stat().st_size if sheet.exists() else 0
+            page.locator("#loraq_morning").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "9_morning.png"))
+            browser.close()
+    finally:
+        (out / "session.json").write_text(json.dumps(facts, indent=1))
+        app.terminate()
+        try:
+            app.wait(15)
+        except subprocess.TimeoutExpired:
+            app.kill()
+        log.close()
+    if os.environ.get("LORAQ_UPDATE_SCREENSHOTS") == "1":
+        shots = ROOT / "docs" / "screenshots"
+        shots.mkdir(parents=True, exist_ok=True)
+        for name in ("7_previews", "8_grid_strengths", "9_morning"):
+            shutil.copyfile(out / f"{name}.png", shots / f"{name}.png")
+
+
+#: A digest of the grid as drawn in the browser (a 32 x 32 thumbnail's pixels): changes when its images change.
+CELL_PIXELS = """() => { const i = document.querySelector('#loraq_grid img'); const c = document.createElement('canvas');
+  c.width = 32; c.height = 32; const x = c.getContext('2d'); x.drawImage(i, 0, 0, 32, 32);
+  return Array.from(x.getImageData(0, 0, 32, 32).data).join(','); }"""
+
+
+def queue_state(data: Path, job_id: int) -> str:
+    from trainer.queue.store import JobQueue
+
+    q = JobQueue(data / "queue.sqlite")
+    try:
+        return q.get(job_id).state
+    finally:
+        q.close()
+
+
+def wait_for_state(data: Path, job_id: int, states, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and queue_state(data, job_id) not in states:
+        time.sleep(0.5)
+
+
+def grid_choices(page) -> list[str]:
+    """The checkpoint dropdown's choices as the user sees them (open it, read the options, close it)."""
+    page.locator("#loraq_checkpoint input").first.click()
+    options = page.locator("ul.options li, #loraq_checkpoint .item").all_inner_texts()
+    page.keyboard.press("Escape")
+    return [o.strip().lstrip("✓").strip() for o in options if o.strip()]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,7 +631,7 @@ def session(out: Path, app_python: str) -> None:
             facts["stored_job_2"] = [stored.name, stored.state, stored.job.copier_pass.steps]
 
             # 6. Merge the difference with its copier (clicks on the list add name:1.0).
-            tab("Merge").click()
+            tab("LoRA tools").click()
             page.click("#loraq_lora_refresh")
             page.locator(".loraq-lora[data-name='red_to_blue']").click()
             page.locator(".loraq-lora[data-name='red_to_blue_copier']").click()
@@ -444,7 +645,20 @@ def session(out: Path, app_python: str) -> None:
             facts["merged_file_bytes"] = merged.stat().st_size if merged.exists() else 0
             shot("6_merge")
 
-            # 6b. A job that fails at its turn (its dataset vanished after it was queued): the error box stays.
+            # 6b. Resize the merge in the Resize section: a click on the list names the LoRA to resize there.
+            tab("Resize").click()
+            page.click("#loraq_lora_refresh")
+            page.locator(".loraq-lora[data-name='red_to_blue_merged']").click()
+            expect(box("loraq_resize_input")).to_have_value("red_to_blue_merged")
+            fill("loraq_resize_rank", 2)
+            fill("loraq_resize_output", "red_to_blue_r2")
+            page.click("#loraq_resize_run")
+            resized = box("loraq_resize_report")
+            expect(resized).to_have_value(__import__("re").compile("total:"), timeout=60_000)
+            facts["resize_report"] = resized.input_value()
+            facts["merge_inputs_after_resize_click"] = box("loraq_merge_inputs").input_value()
+
+            # 6c. A job that fails at its turn (its dataset vanished after it was queued): the error box stays.
             tab("Train").click()
             page.locator("#loraq_mode label", has_text="standard").click()
             vanishing = out / "vanishing"
@@ -499,4 +713,7 @@ def session(out: Path, app_python: str) -> None:
 
 
 if __name__ == "__main__":
-    session(Path(sys.argv[1]), sys.argv[2])
+    if sys.argv[3:] == ["results"]:
+        results_session(Path(sys.argv[1]), sys.argv[2])
+    else:
+        session(Path(sys.argv[1]), sys.argv[2])

@@ -96,7 +96,12 @@ class WebUIHost:
                           model_label=getattr(label, "name", "") or "the WebUI's loaded model",
                           lora_written=lambda path: self.refresh_loras(), input_roots=self.input_roots,
                           model_facts=self.model_facts, default_model=self.loaded_checkpoint,
-                          lora_library=self.lora_dir)
+                          lora_library=self.lora_dir, base_checkpoint=self.loaded_checkpoint_file)
+
+    def loaded_checkpoint_file(self) -> str:
+        """The file of the loaded checkpoint ("" before one is loaded): the LoRA tools' default base."""
+        info = getattr(self.get_sd_model(), "sd_checkpoint_info", None)
+        return str(getattr(info, "filename", "") or "")
 
     def model_facts(self) -> tuple[str | None, int | None]:
         """(arch, cross-attention width) of the loaded model from its flags, without loading anything

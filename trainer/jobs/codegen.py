@@ -30,6 +30,8 @@ CLASSES: tuple[tuple[str, str, str, dict[str, str], str], ...] = (
      "LCM distillation into a LoRA (LCM-LoRA) from a dataset or from prompts."),
     ("addift", "AddiftJob", "PairRules, Job", {},
      "ADDifT difference LoRA: trained directly on the prediction difference of one or several pairs A -> B."),
+    ("ileco", "IlecoJob", "Job", {},
+     "iLECO: a slider LoRA from two prompts alone (no images), moving source_prompt toward target_prompt."),
 )
 
 _CHOICE_TYPES = {

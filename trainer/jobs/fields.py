@@ -25,7 +25,7 @@ _SCOPE_PARENT = {"copier_pass": "copier", "difference_pass": "copier_pass"}
 GROUPS = {
     "saving": "Output", "model": "Model", "network": "Network", "data": "Data", "training": "Training",
     "copier": "Image pair (copier, ADDifT)", "pass2": "Copier pass 2", "lcm": "LCM distillation",
-    "addift": "ADDifT", "preview": "Previews",
+    "addift": "ADDifT", "ileco": "iLECO (slider from prompts)", "preview": "Previews",
 }
 
 
@@ -323,7 +323,8 @@ FIELDS: dict[str, Field] = _registry(
     Field("name", str, "my_lora", "output name",
           "File name of the LoRA without folder or extension: saved as NAME.safetensors, checkpoints as "
           "NAME-000500.safetensors. Letters, digits, - and _ are safest; at most 128 characters.",
-          "saving", check=output_name_problem, defaults={"copier": "my_difference", "lcm": "my_lcm_lora", "addift": "my_addift"},
+          "saving", check=output_name_problem, defaults={"copier": "my_difference", "lcm": "my_lcm_lora", "addift": "my_addift",
+                                                         "ileco": "my_slider"},
           kohya="output_name", essential=True),
     Field("output_dir", str, "", "output folder",
           "Sub-folder of the host's LoRA folder the LoRA is written to (e.g. styles/v2); created if missing. "
@@ -358,17 +359,19 @@ FIELDS: dict[str, Field] = _registry(
     # --- network ------------------------------------------------------------------------------
     Field("network_dim", int, 16, "rank (dim)",
           "LoRA rank: the size of each low-rank update; capacity and file size grow with it. Typical 4-32 "
-          "for a character or style, 64 for LCM. Copier: 16 for pass 1, 4-32 for the difference (pass 2).",
+          "for a character or style, 64 for LCM. Copier: 16 for pass 1, 4-32 for the difference (pass 2). "
+          "iLECO: 4, as traintrain's preset (a slider is a small change).",
           "network", min=1, max=1024, in_copier="passes", ui="slider",
-          defaults={"lcm": 64, "copier_pass": 16, "difference_pass": 8, "addift": 4}, essential=True),
+          defaults={"lcm": 64, "copier_pass": 16, "difference_pass": 8, "addift": 4, "ileco": 4}, essential=True),
     Field("network_alpha", float, 8.0, "alpha",
           "Scales the LoRA's output by alpha / rank, so at the same learning rate a smaller alpha takes "
           "smaller steps. Usual: rank/2 to rank (keep alpha <= rank; far above 4x rank warns). Learning "
           "rates only transfer between setups with the same alpha/rank. LCM: 64 at rank 64 (scale 1) with lr 1e-4, "
           "as diffusers' LCM-LoRA script today; its first version left peft's alpha 8 (scale 1/8), so "
-          "learning rates quoted from that time are 8x too high for alpha 64.",
+          "learning rates quoted from that time are 8x too high for alpha 64. iLECO: 8 at rank 4, as traintrain's "
+          "preset (its README: above the rank may be better for iLECO).",
           "network", min=0, min_exclusive=True, max=4096, in_copier="passes",
-          defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0, "addift": 4.0}, essential=True),
+          defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0, "addift": 4.0, "ileco": 8.0}, essential=True),
     Field("conv_dim", int, 0, "conv rank",
           "Rank for the 3x3 convolutions of the ResNet blocks (LoCon); 0 = plain LoRA without them. "
           "Needs target set 'all'. Typical 4-16; helps textures and styles. LCM: 64, as the LCM-LoRA "
@@ -441,15 +444,16 @@ FIELDS: dict[str, Field] = _registry(
     # --- training -----------------------------------------------------------------------------
     Field("steps", int, 1000, "steps",
           "Optimizer steps to train; each step sees batch_size x gradient_accumulation images. Typical "
-          "1000-3000 for 20-50 images, 300-1000 per copier pass, 1000-4000 for LCM. A lower learning rate "
-          "needs more steps.", "training", min=1, max=1_000_000, in_copier="passes",
-          defaults={"copier_pass": 500, "addift": 100}, kohya="max_train_steps", metadata=True, essential=True),
+          "1000-3000 for 20-50 images, 300-1000 per copier pass, 1000-4000 for LCM, 300-500 for iLECO. A lower "
+          "learning rate needs more steps.", "training", min=1, max=1_000_000, in_copier="passes",
+          defaults={"copier_pass": 500, "addift": 100, "ileco": 300}, kohya="max_train_steps", metadata=True, essential=True),
     Field("batch_size", int, 1, "batch size",
           "Images per step. " + _RATE_VS_BATCH + " Roughly: doubling the batch allows up to about 1.4-2x "
           "the learning rate, and the same number of images seen takes half the steps; memory grows with it. "
           "Copier (reported on SD1.5 and SDXL): batch 1 with lr 5e-5 to 1e-4, batch 2 (the default) with up to 5e-4, "
-          "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch.",
-          "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4, "addift": 1},
+          "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch. "
+          "iLECO: noise latents per step (no images), 2 as traintrain's preset.",
+          "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4, "addift": 1, "ileco": 2},
           kohya="train_batch_size", metadata="ss_batch_size_per_device", essential=True),
     Field("gradient_accumulation", int, 1, "gradient accumulation",
           "Add up the gradients of N batches before each optimizer step: an effective batch of "
@@ -458,9 +462,11 @@ FIELDS: dict[str, Field] = _registry(
     Field("lr", float, 1e-4, "learning rate",
           "Learning rate of the LoRA (UNet). Typical 1e-4 for AdamW at alpha = rank/2; Lion 3-10x lower; "
           "Prodigy: 1.0 (it finds the step size itself). Too high burns colours and breaks images; too low "
-          "learns nothing in the given steps. " + _RATE_VS_BATCH + " LCM-LoRA (SD1.5, rank 64): 1e-4.",
+          "learns nothing in the given steps. " + _RATE_VS_BATCH + " LCM-LoRA (SD1.5, rank 64): 1e-4. iLECO: "
+          "5e-4 (traintrain's preset; its README: 1e-4 to 1e-3).",
           "training", min=0, min_exclusive=True, max=10, in_copier="passes",
-          defaults={"copier_pass": 5e-4, "difference_pass": 1e-4, "addift": 1e-3}, kohya="learning_rate", metadata=True, essential=True),
+          defaults={"copier_pass": 5e-4, "difference_pass": 1e-4, "addift": 1e-3, "ileco": 5e-4}, kohya="learning_rate",
+          metadata=True, essential=True),
     Field("text_encoder_lr", float, 5e-5, "text encoder learning rate",
           "Learning rate of the text encoder when train_text_encoder is on; 0 = same as lr. Usually 1/2 to "
           "1/10 of lr.", "training", modes=_STD_COPIER, min=0, max=10, advanced=True, metadata=True),
@@ -477,7 +483,8 @@ FIELDS: dict[str, Field] = _registry(
           "How the lr changes over the steps: constant; constant_with_warmup (ramps up over lr_warmup_steps); "
           "linear and cosine (decay to 0 at the end); cosine_with_restarts (lr_scheduler_num_cycles decays); "
           "polynomial (decay with exponent lr_scheduler_power).",
-          "training", choices=LR_SCHEDULES, in_copier="passes", defaults={"copier_pass": "cosine"}, metadata=True),
+          "training", choices=LR_SCHEDULES, in_copier="passes", defaults={"copier_pass": "cosine", "ileco": "cosine"},
+          metadata=True),
     Field("lr_warmup_steps", int, 0, "warm-up steps",
           "Steps over which the lr ramps up from 0 at the start (every schedule except constant). "
           "Typical 0-10% of the steps.", "training", min=0, in_copier="passes", advanced=True, metadata=True),
@@ -604,6 +611,29 @@ FIELDS: dict[str, Field] = _registry(
     Field("ema_decay", float, 0.95, "EMA decay",
           "Per-step decay of the EMA target (use_ema_target); 0.95 as in LCM.",
           "lcm", modes=("lcm",), min=0, max=1, max_exclusive=True, advanced=True),
+    # --- ileco --------------------------------------------------------------------------------
+    Field("source_prompt", str, "", "source prompt",
+          "What the slider changes, e.g. 'a red circle' or 'red': the LoRA is trained on this prompt, so it acts "
+          "where the picture shows it. Required.", "ileco", modes=("ileco",), metadata="ss_ileco_source_prompt", essential=True),
+    Field("target_prompt", str, "", "target prompt",
+          "What strength 1 turns the source into, e.g. 'a blue circle'. Empty = erase the source concept "
+          "(toward the empty prompt, as traintrain's iLECO). Must differ from the source prompt.",
+          "ileco", modes=("ileco",), metadata="ss_ileco_target_prompt", essential=True),
+    Field("slider_scale", float, 1.0, "slider scale",
+          "How far strength 1 goes: the LoRA learns prediction(source) + scale x (prediction(target) - "
+          "prediction(source)) on the source prompt. 1 = the target itself; above 1 overshoots (stronger "
+          "sliders), below 1 moves part of the way.", "ileco", modes=("ileco",), min=0, min_exclusive=True,
+          max=10, ui="slider", metadata="ss_ileco_slider_scale"),
+    Field("both_directions", bool, True, "train both directions",
+          "Also train strength -1 toward the opposite, prediction(source) - scale x (prediction(target) - "
+          "prediction(source)), so negative strengths are a trained slider and not an extrapolation. Each "
+          "step then runs the LoRA twice (about 1.5x slower).", "ileco", modes=("ileco",),
+          metadata="ss_ileco_both_directions"),
+    Field("denoise_steps", int, 20, "denoise steps",
+          "The training latents: noise the base model denoises on the source prompt (DDIM, CFG 5) for a "
+          "random 0 to N-1 of N steps, and the LoRA is trained at the timestep reached. 1 = always pure noise "
+          "at t=999. More = more timesteps covered, and N/2 base-model passes per step on average.",
+          "ileco", modes=("ileco",), min=1, max=200, advanced=True, metadata="ss_ileco_denoise_steps"),
     # --- previews -----------------------------------------------------------------------------
     Field("sample_prompts", list[str], [], "preview prompts",
           "Prompts for preview images, one per line, rendered with the LoRA at strength 1 whenever a file is "
@@ -615,7 +645,7 @@ FIELDS: dict[str, Field] = _registry(
 
 def fields_for(scope: str) -> tuple[Field, ...]:
     """The fields of one scope, in registry order: a mode's job, or a copier pass."""
-    if scope in ("standard", "lcm", "addift"):
+    if scope in MODES and scope != "copier":      # one-part jobs: every field of the mode, at the top level
         return tuple(f for f in FIELDS.values() if scope in f.modes)
     places = {"copier": ("job",), "copier_pass": ("passes",), "difference_pass": ("passes", "difference_pass")}
     if scope not in places:

@@ -239,3 +239,45 @@ class AddiftJob(PairRules, Job):
     addift_strength: float = 1.0
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
+
+
+@typed_spec('ileco')
+@dataclass(frozen=True)
+class IlecoJob(Job):
+    """iLECO: a slider LoRA from two prompts alone (no images), moving source_prompt toward target_prompt."""
+
+    mode: ClassVar[Literal['ileco']] = 'ileco'
+    name: str = 'my_slider'
+    output_dir: str = ''
+    overwrite: bool = False
+    save_every_n_steps: int = 0
+    save_precision: SavePrecision = 'fp16'
+    model: str = ''
+    prediction: PredictionChoice = 'auto'
+    mixed_precision: MixedPrecision = 'bf16'
+    gradient_checkpointing: bool = False
+    network_dim: int = 4
+    network_alpha: float = 8.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    target_set: TargetSet = 'attn_mlp'
+    blocks: list[str] = field(default_factory=list)
+    resolution: int = 512
+    steps: int = 300
+    batch_size: int = 2
+    lr: float = 0.0005
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'cosine'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    source_prompt: str = ''
+    target_prompt: str = ''
+    slider_scale: float = 1.0
+    both_directions: bool = True
+    denoise_steps: int = 20
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0

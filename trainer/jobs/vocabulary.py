@@ -8,8 +8,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal, get_args
 
-Mode = Literal["standard", "copier", "lcm", "addift"]
-Scope = Literal["standard", "copier", "lcm", "addift", "copier_pass", "difference_pass"]
+Mode = Literal["standard", "copier", "lcm", "addift", "ileco"]
+Scope = Literal["standard", "copier", "lcm", "addift", "ileco", "copier_pass", "difference_pass"]
 TargetSet = Literal["attn", "attn_mlp", "all"]
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]

@@ -63,6 +63,9 @@ BUILTIN: dict[str, dict[str, Any]] = {
     # the LCM-LoRA recipe is the LCM mode's defaults; these only set the model's resolution
     "built-in LCM-LoRA SD1.5": {"mode": "lcm", "resolution": 512},
     "built-in LCM-LoRA SDXL": {"mode": "lcm", "resolution": 1024, "gradient_checkpointing": True},
+    # traintrain's iLECO preset (rank 4 / alpha 8, AdamW 5e-4 cosine, 300 steps, batch 2) is the iLECO defaults
+    "built-in iLECO slider SD1.5": {"mode": "ileco", "resolution": 512},
+    "built-in iLECO slider SDXL": {"mode": "ileco", "resolution": 1024, "gradient_checkpointing": True},
 }
 #: The form as last queued, restored when the page loads again (a hidden file: not a preset).
 LAST_FORM = ".last_form"

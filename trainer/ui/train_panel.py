@@ -45,7 +45,8 @@ class TrainPanel:
         with gr.Row(elem_id="loraq_train_top", elem_classes=["loraq-compact"]):
             self.mode = gr.Radio(list(jobs.MODES), value="standard", label="mode", elem_id="loraq_mode", scale=2,
                                  info="standard: a folder of captioned images · copier: the difference between "
-                                      "image A and image B · lcm: distil a few-step LCM-LoRA")
+                                      "image A and image B · addift: the same difference learnt directly (ADDifT) · "
+                                      "lcm: distil a few-step LCM-LoRA · ileco: a slider from two prompts, no images")
             self.preset_name = gr.Dropdown(self.presets.names(), label="preset", elem_id="loraq_preset_name",
                                            allow_custom_value=True, value=None, scale=2,
                                            info="type a name to save the form, or pick one to load")
