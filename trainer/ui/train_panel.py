@@ -103,7 +103,8 @@ class TrainPanel:
                         with gr.Column(min_width=150, scale=2):
                             self._controls([c])
                 for part in form.PASSES:
-                    with gr.Column(min_width=330, scale=5, elem_id=f"loraq_top_{part}"):
+                    with gr.Column(min_width=330, scale=5, elem_id=f"loraq_top_{part}") as pass_column:
+                        self.containers.append((pass_column, ("copier",)))
                         gr.Markdown(f"**{form.PASS_TITLES[part]}**", elem_classes=["loraq-pass-title"])
                         members = [c for c in top if c.part == part]
                         self._controls([c for c in members if c.field.group == "pass2"])
@@ -114,7 +115,9 @@ class TrainPanel:
                                     cell = self._cell(c, min_width=100, by_mode=False)
                                     if part == "difference_pass" and c.field.group == "training":
                                         self.pass2_training.append(cell)
-            self.containers.append((copier_row, ("copier",)))
+            # the modes with images (copier, addift); the passes' columns only for a copier
+            self.containers.append((copier_row, tuple(m for m in jobs.MODES if any(
+                m in c.modes for c in top if c.kind == "images" or c.part))))
             with gr.Row():
                 for c in top:
                     if not c.part and c not in shared and c.kind in ("number", "choice"):
