@@ -136,9 +136,9 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     # 270-480 ms median on a 2-core machine at load 6-13, see bench/README.md), the queue answers a refresh within
     # 200 ms, the plot moves, and the summary follows the steps.
     clicks = sorted(session["click_to_summary_ms"])
-    assert len(clicks) == 5 and clicks[2] <= 600 and clicks[-1] < 2500, clicks
+    assert len(clicks) >= 3 and clicks[len(clicks) // 2] <= 600 and clicks[-1] < 2500, clicks  # as many as the job lasts (<= 5)
     times = sorted(session["refresh_ms"])
-    assert len(times) == 3 and times[1] < 200, session["refresh_ms"]
+    assert len(times) >= 2 and times[len(times) // 2] < 200, session["refresh_ms"]
     assert session["plots_while_training"] >= 2, session["plots_while_training"]
     running = [s for s in session["summaries_while_training"] if "running, step" in s]
     assert len({re.search(r"step (\d+)/", s).group(1) for s in running}) >= 2, session["summaries_while_training"]
@@ -148,7 +148,8 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     # The grid: 7 strengths x 3 seeds of 64 px cells, upscaled to 128 px, below a label row.
     assert session["grid_size"][0] >= 7 * 128 and session["grid_size"][1] >= 3 * 128
     # the LoRA file by its name in the LoRA folder, not a cut-off absolute path; no grid of another job
-    assert session["checkpoint_shown"] == "red_to_blue.safetensors", session["checkpoint_shown"]
+    shown = session["checkpoint_shown"]
+    assert "red_to_blue.safetensors" in shown and str(tmp_path) not in shown and "/" not in shown, shown
     assert session["grid_status_other_job"].strip() == ""
     # The merge of the difference and its copier.
     assert "merged 2 LoRAs" in session["merge_report"] and "total:" in session["merge_report"]
@@ -530,7 +531,8 @@ def session(out: Path, app_python: str) -> None:
                 if "done" in text or "failed" in text:
                     break
                 if "running" in text:
-                    if len(click_ms) < 5:
+                    # clicks and refreshes alternate, so a job that ends early still leaves both measured
+                    if len(click_ms) < 5 and (len(click_ms) <= len(refresh_ms) or len(refresh_ms) >= 3):
                         click_ms.append(round(page.evaluate(CLICK_TO_SUMMARY_MS), 1))
                     elif len(refresh_ms) < 3:
                         # The answer time as the browser saw it: request sent -> response received.
@@ -573,7 +575,7 @@ def session(out: Path, app_python: str) -> None:
             # 5. The comparison grid on the job's own model.
             expect(page.locator("#loraq_grid_prompt textarea, #loraq_grid_prompt input").first).to_have_value(
                 PROMPT, timeout=10_000)
-            facts["checkpoint_shown"] = box("loraq_checkpoint").input_value()
+            facts["checkpoint_shown"] = el("loraq_checkpoint").inner_text()   # a multiselect: its chosen chips
             page.click("#loraq_grid_generate")
             grid = page.locator("#loraq_grid img")
             expect(grid).to_be_visible(timeout=90_000)
