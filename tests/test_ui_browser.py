@@ -313,8 +313,9 @@ def results_session(out: Path, app_python: str) -> None:
             page.click("#loraq_morning_generate")
             expect(el("loraq_morning_status")).to_contain_text("✔", timeout=120_000)
             facts["morning_status"] = el("loraq_morning_status").inner_text()
-            morning = page.locator("#loraq_morning img")
-            expect(morning).to_be_visible(timeout=10_000)
+            el("loraq_morning").scroll_into_view_if_needed()   # gradio 4 loads the (tall) picture lazily
+            page.wait_for_function("() => { const i = document.querySelector('#loraq_morning img');"
+                                   " return i && i.complete && i.naturalWidth > 0; }", timeout=20_000)
             facts["morning_size"] = page.evaluate("() => { const i = document.querySelector('#loraq_morning img');"
                                                   " return [i.naturalWidth, i.naturalHeight]; }")
             sheet = data / "loras" / "squares.morning.png"

@@ -67,8 +67,8 @@ def job_prompts(job) -> list[str]:
     prompt, the trigger word; never nothing (an empty prompt shows only the model's average image)."""
     if job.sample_prompts:
         return list(job.sample_prompts)
-    for candidate in (getattr(job, "prompt", ""), (list(getattr(job, "prompts", []) or []) or [""])[0],
-                      getattr(job, "trigger_word", "")):
+    for candidate in (getattr(job, "prompt", ""), getattr(job, "source_prompt", ""),
+                      (list(getattr(job, "prompts", []) or []) or [""])[0], getattr(job, "trigger_word", "")):
         if candidate and candidate.strip():
             return [candidate.strip()]
     return ["a picture"]
