@@ -157,6 +157,42 @@ def safetensors_keys(path: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
+_SHA = {}
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    key = (str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    if key not in _SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        _SHA[key] = h.hexdigest()
+    return _SHA[key]
+
+
+def make_variant(src: Path, dst: Path, key: str = "model.diffusion_model.input_blocks.0.0.bias") -> None:
+    """Copy a safetensors checkpoint with one value of ``key`` changed: a different file (and hash) that
+    loads as the same architecture. Pure bytes: the header gives the tensor's offsets and dtype."""
+    import shutil
+    shutil.copyfile(src, dst)
+    with open(dst, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        entry = header[key]
+        size = {"F16": 2, "BF16": 2, "F32": 4}[entry["dtype"]]
+        f.seek(8 + n + entry["data_offsets"][0])
+        first = f.read(size)
+        f.seek(8 + n + entry["data_offsets"][0])
+        if entry["dtype"] == "F32":
+            f.write(struct.pack("<f", struct.unpack("<f", first)[0] + 0.01))
+        elif entry["dtype"] == "F16":
+            f.write(struct.pack("<e", struct.unpack("<e", first)[0] + 0.01))
+        else:
+            f.write(bytes([first[0] ^ 0x01, first[1]]))
+
+
 def lora_modules(keys: list[str]) -> list[str]:
     return sorted({k.split(".", 1)[0] for k in keys if k.endswith(".lora_down.weight") or ".lora_down." in k})
 
@@ -487,7 +523,7 @@ class Run:
                                         "loraq_add"]),
                              ("Queue", ["loraq_queue_table", "loraq_selected_job", "loraq_op_stop",
                                         "loraq_op_resume", "loraq_results"]),
-                             ("Merge", ["loraq_lora_list", "loraq_merge_inputs", "loraq_merge_run"])):
+                             ("LoRA tools", ["loraq_lora_list", "loraq_merge_inputs", "loraq_merge_run"])):
             p.loraq_tab(inner)
             for e in elems:
                 seen[e] = p.page.locator(f"#{e}").first.is_visible()
@@ -743,7 +779,7 @@ class Run:
         self.names["lcm"] = name
         return nums
 
-    # h. merge from the merge panel
+    # h. merge from the LoRA tools tab (its Merge section)
     def check_h(self, timeout):
         p = self.page
         inputs = [n for n in (self.names.get("standard"), self.names.get("long"), self.names.get("lcm"),
@@ -755,7 +791,7 @@ class Run:
             raise_skip("no LoRA to merge")
         if len(inputs) < 2:
             inputs = inputs * 2
-        p.loraq_tab("Merge")
+        p.loraq_tab("LoRA tools")
         p.page.locator("#loraq_lora_refresh").click()
         p.page.wait_for_timeout(1500)
         clicked = 0
@@ -1064,37 +1100,75 @@ class Run:
     def _checkpoint(self) -> str:
         return self.api.get("/sdapi/v1/options").get("sd_model_checkpoint") or ""
 
-    def _set_checkpoint(self, title: str, timeout: float) -> float:
+    def _loaded_sha(self) -> str:
+        """SHA256 of the checkpoint the WebUI has actually loaded: both hosts set ``sd_checkpoint_hash`` when
+        they load weights, while ``sd_model_checkpoint`` is only the choice (Forge resets it on a page load)."""
+        return self.api.get("/sdapi/v1/options").get("sd_checkpoint_hash") or ""
+
+    def _set_checkpoint(self, title: str, sha: str, other: str, timeout: float) -> float:
+        """Make ``title`` (content ``sha``) the loaded checkpoint through /sdapi/v1/options, as the dropdown.
+
+        Forge's options call only reloads when the option changes (``checkpoint_change`` compares with the
+        option), and loads at the next generation: when the option already names ``title`` but another model
+        is loaded, it is set to ``other`` first, and a 2-step txt2img loads it."""
         t0 = time.time()
+        if self.args.host == "forge" and self._checkpoint().split(" [")[0] == title.split(" [")[0]:
+            self.api.post("/sdapi/v1/options", {"sd_model_checkpoint": other}, timeout=timeout)
         self.api.post("/sdapi/v1/options", {"sd_model_checkpoint": title}, timeout=timeout)
+        if self.args.host == "forge":
+            self.api.txt2img("a red circle", steps=2, timeout=timeout)
         end = time.time() + timeout
         while time.time() < end:
-            if self._checkpoint().split(" [")[0] == title.split(" [")[0]:   # A1111 adds the hash once loaded
-                if self.args.host == "forge":   # Forge only records the option; its next generation loads it
-                    self.api.txt2img("a red circle", steps=2, timeout=timeout)
+            if self._loaded_sha() == sha:
                 return round(time.time() - t0, 1)
             time.sleep(2)
-        raise Timeout(f"sd_model_checkpoint not {title!r} after {timeout:.0f} s (is {self._checkpoint()!r})")
+        raise Timeout(f"{title!r} not loaded after {timeout:.0f} s (sd_checkpoint_hash {self._loaded_sha()[:10]!r}, "
+                      f"want {sha[:10]!r}; sd_model_checkpoint {self._checkpoint()!r})")
+
+    def _second_checkpoint(self, original_file: Path) -> tuple[Path, bool]:
+        """B: --second-ckpt, or a copy of the original with one weight changed (different content, so a
+        different hash: a hard link would let a host that never reloads look as if it had)."""
+        folder = self.webui / "models" / "Stable-diffusion"
+        if self.args.second_ckpt:
+            src = Path(self.args.second_ckpt).resolve()
+            if src.parent == folder.resolve():
+                return src, False
+            dst = folder / src.name
+            if dst.exists():
+                return dst, False
+            os.link(src, dst)
+            return dst, True
+        dst = folder / "sd15_random_b.safetensors"
+        if dst.exists():
+            return dst, False
+        make_variant(original_file, dst)
+        return dst, True
 
     def check_n(self, timeout):
         p = self.page
-        src = Path("/work/webui/models/sd15_random.safetensors")
-        extra = self.webui / "models" / "Stable-diffusion" / "sd15_random_b.safetensors"
         original = self._checkpoint()
-        nums = {"original": original}
-        made = False
+        models = {m["title"]: m for m in self.api.get("/sdapi/v1/sd-models")}
+        orig_model = next((m for t, m in models.items() if t.split(" [")[0] == original.split(" [")[0]), None)
+        if orig_model is None:
+            raise CheckFailed(f"the chosen checkpoint {original!r} is not in /sdapi/v1/sd-models: {list(models)}")
+        orig_file = Path(orig_model["filename"])
+        extra, made = self._second_checkpoint(orig_file)
+        nums = {"original": original, "second": extra.name, "second_made": made}
+        b_title = None
         try:
-            if not extra.exists():
-                os.link(src, extra)
-                made = True
+            sha_a, sha_b = file_sha256(orig_file), file_sha256(extra)
+            nums["sha256"] = {"original": sha_a[:10], "second": sha_b[:10]}
+            if sha_a == sha_b:
+                raise CheckFailed(f"{extra} has the same content as {orig_file}: give a checkpoint of different content")
             self.api.post("/sdapi/v1/refresh-checkpoints", {})
             titles = [m["title"] for m in self.api.get("/sdapi/v1/sd-models")]
-            b_title = next((t for t in titles if "sd15_random_b" in t), None)
+            b_title = next((t for t in titles if t.split(" [")[0] == extra.name or t.startswith(extra.stem)), None)
             nums["titles"] = titles
             if not b_title:
-                raise CheckFailed(f"sd15_random_b not in /sdapi/v1/sd-models after refresh: {titles}")
-            nums["switch_to_b_s"] = self._set_checkpoint(b_title, 600)
-            p.fresh()   # the tab reads the loaded checkpoint when a job is queued
+                raise CheckFailed(f"{extra.name} not in /sdapi/v1/sd-models after refresh: {titles}")
+            nums["switch_to_b_s"] = self._set_checkpoint(b_title, sha_b, original, 600)
+            p.fresh()   # the tab reads the loaded checkpoint when a job is queued (and Forge resets its option)
+            nums["option_after_page_load"] = self._checkpoint()
             p.loraq_tab("Queue")
             p.page.locator("#loraq_q_pause").click()
             p.page.wait_for_timeout(1500)
@@ -1109,8 +1183,10 @@ class Run:
             nums["job"] = job
             queued_summary, _ = p.job_summary(job)
             nums["summary_when_queued"] = queued_summary
-            nums["switch_to_original_s"] = self._set_checkpoint(original, 600)
-            nums["loaded_before_resume"] = self._checkpoint()
+            nums["switch_to_original_s"] = self._set_checkpoint(original, sha_a, b_title, 600)
+            nums["loaded_before_resume"] = self._loaded_sha()[:10]
+            p.fresh()   # a page load between the switch and the job's turn: the option may change, the model not
+            nums["option_before_resume"] = self._checkpoint()
             p.loraq_tab("Queue")
             p.page.locator("#loraq_q_resume").click()
             p.page.wait_for_timeout(1500)
@@ -1118,16 +1194,17 @@ class Run:
             t0 = time.time()
             nums["row"] = p.wait_state(job, "done", timeout - 120)
             nums["done_after_resume_s"] = round(time.time() - t0, 1)
-            nums["loaded_after_job"] = self._checkpoint()
+            nums["loaded_after_job"] = self._loaded_sha()[:10]
+            nums["option_after_job"] = self._checkpoint()
             summary, err = p.job_summary(job)
             nums["summary_after"] = summary
             warn = [l for l in summary.splitlines() if re.search(r"warning: the WebUI's checkpoint was switched from .+ to ", l)]
             nums["warning_lines"] = warn
             problems = []
-            if not re.search(r"base model: `?[^\n]*sd15_random_b", queued_summary):
-                problems.append(f"summary when queued lacks 'base model: ...sd15_random_b...': {queued_summary[:300]!r}")
-            if "sd15_random_b" not in nums["loaded_after_job"]:
-                problems.append(f"after the job sd_model_checkpoint is {nums['loaded_after_job']!r}")
+            if not re.search(r"base model: `?[^\n]*" + re.escape(extra.stem), queued_summary):
+                problems.append(f"summary when queued lacks 'base model: ...{extra.stem}...': {queued_summary[:300]!r}")
+            if self._loaded_sha() != sha_b:
+                problems.append(f"after the job the loaded model is {nums['loaded_after_job']!r}, not B {sha_b[:10]!r}")
             if not warn:
                 problems.append(f"no 'warning: the WebUI's checkpoint was switched from ... to ...' line: {summary[:400]!r}")
             if problems:
@@ -1146,8 +1223,8 @@ class Run:
             except Exception:
                 pass
             try:
-                if self._checkpoint().split(" [")[0] != original.split(" [")[0]:
-                    self._set_checkpoint(original, 600)
+                if self._loaded_sha() != file_sha256(orig_file):
+                    self._set_checkpoint(original, file_sha256(orig_file), b_title or original, 600)
             except Exception as e:
                 nums["cleanup_error"] = str(e)
             if made and extra.exists():
@@ -1156,7 +1233,7 @@ class Run:
                 self.api.post("/sdapi/v1/refresh-checkpoints", {})
             except Exception:
                 pass
-            nums["extra_removed"] = not extra.exists()
+            nums["extra_removed"] = not extra.exists() if made else "kept (not made by the check)"
 
     # o. the Train form survives a reload; the preset list has the built-in presets
     def check_o(self, timeout):
@@ -1298,14 +1375,15 @@ CHECKS = [
     ("f", "stop and save, then resume, finishes the job (safe unpickler)", "check_f", 1800),
     ("g1", "copier job from the tab finishes", "check_g_copier", 1500),
     ("g2", "LCM job from the tab finishes", "check_g_lcm", 1500),
-    ("h", "merge from the merge panel is listed in /sdapi/v1/loras without restart", "check_h", 600),
+    ("h", "merge from the LoRA tools tab is listed in /sdapi/v1/loras without restart", "check_h", 600),
     ("i", "x/y/z plot with our axes: no console error; same seed twice identical", "check_i", 900),
     ("j", "kill -9 mid-job, restart, resume: job done", "check_j", 1800),
     ("k", "dataset outside the allowed input folders is refused in the tab; the queue does not grow", "check_k", 180),
     ("l", "a clicked finished job's summary and row highlight are still there after 4 s", "check_l", 120),
     ("m", "no 'Too many arguments provided for the endpoint.' in 10 s of the tab + 10 s of its Queue sub-tab",
      "check_m", 120),
-    ("n", "a job names its checkpoint; queued on B, WebUI switched to A before its turn: the worker loads B, "
+    ("n", "a job names its checkpoint; queued on B, WebUI switched to A before its turn: the worker loads B (read from the "
+          "loaded model's sd_checkpoint_hash, B of different content), "
           "job done, summary warns of the switch", "check_n", 2400),
     ("o", "the Train form as last queued survives a reload; the preset list has built-in presets", "check_o", 180),
 ]
@@ -1325,6 +1403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pidfile", default="", help="(default /work/webui/HOST.pid)")
     ap.add_argument("--restart-cmd", default="", help="shell command that starts the WebUI again (check j)")
     ap.add_argument("--loglevel-debug", action="store_true", help="A1111 runs with --loglevel DEBUG")
+    ap.add_argument("--second-ckpt", default="", help="check n: a checkpoint of different content from the loaded "
+                    "one (default: a copy of it with one weight changed, made in the models folder and removed)")
     ap.add_argument("--steps", type=int, default=6, help="steps of the small jobs")
     ap.add_argument("--long-steps", type=int, default=30, help="steps of the long jobs (e, f, j)")
     ap.add_argument("--only", default="", help="comma-separated check ids, e.g. a,b,c")

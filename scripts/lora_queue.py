@@ -49,14 +49,23 @@ def _forge_model_reload():
     return forge_model_reload
 
 
+def _model_checkpoint():
+    """The checkpoint info of the model the WebUI has actually loaded; None for none or Forge's placeholder.
+
+    Not the ``sd_model_checkpoint`` option: Forge resets that option when a page load refreshes the checkpoint
+    list, without loading anything, so the option and the loaded model can disagree."""
+    return getattr(shared.sd_model, "sd_checkpoint_info", None)
+
+
 def _loaded_checkpoint() -> str:
-    """The title of the checkpoint the WebUI has chosen (Forge: also before its first generation loads it)."""
-    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    """The title of the checkpoint the WebUI has loaded (Forge before its first generation: the one chosen)."""
+    info = _model_checkpoint()
     return getattr(info, "title", "") or shared.opts.data.get("sd_model_checkpoint", "") or ""
 
 
 def _switch_checkpoint(name: str):
-    """Load checkpoint ``name`` the way the WebUI's checkpoint dropdown does; (from, to) titles, or None."""
+    """Load checkpoint ``name`` through the WebUI's own model loading; (from, to) titles, or None when the
+    WebUI's choice did not change (it was loaded already, or Forge only had to load the chosen one)."""
     from modules import sd_models
 
     from trainer.models.handle import ModelError
@@ -65,20 +74,36 @@ def _switch_checkpoint(name: str):
     if wanted is None:
         raise ModelError(f"the job's checkpoint {name!r} is not among the WebUI's checkpoints: put it in the "
                          "models folder and refresh the list, or edit the job's base model")
-    loaded = _loaded_checkpoint()
-    current = sd_models.get_closet_checkpoint_match(loaded) if loaded else None
-    if current is not None and current.filename == wanted.filename:
+    loaded = _model_checkpoint()
+    if loaded is not None and loaded.filename == wanted.filename:
         return None
+    chosen = shared.opts.data.get("sd_model_checkpoint", "") or ""
     reload = _forge_model_reload()
-    if reload is not None:                   # Forge: choose it, then load it as its next generation would
+    if reload is not None:
+        # Forge: checkpoint_change only refreshes the loading parameters when the option changes; the option may
+        # already name the wanted checkpoint while another is loaded, so refresh them then too, and load.
         from modules_forge import main_entry
 
-        main_entry.checkpoint_change(wanted.title, save=False)
+        if not main_entry.checkpoint_change(wanted.title, save=False):
+            main_entry.refresh_model_loading_parameters()
         with call_queue.queue_lock:
             reload()
-    else:                                    # A1111: the setting's own onchange reloads, under the queue lock
-        shared.opts.set("sd_model_checkpoint", wanted.title)
-    return loaded or "none", wanted.title
+    elif not shared.opts.set("sd_model_checkpoint", wanted.title):
+        # A1111: the option's onchange reloads (under the queue lock) only when the option changes; it already
+        # named the wanted checkpoint while another is loaded, so load that one the way the onchange would.
+        with call_queue.queue_lock:
+            sd_models.reload_model_weights(info=wanted)
+    now = _model_checkpoint()
+    if now is None or now.filename != wanted.filename:
+        raise ModelError(f"the WebUI did not load the job's checkpoint {wanted.title}: "
+                         f"{getattr(now, 'title', 'no model')} is loaded (the WebUI's console says why); choose "
+                         "it at the top of the page and resume the job")
+    if loaded is None:
+        was = sd_models.get_closet_checkpoint_match(chosen) if chosen else None
+        if was is None or was.filename == wanted.filename:
+            return None                      # Forge loaded the checkpoint already chosen: nothing was switched
+        return chosen, wanted.title
+    return loaded.title, wanted.title
 
 
 def host() -> WebUIHost:

@@ -97,3 +97,30 @@ def test_a_lora_for_another_model_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(MergeError, match="SDXL"):
         bake_loras(base, [MergeInput(str(lora), 1.0)], tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_modules_outside_the_unet_blocks_are_baked_at_the_base_block_weight(tmp_path):
+    """As in SuperMerger: the time embedding is in no block, so a block list gives it BASE's weight (0.5 here)
+    while a block the list sets to 0 is left alone."""
+    from safetensors.torch import load_file, save_file
+
+    base = write_checkpoint(tiny_pipeline("sd1"), "sd1", tmp_path / "base.safetensors")
+    weights = load_file(str(base))
+    time_key, block_key = "model.diffusion_model.time_embed.0.weight", "model.diffusion_model.out.2.weight"
+    g = torch.Generator().manual_seed(5)
+    out, inp = weights[time_key].shape
+    up, down = torch.randn(out, 2, generator=g), torch.randn(2, inp, generator=g)
+    conv_in = weights["model.diffusion_model.input_blocks.0.0.weight"]
+    cup, cdown = torch.randn(conv_in.shape[0], 2, 1, 1, generator=g), torch.randn(2, *conv_in.shape[1:], generator=g)
+    save_file({"lora_unet_time_embedding_linear_1.lora_up.weight": up,
+               "lora_unet_time_embedding_linear_1.lora_down.weight": down,
+               "lora_unet_time_embedding_linear_1.alpha": torch.tensor(2.0),
+               "lora_unet_conv_in.lora_up.weight": cup, "lora_unet_conv_in.lora_down.weight": cdown,
+               "lora_unet_conv_in.alpha": torch.tensor(2.0)}, str(tmp_path / "lora.safetensors"))
+    blocks = ",".join(["0.5"] + ["0"] * 25)      # BASE 0.5; IN00 (conv_in) 0
+    bake_loras(base, [MergeInput(str(tmp_path / "lora.safetensors"), 0.8, blocks)], tmp_path / "baked.safetensors")
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    expected = weights[time_key].double() + 0.8 * 0.5 * (up.double() @ down.double())
+    assert float((baked[time_key].double() - expected).abs().max()) <= 1e-6 * float(expected.abs().max())
+    assert torch.equal(baked["model.diffusion_model.input_blocks.0.0.weight"], conv_in)
+    assert torch.equal(baked[block_key], weights[block_key])

@@ -379,3 +379,15 @@ def test_a_copier_job_renders_previews_of_the_difference_on_the_base_model(tmp_p
     run_job(job, sd1, _ctx(tmp_path))
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["diff.preview.png"]
     assert [p.name for p in sorted((tmp_path / "work" / "diff").glob("*.png"))] == ["diff-000001.preview.png"]
+
+
+def test_the_difference_moves_toward_blue_monotonically_as_the_strength_goes_from_0_to_1(demo_run):
+    """Between 0 and 1 the colour moves one way only (the demo model's red has no room toward -1: see above)."""
+    handle, result, _, _ = demo_run
+    strengths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    images = _images_at(handle, _network_from(handle, result.final), strengths)
+    for i, seed in enumerate(SEEDS):
+        to_blue = [score.colour_distance(images[s][i], BLUE) for s in strengths]
+        assert all(b <= a + 0.005 for a, b in zip(to_blue, to_blue[1:])), \
+            f"seed {seed}: distance to blue by strength {dict(zip(strengths, to_blue))} is not monotone"
+        assert to_blue[-1] <= to_blue[0] - TOWARD_BLUE

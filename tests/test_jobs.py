@@ -268,7 +268,7 @@ def test_newer_schema_is_refused_clearly():
 
 def test_missing_or_unknown_mode_and_broken_json_are_explained():
     assert errors_of(job_from_json, text='{"schema": 1}') == \
-        {"mode": "mode must be one of standard, copier, lcm (got None)"}
+        {"mode": f"mode must be one of {', '.join(MODES)} (got None)"}
     with pytest.raises(JobError, match="not valid JSON"):
         job_from_json('{"mode": ')
 

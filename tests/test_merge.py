@@ -179,7 +179,8 @@ def test_a_module_present_in_only_one_input_is_that_input_times_its_ratio(tmp_pa
     assert torch.allclose(delta_of(result.tensors, TEXT), -0.3 * delta_of(sb, TEXT), atol=1e-10)
 
 
-def test_blocks_a_17_value_list_does_not_address_get_weight_0_as_in_supermerger(tmp_path):
+def test_blocks_a_17_value_list_does_not_address_get_weight_0_and_modules_outside_blocks_base_as_in_supermerger(
+        tmp_path):
     shapes = {SPATIAL: (18, 7, 3),                                                    # IN01: listed
               "lora_unet_down_blocks_0_downsamplers_0_conv": (8, 8, 3),              # IN03: not in 17
               "lora_unet_conv_in": (8, 4, 3),                                         # IN00: not in 17
@@ -188,9 +189,9 @@ def test_blocks_a_17_value_list_does_not_address_get_weight_0_as_in_supermerger(
     every = merge_loras([MergeInput(str(a), 0.5)], RankPolicy(rank=2))
     assert {m.name for m in every.modules} == set(shapes)
     listed = merge_loras([MergeInput(str(a), 0.5, "ALL")], RankPolicy(rank=None, concat=True), dtype="fp64", precision="fp64")
-    assert {m.name for m in listed.modules} == {SPATIAL}
+    assert {m.name for m in listed.modules} == {SPATIAL, "lora_unet_time_embedding_linear_1"}
     assert torch.allclose(delta_of(listed.tensors, SPATIAL), 0.5 * delta_of(read(a)[0], SPATIAL), atol=1e-10)
-    with_26 = merge_loras([MergeInput(str(a), 0.5, ",".join(["1"] * 26))], RankPolicy(rank=2))
+    with_26 = merge_loras([MergeInput(str(a), 0.5, ",".join(["0"] + ["1"] * 25))], RankPolicy(rank=2))
     assert {m.name for m in with_26.modules} == set(shapes) - {"lora_unet_time_embedding_linear_1"}
 
 

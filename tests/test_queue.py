@@ -35,7 +35,8 @@ from trainer.models.diffusers_model import DiffusersHandle, load_handle
 from trainer.train.loop import Progress
 from trainer.train.context import JobContext
 from trainer.queue.store import JobQueue, QueueError, WorkerLock, thinning_plan, thinning_stride
-from trainer.queue.worker import Worker
+from trainer.queue.admission import Admission
+from trainer.queue.worker import Worker, work_folder
 from trainer.sampling.guided import sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +155,46 @@ def test_operations_follow_the_job_states(tmp_path, queue):
     assert [r.name for r in queue.list()] == ["c", "a", "b_2"]
 
 
+def test_a_resumed_job_runs_next_but_is_listed_after_the_finished_ones(tmp_path, queue):
+    _dataset(tmp_path / "data")
+    a, b, c, d = queue.add_many([_job(tmp_path, n) for n in "abcd"])
+    for _ in range(2):
+        queue.finish(queue.claim_next().id, "done")
+    assert queue.stop_and_save(queue.claim_next().id) == "running"
+    queue.finish(c, "stopped")
+    queue.resume(c)
+    assert [r.name for r in queue.list()] == ["a", "b", "c", "d"], "not above the jobs that ran before it"
+    assert queue.claim_next().id == c
+    queue.finish(c, "done")
+    queue.finish(queue.claim_next().id, "stopped")   # d, with nothing queued after it
+    queue.resume(d)
+    assert [r.name for r in queue.list()] == ["a", "b", "c", "d"] and queue.claim_next().id == d
+
+
+def test_a_queued_job_is_changed_in_place_and_a_started_one_never(tmp_path, queue):
+    _dataset(tmp_path / "data")
+    a, b, c = queue.add_many([_job(tmp_path, "a"), _job(tmp_path, "b"), _job(tmp_path, "c")])
+    changed = jobs.job_from_dict({**jobs.job_to_dict(queue.get(b).job), "name": "b_rank8", "network_dim": 8})
+    queue.update(b, changed)
+    row = queue.get(b)
+    assert (row.id, row.name, row.state, row.job.network_dim) == (b, "b_rank8", "queued", 8)
+    assert [r.name for r in queue.list()] == ["a", "b_rank8", "c"], "it keeps its place"
+    queue.update(b, changed)     # its own output is no conflict with itself
+    with pytest.raises(jobs.JobError, match="job 3 'c'") as e:   # another queued job writes that file
+        queue.update(b, jobs.job_from_dict({**jobs.job_to_dict(changed), "name": "c"}))
+    assert "name" in e.value.errors or "output_dir" in e.value.errors
+    with pytest.raises(jobs.JobError, match="not changed"):
+        queue.update(b, jobs.job_from_dict({**jobs.job_to_dict(changed), "dataset_dir": str(tmp_path / "nowhere")}))
+    assert queue.get(b).job.network_dim == 8 and queue.get(b).job.dataset_dir == str(tmp_path / "data")
+    assert queue.claim_next().id == a
+    with pytest.raises(QueueError, match="is running: only a queued job can be changed"):
+        queue.update(a, changed)
+    queue.finish(a, "done")
+    with pytest.raises(QueueError, match="is done: only a queued job can be changed"):
+        queue.update(a, changed)
+    assert queue.get(a).name == "a"
+
+
 def test_an_invalid_job_is_refused_at_add_with_the_field_named(tmp_path, queue):
     with pytest.raises(jobs.JobError, match="not queued") as e:
         queue.add(_job(tmp_path, dataset_dir=str(tmp_path / "nowhere")))
@@ -224,6 +265,28 @@ def test_200_jobs_run_to_the_end_with_nothing_lost_and_a_bounded_store(tmp_path,
     queue.close()                                   # the last connection folds the WAL into the file
     size = sum(p.stat().st_size for p in tmp_path.glob("queue.sqlite*"))
     assert size < 200 * 5_000, f"the store holds {size} bytes for 200 finished jobs (limit 5 kB a job)"
+
+
+@pytest.mark.parametrize("mode", ["standard", "lcm"])
+def test_a_finished_jobs_outputs_list_its_previews_in_step_order_before_its_loras(tmp_path, queue, handle, mode,
+                                                                                   monkeypatch):
+    """Every mode renders its preview prompts; the tab and `queue show` list them with the job's files."""
+    from trainer.train.modes import lcm as lcm_mode
+
+    monkeypatch.setattr(lcm_mode, "TEACHER_SAMPLING_STEPS", 2)   # speed only: the teacher's own images
+    _dataset(tmp_path / "data", n=1)
+    common = dict(steps=2, save_every_n_steps=1, sample_prompts=["red"], resolution=64)
+    job = (_job(tmp_path, "p", **common) if mode == "standard" else
+           jobs.LcmJob(name="p", prompts=["red circle"], num_generated_images=2, batch_size=1, network_dim=2,
+                       network_alpha=2.0, mixed_precision="no", **common))
+    job_id = queue.add(job, admission=Admission(tmp_path / "out"))
+    _worker(queue, handle, tmp_path).run_until_empty()
+    row = queue.get(job_id)
+    assert row.state == "done", row.error
+    names = [Path(p).name for p in row.outputs]
+    assert names == ["p-000001.preview.png", "p.preview.png", "p-000001.safetensors", "p.safetensors"], names
+    assert all(Path(p).is_file() for p in row.outputs)
+    assert Path(row.outputs[0]).parent == work_folder(queue, job_id)
 
 
 def test_a_job_whose_dataset_vanished_fails_clearly_and_the_queue_goes_on(tmp_path, queue, handle):

@@ -8,6 +8,7 @@ the script prints what it found as JSON and the tests below assert on it.
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -20,7 +21,9 @@ import pytest
 from trainer import jobs
 from trainer.merge.svd_merge import MergeError
 from trainer.models.demo.shapes import draw
+from trainer.queue.store import ProgressRow
 from trainer.ui import form, loras, queue_view, results
+from trainer.queue.store import ProgressRow
 from trainer.ui.presets import BUILTIN, PresetError, PresetStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +40,37 @@ def test_every_job_field_has_exactly_one_control_per_place_it_lives():
         assert top_level == {f.name for f in jobs.fields_for(mode)}
     for part in form.PASSES:
         assert {c.field.name for c in form.controls() if c.part == part} == {f.name for f in jobs.fields_for(part)}
+
+
+def test_the_loss_plot_draws_each_phase_in_milliseconds():
+    import random
+    rows = [ProgressRow("pass 1" if i < 500 else "pass 2", i % 500, random.random(), 0.5, 1e-4 * (1 - i / 1000), 0.0)
+            for i in range(1000)]
+    started = time.perf_counter()
+    svg = queue_view.loss_svg(rows, "job: loss")
+    took = time.perf_counter() - started
+    assert svg.count("<polyline") == 6 and "pass 2 lr" in svg and "job: loss" in svg
+    assert took < 0.1, f"{took * 1000:.0f} ms (matplotlib took ~800 ms to draw and encode, holding the interpreter)"
+    # at most 400 points a line (+ the last): the page gets tens of kilobytes, not one per step
+    assert max(len(p.split(" ")) for p in re.findall(r'points="([^"]+)"', svg)) <= 401
+    assert "no steps recorded yet" in queue_view.loss_svg([], "x")
+
+
+def test_the_top_of_the_form_holds_what_each_mode_needs_and_shows_its_pictures(tmp_path):
+    top = {c.key for c in form.controls() if c.essential}
+    # what a job needs and the handful of settings people change, per copier pass too
+    assert {"name", "model", "dataset_dir", "resolution", "steps", "network_dim", "network_alpha", "lr", "optimizer",
+            "batch_size", "image_a", "image_b"} <= top
+    for part in form.PASSES:
+        assert {f"{part}.{k}" for k in ("steps", "network_dim", "network_alpha", "lr", "optimizer", "batch_size")} <= top
+    for mode in jobs.MODES:   # the few settings people change, in any one mode
+        shown = [c for c in form.controls() if c.essential and mode in c.modes]
+        assert len(shown) <= (18 if mode == "copier" else 12), (mode, [c.key for c in shown])   # copier: 2 passes
+    draw("red", "circle", "white", 64).save(tmp_path / "a.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    html = form.thumbnails_html([str(tmp_path / "a.png"), str(tmp_path / "junk.png")])
+    assert html.count("<img") == 1 and "a.png (64x64)" in html and "⚠ not an image" in html
+    assert form.thumbnails_html([]) == ""
 
 
 def test_form_defaults_give_each_modes_template():
@@ -167,6 +201,55 @@ def test_a_merge_tells_the_host_so_the_webui_lists_the_new_lora(tmp_path):
     assert "--verbose" not in big
     with pytest.raises(MergeError, match="'abc' is not a number"):
         loras.merge_into_folder("a:abc", RankPolicy(rank=2), "bad", "fp16", False, tmp_path)
+    # SuperMerger's semantics from the panel's choice: the report says how far it is from "applied together"
+    mode = loras.supermerger_mode("SuperMerger: no (same rank)", 8, False)
+    sm = loras.merge_into_folder("a:0.5\nb:0.5", RankPolicy(rank=2), "sm", "fp16", False, tmp_path, supermerger=mode)
+    assert "SuperMerger semantics, remake dimension no" in sm and "applied together" in sm
+    assert loras.supermerger_mode("SuperMerger: rank box", 4.0, True).dimension == 4
+    assert loras.supermerger_mode("linear (ours)", 4, False) is None
+    with pytest.raises(MergeError, match="whole number >= 1 in the rank box"):
+        loras.supermerger_mode("SuperMerger: rank box", 0, False)
+
+
+def test_lora_tools_resize_extract_and_bake_write_their_files_with_reports(tmp_path):
+    import torch
+
+    from test_single_file import tiny_pipeline, write_checkpoint
+    from tiny import sd1_pipeline
+    from trainer.lora.network import LoraNetwork, NetworkShape
+    from trainer.merge.svd_merge import RankPolicy
+    from trainer.models.diffusers_model import DiffusersHandle
+    from trainer.models.handle import TargetOptions
+
+    # resize: a name from the LoRA folder, to rank 1, reported per module
+    pipe = tiny_pipeline("sd1")
+    net = LoraNetwork(DiffusersHandle(pipe).lora_targets(TargetOptions("attn")), NetworkShape(4, 4.0), seed=1)
+    for lora in net.lora.values():
+        torch.nn.init.normal_(lora.lora_up.weight, std=0.1)
+    net.save(tmp_path / "a.safetensors")
+    written = []
+    report = loras.resize_into_folder("a", RankPolicy(rank=1), "a_r1", "fp16", False, tmp_path, written.append)
+    assert report.startswith("resized a.safetensors") and "rank 1" in report and "total:" in report
+    assert written == [tmp_path / "a_r1.safetensors"]
+    # bake: into a checkpoint file, saved beside it as a new checkpoint
+    base = write_checkpoint(pipe, "sd1", tmp_path / "base.safetensors")
+    report = loras.bake_into_folder(str(base), "a:0.5", "baked", False, tmp_path / "ckpt", library=tmp_path)
+    assert report.startswith("baked 1 LoRAs into base.safetensors") and (tmp_path / "ckpt" / "baked.safetensors").is_file()
+    # extract: tuned - base of two model folders, only inside the folders the host lets the tab read
+    models = tmp_path / "models"
+    sd1_pipeline(models).save_pretrained(models / "base")
+    tuned = sd1_pipeline(models)
+    with torch.no_grad():
+        q = tuned.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        q.weight += 0.3 * torch.randn(q.weight.shape[0], 1) @ torch.randn(1, q.weight.shape[1])
+    tuned.save_pretrained(models / "tuned")
+    with pytest.raises(MergeError, match="outside the folders LoRA Queue may read"):
+        loras.extract_into_folder(str(models / "tuned"), str(models / "base"), RankPolicy(rank=2), "x", "fp16",
+                                  False, tmp_path, roots=(tmp_path / "data",))
+    report = loras.extract_into_folder(str(models / "tuned"), str(models / "base"), RankPolicy(rank=2), "ex",
+                                       "fp16", False, tmp_path, roots=(models,), text_encoder=False)
+    assert report.startswith("extracted 1 modules of tuned - base") and "total:" in report, report
+    assert (tmp_path / "ex.safetensors").is_file() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_results_list_final_then_checkpoints_by_step(tmp_path):
@@ -179,6 +262,33 @@ def test_results_list_final_then_checkpoints_by_step(tmp_path):
     assert results.parse_seeds("1, 2 3") == [1, 2, 3]
     with pytest.raises(ValueError, match="'x'"):
         results.parse_seeds("1, x")
+
+
+def test_the_gallery_lists_a_jobs_previews_in_step_order_the_final_last(tmp_path):
+    job = jobs.StandardJob(name="style", output_dir="night")
+    work, loras = tmp_path / "jobs" / "3", tmp_path / "loras"
+    (loras / "night").mkdir(parents=True)
+    work.mkdir(parents=True)
+    for name in ("style-000100", "style-000020", "other-000010"):
+        (work / f"{name}.preview.png").write_bytes(b"png")
+    assert [c for _, c in results.gallery_items(job, loras, work)] == ["step 20", "step 100"]
+    (loras / "night" / "style.preview.png").write_bytes(b"png")
+    items = results.gallery_items(job, loras, work)
+    assert [c for _, c in items] == ["step 20", "step 100", "final"]
+    assert results.relative(items[-1][0], loras, tmp_path) == "night/style.preview.png"
+    assert results.relative(items[0][0], loras, tmp_path) == "jobs/3/style-000020.preview.png"
+
+
+def test_grid_defaults_follow_the_job_prompts_and_sampling():
+    lcm = jobs.LcmJob(name="l", prompts=["a cat"], sample_prompts=[])
+    assert results.default_prompts(lcm) == ["a cat"]
+    assert results.grid_defaults(lcm) == ("lcm", 4, 1.5)          # LCM sampler, 4 steps, CFG within 1-2
+    standard = jobs.StandardJob(name="s", sample_prompts=["one", "two"])
+    assert results.default_prompt(standard) == "one\ntwo" and results.grid_defaults(standard)[0] == "ddim"
+    assert results.default_prompts(jobs.StandardJob(name="s")) == ["a picture"], "never an empty prompt"
+    assert results.parse_strengths("-1, 0 0.5") == [-1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="'x'"):
+        results.parse_strengths("1, x")
 
 
 # -- the Blocks under both gradio versions ------------------------------------------------------------------
@@ -200,6 +310,10 @@ def test_tab_builds_and_serves_under_webui_gradio(version, tmp_path):
     assert "The queue is empty" in found["queue_table_answer"]
     assert found["loss_plot_lines"] == 2 * 3             # two phases x (raw loss, smoothed loss, lr)
     assert found["build_seconds"] < 60
+    labels = found["tab_labels"]
+    assert "LoRA tools" in labels, labels
+    tools = labels.index("LoRA tools")
+    assert labels[tools + 1:tools + 5] == ["Merge", "Resize", "Extract", "Bake"], labels
 
 
 def build_and_serve(out: Path) -> dict:
@@ -222,6 +336,10 @@ def build_and_serve(out: Path) -> dict:
     wanted = [c.elem_id for c in form.controls()] + ["loraq_err_" + c.key.replace(".", "__") for c in form.controls()]
     wanted += ["loraq_mode", "loraq_add", "loraq_queue_table", "loraq_loss_plot", "loraq_grid", "loraq_merge_inputs",
                "loraq_merge_report", "loraq_lora_list", "loraq_dataset_check"]
+    # the LoRA tools tab: its four sections, each with its button and report, and the merge preview
+    wanted += ["loraq_tab_tools", "loraq_preview_run", "loraq_preview_image", "loraq_preview_report"]
+    wanted += [f"loraq_{tool}_{part}" for tool in ("merge", "resize", "extract", "bake") for part in ("run", "report")]
+    wanted += ["loraq_resize_input", "loraq_extract_tuned", "loraq_extract_base", "loraq_bake_base", "loraq_bake_inputs"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -239,14 +357,15 @@ def build_and_serve(out: Path) -> dict:
                 continue
     finally:
         app.close()
-    figure = queue_view.loss_figure([ProgressRow(phase, step, 0.1, 0.1, 1e-4, float(step))
-                                     for phase in ("pass 1 of 2", "pass 2 of 2") for step in range(1, 5)])
-    return {"gradio": gr.__version__, "build_seconds": round(build_seconds, 2),
+    figure = queue_view.loss_svg([ProgressRow(phase, step, 0.1, 0.1, 1e-4, float(step))
+                                  for phase in ("pass 1 of 2", "pass 2 of 2") for step in range(1, 5)])
+    tab_labels = [c.get("props", {}).get("label") for c in config["components"] if c.get("type") in ("tabitem", "tab")]
+    return {"gradio": gr.__version__, "build_seconds": round(build_seconds, 2), "tab_labels": tab_labels,
             "missing_elem_ids": sorted(set(wanted) - set(ids)),
             "unprefixed_elem_ids": sorted(i for i in ids if not i.startswith("loraq_")),
             "field_controls": sum(1 for c in form.controls() if c.elem_id in ids),
             "queue_table_answer": answer if isinstance(answer, str) else json.dumps(answer),
-            "loss_plot_lines": sum(len(ax.get_lines()) for ax in figure.axes)}
+            "loss_plot_lines": figure.count("<polyline")}
 
 
 if __name__ == "__main__":

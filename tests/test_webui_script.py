@@ -7,6 +7,8 @@ import threading
 import types
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -118,6 +120,7 @@ def test_a_job_names_its_checkpoint_and_the_worker_switches_the_webui_to_it(tmp_
     def opts_set(key, value):      # A1111 reloads the model in the option's onchange
         set_calls.append((key, value))
         shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=next(i for i in infos.values() if i.title == value))
+        return True
     shared.opts.set = opts_set
     glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
     host = glue["host"]()
@@ -143,31 +146,108 @@ def test_a_job_names_its_checkpoint_and_the_worker_switches_the_webui_to_it(tmp_
         host.stop()
 
 
-def test_on_forge_the_switch_chooses_the_checkpoint_then_loads_it_under_the_queue_lock(tmp_path, monkeypatch):
-    registered, options, xyz_module, samplers = _fake_webui(tmp_path, monkeypatch)
-    shared = sys.modules["modules.shared"]
-    call_queue = sys.modules["modules.call_queue"]
-    infos = {name: types.SimpleNamespace(title=f"{name} [ffff0000]", filename=f"/models/{name}")
+def _checkpoint_host(tmp_path, monkeypatch, host, loaded, option, broken=False):
+    """A1111's or Forge's checkpoint machinery as each really behaves (modules/sd_models.py, options.py,
+    modules_forge/main_entry.py): the option and the loaded model are separate, and each loader only reloads
+    when what it compares changed. ``loaded`` None is Forge's placeholder before its first generation;
+    ``broken``: the loader returns without loading anything."""
+    _fake_webui(tmp_path, monkeypatch)
+    shared, call_queue = sys.modules["modules.shared"], sys.modules["modules.call_queue"]
+    infos = {name: types.SimpleNamespace(title=f"{name} [0123abcd]", filename=f"/models/{name}")
              for name in ("a.safetensors", "b.safetensors")}
-    chosen, loads = [], []
     sd_models = types.ModuleType("modules.sd_models")
-    sd_models.get_closet_checkpoint_match = lambda s: next((i for n, i in infos.items() if s and (s in i.title)), None)
-
-    def forge_model_reload():        # Forge loads what checkpoint_change chose
-        assert call_queue.queue_lock.locked(), "Forge's loading runs under the queue lock, as a generation's"
-        loads.append(chosen[-1])
-        shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=next(i for i in infos.values() if i.title == chosen[-1]))
-    sd_models.forge_model_reload = forge_model_reload
-    main_entry = types.ModuleType("modules_forge.main_entry")
-    main_entry.checkpoint_change = lambda name, save=True: chosen.append(name)
-    forge = types.ModuleType("modules_forge")
-    forge.main_entry = main_entry
-    for name, module in (("modules.sd_models", sd_models), ("modules_forge", forge),
-                         ("modules_forge.main_entry", main_entry)):
-        monkeypatch.setitem(sys.modules, name, module)
+    sd_models.get_closet_checkpoint_match = lambda s: next((i for i in infos.values() if s and s in i.title), None)
+    monkeypatch.setitem(sys.modules, "modules.sd_models", sd_models)
     sys.modules["modules"].sd_models = sd_models
-    shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=infos["a.safetensors"])
+    shared.opts.data["sd_model_checkpoint"] = infos[option].title
+    placeholder = type("FakeInitialModel", (), {})()
+    shared.sd_model = placeholder if loaded is None else types.SimpleNamespace(sd_checkpoint_info=infos[loaded])
+    loads = []
+
+    def load(info):
+        assert call_queue.queue_lock.locked(), "the WebUI loads models under the queue lock, as a generation"
+        if not broken:
+            loads.append(info.title)
+            shared.sd_model = types.SimpleNamespace(sd_checkpoint_info=info)
+
+    if host == "a1111":
+        def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+            info = info or sd_models.get_closet_checkpoint_match(shared.opts.data["sd_model_checkpoint"])
+            if shared.sd_model.sd_checkpoint_info.filename != info.filename:   # A1111 returns early otherwise
+                load(info)
+        sd_models.reload_model_weights = reload_model_weights
+
+        def opts_set(key, value):      # options.py: False when unchanged; else the onchange, wrap_queued_call'ed
+            if shared.opts.data.get(key) == value:
+                return False
+            shared.opts.data[key] = value
+            with call_queue.queue_lock:
+                reload_model_weights()
+            return True
+        shared.opts.set = opts_set
+    else:
+        state = {"params": infos[loaded or option], "loaded_params": infos[loaded] if loaded else None}
+
+        def refresh_model_loading_parameters():     # select_checkpoint() reads the option
+            state["params"] = sd_models.get_closet_checkpoint_match(shared.opts.data["sd_model_checkpoint"])
+
+        def checkpoint_change(ckpt_name, save=True, refresh=True):   # compares with the option, not the model
+            if sd_models.get_closet_checkpoint_match(ckpt_name) is sd_models.get_closet_checkpoint_match(
+                    shared.opts.data.get("sd_model_checkpoint", "")):
+                return False
+            shared.opts.data["sd_model_checkpoint"] = ckpt_name
+            if refresh:
+                refresh_model_loading_parameters()
+            return True
+
+        def forge_model_reload():     # reloads only when the loading parameters changed (forge_hash)
+            if state["params"] is state["loaded_params"]:
+                return
+            load(state["params"])
+            if not broken:
+                state["loaded_params"] = state["params"]
+        sd_models.forge_model_reload = forge_model_reload
+        main_entry = types.ModuleType("modules_forge.main_entry")
+        main_entry.checkpoint_change = checkpoint_change
+        main_entry.refresh_model_loading_parameters = refresh_model_loading_parameters
+        forge = types.ModuleType("modules_forge")
+        forge.main_entry = main_entry
+        monkeypatch.setitem(sys.modules, "modules_forge", forge)
+        monkeypatch.setitem(sys.modules, "modules_forge.main_entry", main_entry)
     glue = runpy.run_path(str(ROOT / "scripts" / "lora_queue.py"))
-    assert glue["_switch_checkpoint"]("b.safetensors") == ("a.safetensors [ffff0000]", "b.safetensors [ffff0000]")
-    assert chosen == loads == ["b.safetensors [ffff0000]"]
-    assert glue["_switch_checkpoint"]("b.safetensors") is None and len(loads) == 1
+    return glue, shared, loads
+
+
+A, B = "a.safetensors [0123abcd]", "b.safetensors [0123abcd]"
+
+
+@pytest.mark.parametrize("host, loaded, option, switched, loads", [
+    ("a1111", "a.safetensors", "a.safetensors", (A, B), [B]),   # the option's onchange loads B
+    # the option already names B while A is loaded: the onchange would not run, so B is loaded directly
+    ("a1111", "a.safetensors", "b.safetensors", (A, B), [B]),
+    ("a1111", "b.safetensors", "a.safetensors", None, []),      # B is loaded: the option's disagreement is moot
+    ("forge", "a.safetensors", "a.safetensors", (A, B), [B]),
+    # a page load reset Forge's option to B without loading it (the real failure): loading params refreshed
+    ("forge", "a.safetensors", "b.safetensors", (A, B), [B]),
+    ("forge", "b.safetensors", "a.safetensors", None, []),
+    ("forge", None, "b.safetensors", None, [B]),                # placeholder: Forge loads its chosen B, no switch
+    ("forge", None, "a.safetensors", (A, B), [B]),              # placeholder, A chosen: the choice changes to B
+])
+def test_the_switch_compares_with_the_loaded_model_and_loads_the_jobs_checkpoint(
+        tmp_path, monkeypatch, host, loaded, option, switched, loads):
+    glue, shared, done = _checkpoint_host(tmp_path, monkeypatch, host, loaded, option)
+    assert glue["_switch_checkpoint"]("b.safetensors") == switched
+    assert done == loads
+    assert shared.sd_model.sd_checkpoint_info.title == B, "the job trains on the checkpoint it names"
+    assert glue["_switch_checkpoint"]("b.safetensors") is None and done == loads, "loaded once"
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_a_switch_that_leaves_another_model_loaded_is_a_clear_error(tmp_path, monkeypatch, host):
+    from trainer.models.handle import ModelError
+
+    glue, shared, done = _checkpoint_host(tmp_path, monkeypatch, host, "a.safetensors", "a.safetensors",
+                                          broken=True)
+    with pytest.raises(ModelError, match=r"did not load the job's checkpoint b\.safetensors \[0123abcd\]: "
+                                         r"a\.safetensors \[0123abcd\] is loaded"):
+        glue["_switch_checkpoint"]("b.safetensors")

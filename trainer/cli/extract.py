@@ -17,6 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("base", metavar="BASE", help="the model it was tuned from")
     add_rank_arguments(parser)
     parser.add_argument("--no-text-encoder", action="store_true", help="leave the text encoders out")
+    parser.add_argument("--svd", choices=("lowrank", "gram", "exact"), default="lowrank",
+                        help="how two single-file checkpoints' differences are factored: randomized (default, "
+                             "fixed ranks), Gram eigendecomposition, or LAPACK's full SVD (the reference)")
     parser.set_defaults(func=run)
     return parser
 
@@ -24,18 +27,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from trainer.device import SAVE_PRECISION
-    from trainer.merge.extract import extract_lora, save_extracted
+    from trainer.merge.extract import extract_models, save_extracted
     from trainer.merge.svd_merge import MergeError, format_report
-    from trainer.models.diffusers_model import load_handle
     from trainer.models.handle import ModelError
 
     torch.set_grad_enabled(False)
     try:
         policy = policy_from_args(args)
-        tuned, base = load_handle(args.tuned), load_handle(args.base)
-        result = extract_lora(tuned, base, policy, dtype=SAVE_PRECISION[args.dtype],
-                              text_encoder=not args.no_text_encoder, title=args.out.rsplit("/", 1)[-1].rsplit(".", 1)[0])
+        result = extract_models(args.tuned, args.base, policy, dtype=args.dtype, text_encoder=not args.no_text_encoder,
+                                title=args.out.rsplit("/", 1)[-1].rsplit(".", 1)[0], method=args.svd)
         save_extracted(result, args.out)
     except (MergeError, ModelError) as e:
         print(f"extract: error: {e}", file=sys.stderr)

@@ -28,12 +28,17 @@ CLASSES: tuple[tuple[str, str, str, dict[str, str], str], ...] = (
      "    ``passes()`` gives the two passes as they run (pass 2 resolved through ``same_as_pass1``)."),
     ("lcm", "LcmJob", "Job", {},
      "LCM distillation into a LoRA (LCM-LoRA) from a dataset or from prompts."),
+    ("addift", "AddiftJob", "PairRules, Job", {},
+     "ADDifT difference LoRA: trained directly on the prediction difference of one or several pairs A -> B."),
+    ("ileco", "IlecoJob", "Job", {},
+     "iLECO: a slider LoRA from two prompts alone (no images), moving source_prompt toward target_prompt."),
 )
 
 _CHOICE_TYPES = {
     vocabulary.TARGET_SETS: "TargetSet", vocabulary.OPTIMIZERS: "OptimizerName", vocabulary.LR_SCHEDULES: "LrSchedule",
     vocabulary.MIXED_PRECISIONS: "MixedPrecision", vocabulary.SAVE_PRECISIONS: "SavePrecision",
     vocabulary.PREDICTIONS: "PredictionChoice", vocabulary.LOSS_TYPES: "LossType",
+    vocabulary.OUTSIDE_MASK: "OutsideMask",
 }
 
 
@@ -60,7 +65,7 @@ def source() -> str:
         "from dataclasses import dataclass, field",
         "from typing import ClassVar, Literal",
         "",
-        "from trainer.jobs.specs import CopierRules, Job, _Spec, typed_spec",
+        "from trainer.jobs.specs import CopierRules, Job, PairRules, _Spec, typed_spec",
         f"from trainer.jobs.vocabulary import {', '.join(aliases)}",
         "",
     ]

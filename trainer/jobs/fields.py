@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from trainer.jobs.vocabulary import (
-    BLOCK_IDS, LOSS_TYPES, LR_SCHEDULES, MIXED_PRECISIONS, MODES, OPTIMIZERS, PREDICTIONS, SAVE_PRECISIONS, SCOPES,
-    TARGET_SETS,
+    BLOCK_IDS, LOSS_TYPES, LR_SCHEDULES, MIXED_PRECISIONS, MODES, OPTIMIZERS, OUTSIDE_MASK, PREDICTIONS,
+    SAVE_PRECISIONS, SCOPES, TARGET_SETS,
 )
 
 _SCOPE_PARENT = {"copier_pass": "copier", "difference_pass": "copier_pass"}
@@ -24,8 +24,8 @@ _SCOPE_PARENT = {"copier_pass": "copier", "difference_pass": "copier_pass"}
 #: Groups in display order (UI sections, sections of docs/parameters.md).
 GROUPS = {
     "saving": "Output", "model": "Model", "network": "Network", "data": "Data", "training": "Training",
-    "copier": "Copier (two-pass difference)", "pass2": "Copier pass 2", "lcm": "LCM distillation",
-    "preview": "Previews",
+    "copier": "Image pair (copier, ADDifT)", "pass2": "Copier pass 2", "lcm": "LCM distillation",
+    "addift": "ADDifT", "ileco": "iLECO (slider from prompts)", "preview": "Previews",
 }
 
 
@@ -79,6 +79,7 @@ class Field:
     metadata: str | bool = False              # written to a LoRA as ss_<kohya or name> (True) or this ss_* key
     ui: str = ""                              # "slider" | "folder" | "file" | "image" | "lines" | "checkboxes"
     advanced: bool = False                    # UI: shown under "advanced"
+    essential: bool = False                   # UI: at the top of the form (what a job needs, what people change)
 
     def default_for(self, scope: str) -> Any:
         """The default in a scope (a mode or a copier pass); pass 2 falls back to pass 1, then copier."""
@@ -313,6 +314,7 @@ def _registry(*declared: Field) -> dict[str, Field]:
 
 
 _STD_COPIER = ("standard", "copier")
+_DIFFERENCE = ("copier", "addift")
 _RATE_VS_BATCH = ("A bigger batch gives a smoother gradient and tolerates a higher learning rate; "
                   "a lower learning rate needs more steps.")
 
@@ -321,8 +323,9 @@ FIELDS: dict[str, Field] = _registry(
     Field("name", str, "my_lora", "output name",
           "File name of the LoRA without folder or extension: saved as NAME.safetensors, checkpoints as "
           "NAME-000500.safetensors. Letters, digits, - and _ are safest; at most 128 characters.",
-          "saving", check=output_name_problem, defaults={"copier": "my_difference", "lcm": "my_lcm_lora"},
-          kohya="output_name"),
+          "saving", check=output_name_problem, defaults={"copier": "my_difference", "lcm": "my_lcm_lora", "addift": "my_addift",
+                                                         "ileco": "my_slider"},
+          kohya="output_name", essential=True),
     Field("output_dir", str, "", "output folder",
           "Sub-folder of the host's LoRA folder the LoRA is written to (e.g. styles/v2); created if missing. "
           "Empty = the LoRA folder itself (WebUI: models/Lora/lora_queue; standalone: $LORAQ_HOME/outputs "
@@ -341,7 +344,7 @@ FIELDS: dict[str, Field] = _registry(
     Field("model", str, "", "base model",
           "Model to train on: a checkpoint file (.safetensors/.ckpt), a diffusers folder, or 'demo' (the "
           "built-in tiny model). Empty = the model the WebUI has loaded (standalone runs need a value).",
-          "model", path="model", ui="file", kohya="pretrained_model_name_or_path"),
+          "model", path="model", ui="file", kohya="pretrained_model_name_or_path", essential=True),
     Field("prediction", str, "auto", "prediction type",
           "What the model predicts: auto = read it from the model (v for SD2-768 and v-pred checkpoints), "
           "eps = noise, v = velocity. Override only when auto is wrong for your checkpoint.",
@@ -356,17 +359,19 @@ FIELDS: dict[str, Field] = _registry(
     # --- network ------------------------------------------------------------------------------
     Field("network_dim", int, 16, "rank (dim)",
           "LoRA rank: the size of each low-rank update; capacity and file size grow with it. Typical 4-32 "
-          "for a character or style, 64 for LCM. Copier: 16 for pass 1, 4-32 for the difference (pass 2).",
+          "for a character or style, 64 for LCM. Copier: 16 for pass 1, 4-32 for the difference (pass 2). "
+          "iLECO: 4, as traintrain's preset (a slider is a small change).",
           "network", min=1, max=1024, in_copier="passes", ui="slider",
-          defaults={"lcm": 64, "copier_pass": 16, "difference_pass": 8}),
+          defaults={"lcm": 64, "copier_pass": 16, "difference_pass": 8, "addift": 4, "ileco": 4}, essential=True),
     Field("network_alpha", float, 8.0, "alpha",
           "Scales the LoRA's output by alpha / rank, so at the same learning rate a smaller alpha takes "
           "smaller steps. Usual: rank/2 to rank (keep alpha <= rank; far above 4x rank warns). Learning "
           "rates only transfer between setups with the same alpha/rank. LCM: 64 at rank 64 (scale 1) with lr 1e-4, "
           "as diffusers' LCM-LoRA script today; its first version left peft's alpha 8 (scale 1/8), so "
-          "learning rates quoted from that time are 8x too high for alpha 64.",
+          "learning rates quoted from that time are 8x too high for alpha 64. iLECO: 8 at rank 4, as traintrain's "
+          "preset (its README: above the rank may be better for iLECO).",
           "network", min=0, min_exclusive=True, max=4096, in_copier="passes",
-          defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0}),
+          defaults={"lcm": 64.0, "copier_pass": 16.0, "difference_pass": 8.0, "addift": 4.0, "ileco": 8.0}, essential=True),
     Field("conv_dim", int, 0, "conv rank",
           "Rank for the 3x3 convolutions of the ResNet blocks (LoCon); 0 = plain LoRA without them. "
           "Needs target set 'all'. Typical 4-16; helps textures and styles. LCM: 64, as the LCM-LoRA "
@@ -399,7 +404,7 @@ FIELDS: dict[str, Field] = _registry(
           "(image.png + image.txt); subfolders included. LCM: optional, empty = train on images the "
           "teacher generates from the prompts.",
           "data", modes=("standard", "lcm"), path="dir", required_in=("standard",), ui="folder",
-          kohya="train_data_dir"),
+          kohya="train_data_dir", essential=True),
     Field("trigger_word", str, "", "trigger word",
           "Word put in front of every caption (e.g. 'sks_style'); write it in a prompt to call up the LoRA. "
           "Empty = captions as they are.", "data", modes=("standard",)),
@@ -423,7 +428,7 @@ FIELDS: dict[str, Field] = _registry(
     Field("resolution", int, 512, "resolution",
           "Training size in pixels: images are resized so their area is about resolution x resolution "
           "(buckets keep the aspect ratio). 512 for SD1.x, 768 for SD2-768, 1024 for SDXL; multiple of 64.",
-          "data", min=64, max=4096, multiple_of=64, ui="slider"),
+          "data", min=64, max=4096, multiple_of=64, ui="slider", essential=True),
     Field("enable_buckets", bool, True, "aspect-ratio buckets",
           "Train each image near its own aspect ratio instead of centre-cropping it to a square.",
           "data", modes=("standard",), kohya="enable_bucket", metadata=True),
@@ -439,16 +444,17 @@ FIELDS: dict[str, Field] = _registry(
     # --- training -----------------------------------------------------------------------------
     Field("steps", int, 1000, "steps",
           "Optimizer steps to train; each step sees batch_size x gradient_accumulation images. Typical "
-          "1000-3000 for 20-50 images, 300-1000 per copier pass, 1000-4000 for LCM. A lower learning rate "
-          "needs more steps.", "training", min=1, max=1_000_000, in_copier="passes",
-          defaults={"copier_pass": 500}, kohya="max_train_steps", metadata=True),
+          "1000-3000 for 20-50 images, 300-1000 per copier pass, 1000-4000 for LCM, 300-500 for iLECO. A lower "
+          "learning rate needs more steps.", "training", min=1, max=1_000_000, in_copier="passes",
+          defaults={"copier_pass": 500, "addift": 100, "ileco": 300}, kohya="max_train_steps", metadata=True, essential=True),
     Field("batch_size", int, 1, "batch size",
           "Images per step. " + _RATE_VS_BATCH + " Roughly: doubling the batch allows up to about 1.4-2x "
           "the learning rate, and the same number of images seen takes half the steps; memory grows with it. "
           "Copier (reported on SD1.5 and SDXL): batch 1 with lr 5e-5 to 1e-4, batch 2 (the default) with up to 5e-4, "
-          "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch.",
-          "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4},
-          kohya="train_batch_size", metadata="ss_batch_size_per_device"),
+          "batch 4-8 with up to 1e-3; when the copier does not converge, raise steps first, then lr with the batch. "
+          "iLECO: noise latents per step (no images), 2 as traintrain's preset.",
+          "training", min=1, max=256, in_copier="passes", defaults={"copier_pass": 2, "lcm": 4, "addift": 1, "ileco": 2},
+          kohya="train_batch_size", metadata="ss_batch_size_per_device", essential=True),
     Field("gradient_accumulation", int, 1, "gradient accumulation",
           "Add up the gradients of N batches before each optimizer step: an effective batch of "
           "batch_size x N in the memory of one batch, each step taking N times longer.",
@@ -456,9 +462,11 @@ FIELDS: dict[str, Field] = _registry(
     Field("lr", float, 1e-4, "learning rate",
           "Learning rate of the LoRA (UNet). Typical 1e-4 for AdamW at alpha = rank/2; Lion 3-10x lower; "
           "Prodigy: 1.0 (it finds the step size itself). Too high burns colours and breaks images; too low "
-          "learns nothing in the given steps. " + _RATE_VS_BATCH + " LCM-LoRA (SD1.5, rank 64): 1e-4.",
+          "learns nothing in the given steps. " + _RATE_VS_BATCH + " LCM-LoRA (SD1.5, rank 64): 1e-4. iLECO: "
+          "5e-4 (traintrain's preset; its README: 1e-4 to 1e-3).",
           "training", min=0, min_exclusive=True, max=10, in_copier="passes",
-          defaults={"copier_pass": 5e-4, "difference_pass": 1e-4}, kohya="learning_rate", metadata=True),
+          defaults={"copier_pass": 5e-4, "difference_pass": 1e-4, "addift": 1e-3, "ileco": 5e-4}, kohya="learning_rate",
+          metadata=True, essential=True),
     Field("text_encoder_lr", float, 5e-5, "text encoder learning rate",
           "Learning rate of the text encoder when train_text_encoder is on; 0 = same as lr. Usually 1/2 to "
           "1/10 of lr.", "training", modes=_STD_COPIER, min=0, max=10, advanced=True, metadata=True),
@@ -466,7 +474,7 @@ FIELDS: dict[str, Field] = _registry(
           "AdamW: the reliable default. AdamW8bit: the same in less memory (needs bitsandbytes and CUDA). "
           "Lion: use a 3-10x lower lr. Prodigy: adapts the step size, set lr 1.0. Adafactor: least memory. "
           "SGD: plain, needs a much higher lr.", "training", choices=OPTIMIZERS, in_copier="passes",
-          kohya="optimizer_type", metadata="ss_optimizer"),
+          kohya="optimizer_type", metadata="ss_optimizer", essential=True),
     Field("optimizer_args", str, "", "optimizer arguments",
           "Extra optimizer settings as space-separated key=value pairs, e.g. 'weight_decay=0.01 "
           "betas=0.9,0.999', or for Prodigy 'd_coef=1 safeguard_warmup=True'. Empty = the optimizer's defaults.",
@@ -475,7 +483,8 @@ FIELDS: dict[str, Field] = _registry(
           "How the lr changes over the steps: constant; constant_with_warmup (ramps up over lr_warmup_steps); "
           "linear and cosine (decay to 0 at the end); cosine_with_restarts (lr_scheduler_num_cycles decays); "
           "polynomial (decay with exponent lr_scheduler_power).",
-          "training", choices=LR_SCHEDULES, in_copier="passes", defaults={"copier_pass": "cosine"}, metadata=True),
+          "training", choices=LR_SCHEDULES, in_copier="passes", defaults={"copier_pass": "cosine", "ileco": "cosine"},
+          metadata=True),
     Field("lr_warmup_steps", int, 0, "warm-up steps",
           "Steps over which the lr ramps up from 0 at the start (every schedule except constant). "
           "Typical 0-10% of the steps.", "training", min=0, in_copier="passes", advanced=True, metadata=True),
@@ -490,35 +499,39 @@ FIELDS: dict[str, Field] = _registry(
           "against loss spikes.", "training", min=0, max=1000, advanced=True, metadata=True),
     Field("min_snr_gamma", float, 0.0, "min-SNR gamma",
           "Min-SNR loss weighting (Hang et al. 2023): evens out learning across noise levels and usually "
-          "converges faster. 0 = off, typical 5.", "training", modes=_STD_COPIER, min=0, max=100, metadata=True),
+          "converges faster. 0 = off, typical 5.", "training", modes=_STD_COPIER + ("addift",), min=0, max=100,
+          metadata=True),
     Field("noise_offset", float, 0.0, "noise offset",
           "Add a random per-channel constant to the noise so the LoRA can learn very dark and very bright "
           "images. 0 = off, typical 0.03-0.1; high values shift all colours.",
           "training", modes=_STD_COPIER, min=0, max=1, advanced=True, metadata=True),
     Field("timestep_min", int, 0, "lowest timestep",
           "Training timesteps are drawn from [timestep_min, timestep_max), out of 0-1000. Raise the lowest "
-          "(e.g. 200) to learn composition and colour but not fine detail.",
-          "training", modes=_STD_COPIER, min=0, max=999, in_copier="passes", advanced=True, kohya="min_timestep", metadata=True),
+          "(e.g. 200) to learn composition and colour but not fine detail. ADDifT: 500 (traintrain's range for "
+          "actions and decorations such as closed eyes; 200-400 for a style).",
+          "training", modes=_STD_COPIER + ("addift",), min=0, max=999, in_copier="passes", advanced=True,
+          defaults={"addift": 500}, kohya="min_timestep", metadata=True),
     Field("timestep_max", int, 1000, "highest timestep",
           "Upper end (exclusive) of the training timesteps; 1000 = up to pure noise. Lower it (e.g. 600) to "
           "learn detail and texture but not layout.",
-          "training", modes=_STD_COPIER, min=1, max=1000, in_copier="passes", advanced=True, kohya="max_timestep", metadata=True),
+          "training", modes=_STD_COPIER + ("addift",), min=1, max=1000, in_copier="passes", advanced=True,
+          kohya="max_timestep", metadata=True),
     Field("seed", int, 42, "seed",
           "Random seed for LoRA initialisation, noise, timesteps and shuffling: the same seed and settings "
           "give the same LoRA on the same hardware.", "training", min=0, max=2**32 - 1, in_copier="passes", metadata=True),
     # --- copier -------------------------------------------------------------------------------
     Field("image_a", list[str], [], "image A",
-          "Image(s) A, the 'before': pass 1 trains a copier LoRA until it reproduces them. Several images "
-          "make several pairs (e.g. front, left and right views): image_a[i] pairs with image_b[i]. "
-          "Not needed when copier_file is set.", "copier", modes=("copier",), path="file",
-          check=_paths_not_empty, ui="image"),
+          "Image(s) A, the 'before'. Copier: pass 1 trains a copier LoRA until it reproduces them. Several "
+          "images make several pairs (e.g. front, left and right views; ADDifT with several pairs is "
+          "traintrain's Multi-ADDifT): image_a[i] pairs with image_b[i]. Not needed when copier_file is set.",
+          "copier", modes=_DIFFERENCE, path="file", required_in=("addift",), check=_paths_not_empty, ui="image", essential=True),
     Field("image_b", list[str], [], "image B",
-          "Image(s) B, the 'after', in the same order and number as image_a and at the same size: pass 2 "
-          "learns only what changes from A to B.", "copier", modes=("copier",), path="file",
-          required_in=("copier",), check=_paths_not_empty, ui="image"),
+          "Image(s) B, the 'after', in the same order and number as image_a and at the same size: the LoRA "
+          "learns only what changes from A to B.", "copier", modes=_DIFFERENCE, path="file",
+          required_in=_DIFFERENCE, check=_paths_not_empty, ui="image", essential=True),
     Field("prompt", str, "", "prompt",
-          "Caption of A and B in both passes, e.g. 'a photo of a woman'. Empty = no caption. The "
-          "difference works best with prompts like those you will use it with.", "copier", modes=("copier",)),
+          "Caption of A and B (in both passes of a copier), e.g. 'a photo of a woman'. Empty = no caption. The "
+          "difference works best with prompts like those you will use it with.", "copier", modes=_DIFFERENCE),
     Field("copier_file", str, "", "saved copier",
           "A copier LoRA saved by an earlier job on the same image(s) A (save_copier): pass 1 is skipped "
           "and image_a is not needed.", "copier", modes=("copier",), path="file", ui="file"),
@@ -526,16 +539,45 @@ FIELDS: dict[str, Field] = _registry(
           "Also save pass 1's copier as NAME_copier.safetensors, so that later jobs on the same image A can "
           "skip pass 1 with copier_file.", "copier", modes=("copier",)),
     Field("swap_ab", bool, False, "swap A and B",
-          "Learn B -> A instead of A -> B: the difference then removes the change.", "copier", modes=("copier",)),
+          "Learn B -> A instead of A -> B: the difference then removes the change.", "copier", modes=_DIFFERENCE),
     Field("use_mask", bool, False, "mask from alpha",
-          "Use the images' alpha channels as masks: pass 2 counts the loss only where B (and A, if it has "
-          "alpha) is opaque, which keeps the difference local (e.g. only the eyes); pass 1 only where A is "
-          "opaque. Images without alpha count everywhere.",
-          "copier", modes=("copier",)),
+          "Use the images' alpha channels as the region that changes: where B (and A, if it has alpha) is "
+          "opaque (e.g. only the eyes). What happens outside it is outside_mask. Copier pass 1 counts the "
+          "loss only where A is opaque. Images without alpha count everywhere.",
+          "copier", modes=_DIFFERENCE),
+    Field("difference_mask", bool, False, "mask from the A/B difference",
+          "Compute the region that changes from the pixels that differ between A and B (their summed RGB "
+          "difference above difference_threshold, widened by difference_dilate pixels), as traintrain's "
+          "difference mask. With mask from alpha as well, the region is where both say so.",
+          "copier", modes=_DIFFERENCE),
+    Field("difference_threshold", int, 10, "difference threshold",
+          "Difference mask: a pixel belongs to the change when |R_A-R_B| + |G_A-G_B| + |B_A-B_B| (0-765) is "
+          "above this. 10 as traintrain; raise it for JPEG noise.", "copier", modes=_DIFFERENCE, min=0, max=764,
+          advanced=True),
+    Field("difference_dilate", int, 8, "difference mask widening",
+          "Difference mask: pixels the region is widened by on every side, so that the edges of the change "
+          "train too (a latent cell is 8 pixels in SD).", "copier", modes=_DIFFERENCE, min=0, max=512,
+          advanced=True),
+    Field("outside_mask", str, "keep", "outside the mask",
+          "What a mask (from alpha or the difference) does outside its region. keep: trained toward no change "
+          "(the prediction without the LoRA there), so the LoRA changes only the region. ignore: not trained "
+          "at all (the LoRA may change it anyway: before this option the whole picture changed). Copier: pass 2.",
+          "copier", modes=_DIFFERENCE, choices=OUTSIDE_MASK),
+    Field("pair_prompts", list[str], [], "prompt of each pair",
+          "ADDifT with several pairs (Multi-ADDifT): one caption per pair, one per line in the order of image_a "
+          "(e.g. 'a red circle on a white background', 'a red circle on a gray background'), as traintrain "
+          "reads each image's caption. Empty = the prompt for every pair. A caption that describes a pair well "
+          "matters: a shorter prompt shared by different pairs learned almost nothing on the demo model.",
+          "addift", modes=("addift",), ui="lines"),
+    Field("addift_strength", float, 1.0, "training strength",
+          "ADDifT: the LoRA strength at which it learns the pair's change, so that at this strength it "
+          "reproduces A -> B (1: strength 1 is the change of the pairs). traintrain trains at 0.25, so its "
+          "LoRA at 1 gives up to 4x the change.", "addift", modes=("addift",), min=0, min_exclusive=True,
+          max=10, advanced=True),
     Field("same_as_pass1", bool, True, "training settings as pass 1",
           "Pass 2 trains with pass 1's training settings (steps, batch, lr, optimizer, schedule, seed, "
           "timestep range); its network (rank, alpha, conv, blocks) is always its own. Turn off to set "
-          "pass 2's training settings separately.", "pass2", modes=("copier",), in_copier="difference_pass"),
+          "pass 2's training settings separately.", "pass2", modes=("copier",), in_copier="difference_pass", essential=True),
     # --- lcm ----------------------------------------------------------------------------------
     Field("prompts_file", str, "", "prompts file",
           "Text file with one prompt per line; the teacher generates training images from them when "
@@ -575,6 +617,30 @@ FIELDS: dict[str, Field] = _registry(
     Field("ema_decay", float, 0.95, "EMA decay",
           "Per-step decay of the EMA target (use_ema_target); 0.95 as in LCM.",
           "lcm", modes=("lcm",), min=0, max=1, max_exclusive=True, advanced=True),
+    # --- ileco --------------------------------------------------------------------------------
+    Field("source_prompt", str, "", "source prompt",
+          "What the slider changes, e.g. 'a red circle' or 'red': the LoRA is trained on this prompt, so it acts "
+          "where the picture shows it. Required.", "ileco", modes=("ileco",), metadata="ss_ileco_source_prompt", essential=True),
+    Field("target_prompt", str, "", "target prompt",
+          "What strength 1 turns the source into, e.g. 'a blue circle'. Empty = erase the source concept "
+          "(toward the empty prompt, as traintrain's iLECO). Must differ from the source prompt.",
+          "ileco", modes=("ileco",), metadata="ss_ileco_target_prompt", essential=True),
+    Field("slider_scale", float, 1.0, "slider scale",
+          "How far strength 1 goes: the LoRA learns prediction(source) + scale x (prediction(target) - "
+          "prediction(source)) on the source prompt. 1 = the target itself; above 1 overshoots (stronger "
+          "sliders), below 1 moves part of the way.", "ileco", modes=("ileco",), min=0, min_exclusive=True,
+          max=10, ui="slider", metadata="ss_ileco_slider_scale"),
+    Field("both_directions", bool, True, "train both directions",
+          "Also train strength -1 toward the opposite, prediction(source) - scale x (prediction(target) - "
+          "prediction(source)), so negative strengths are a trained slider and not an extrapolation (on the demo "
+          "model, without it strength -1 to -0.5 was not monotone). Each step runs the LoRA twice (1.1x the "
+          "time on the demo model).", "ileco", modes=("ileco",),
+          metadata="ss_ileco_both_directions"),
+    Field("denoise_steps", int, 20, "denoise steps",
+          "The training latents: noise the base model denoises on the source prompt (DDIM, CFG 5) for a "
+          "random 0 to N-1 of N steps, and the LoRA is trained at the timestep reached. 1 = always pure noise "
+          "at t=999. More = more timesteps covered, and N/2 base-model passes per step on average.",
+          "ileco", modes=("ileco",), min=1, max=200, advanced=True, metadata="ss_ileco_denoise_steps"),
     # --- previews -----------------------------------------------------------------------------
     Field("sample_prompts", list[str], [], "preview prompts",
           "Prompts for preview images, one per line, rendered with the LoRA at strength 1 whenever a file is "
@@ -591,7 +657,7 @@ FIELDS: dict[str, Field] = _registry(
 
 def fields_for(scope: str) -> tuple[Field, ...]:
     """The fields of one scope, in registry order: a mode's job, or a copier pass."""
-    if scope in ("standard", "lcm"):
+    if scope in MODES and scope != "copier":      # one-part jobs: every field of the mode, at the top level
         return tuple(f for f in FIELDS.values() if scope in f.modes)
     places = {"copier": ("job",), "copier_pass": ("passes",), "difference_pass": ("passes", "difference_pass")}
     if scope not in places:

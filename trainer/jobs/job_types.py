@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from trainer.jobs.specs import CopierRules, Job, _Spec, typed_spec
-from trainer.jobs.vocabulary import LossType, LrSchedule, MixedPrecision, OptimizerName, PredictionChoice, SavePrecision, TargetSet
+from trainer.jobs.specs import CopierRules, Job, PairRules, _Spec, typed_spec
+from trainer.jobs.vocabulary import LossType, LrSchedule, MixedPrecision, OptimizerName, OutsideMask, PredictionChoice, SavePrecision, TargetSet
 
 
 @typed_spec('copier_pass')
@@ -131,6 +131,10 @@ class CopierJob(CopierRules, Job):
     save_copier: bool = False
     swap_ab: bool = False
     use_mask: bool = False
+    difference_mask: bool = False
+    difference_threshold: int = 10
+    difference_dilate: int = 8
+    outside_mask: OutsideMask = 'keep'
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
     copier_pass: PassSettings = field(default_factory=PassSettings)
@@ -186,3 +190,96 @@ class LcmJob(Job):
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
     comparison_sheet: bool = True
+
+
+@typed_spec('addift')
+@dataclass(frozen=True)
+class AddiftJob(PairRules, Job):
+    """ADDifT difference LoRA: trained directly on the prediction difference of one or several pairs A -> B."""
+
+    mode: ClassVar[Literal['addift']] = 'addift'
+    name: str = 'my_addift'
+    output_dir: str = ''
+    overwrite: bool = False
+    save_every_n_steps: int = 0
+    save_precision: SavePrecision = 'fp16'
+    model: str = ''
+    prediction: PredictionChoice = 'auto'
+    mixed_precision: MixedPrecision = 'bf16'
+    gradient_checkpointing: bool = False
+    network_dim: int = 4
+    network_alpha: float = 4.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    target_set: TargetSet = 'attn_mlp'
+    blocks: list[str] = field(default_factory=list)
+    resolution: int = 512
+    steps: int = 100
+    batch_size: int = 1
+    lr: float = 0.001
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'constant'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    min_snr_gamma: float = 0.0
+    timestep_min: int = 500
+    timestep_max: int = 1000
+    seed: int = 42
+    image_a: list[str] = field(default_factory=list)
+    image_b: list[str] = field(default_factory=list)
+    prompt: str = ''
+    swap_ab: bool = False
+    use_mask: bool = False
+    difference_mask: bool = False
+    difference_threshold: int = 10
+    difference_dilate: int = 8
+    outside_mask: OutsideMask = 'keep'
+    pair_prompts: list[str] = field(default_factory=list)
+    addift_strength: float = 1.0
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0
+
+
+@typed_spec('ileco')
+@dataclass(frozen=True)
+class IlecoJob(Job):
+    """iLECO: a slider LoRA from two prompts alone (no images), moving source_prompt toward target_prompt."""
+
+    mode: ClassVar[Literal['ileco']] = 'ileco'
+    name: str = 'my_slider'
+    output_dir: str = ''
+    overwrite: bool = False
+    save_every_n_steps: int = 0
+    save_precision: SavePrecision = 'fp16'
+    model: str = ''
+    prediction: PredictionChoice = 'auto'
+    mixed_precision: MixedPrecision = 'bf16'
+    gradient_checkpointing: bool = False
+    network_dim: int = 4
+    network_alpha: float = 8.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    target_set: TargetSet = 'attn_mlp'
+    blocks: list[str] = field(default_factory=list)
+    resolution: int = 512
+    steps: int = 300
+    batch_size: int = 2
+    lr: float = 0.0005
+    optimizer: OptimizerName = 'AdamW'
+    optimizer_args: str = ''
+    lr_scheduler: LrSchedule = 'cosine'
+    lr_warmup_steps: int = 0
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    source_prompt: str = ''
+    target_prompt: str = ''
+    slider_scale: float = 1.0
+    both_directions: bool = True
+    denoise_steps: int = 20
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_every_n_steps: int = 0

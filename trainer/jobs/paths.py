@@ -48,6 +48,9 @@ def validate_paths(job: Job, root: str | os.PathLike | None = None) -> dict[str,
     if job.mode == "lcm" and not (job.dataset_dir or job.prompts_file or job.prompts):
         problems.setdefault("dataset_dir", "choose a dataset folder, a prompts file or prompts: "
                                            "LCM needs images or prompts to generate them from")
+    if job.mode == "ileco" and not job.source_prompt.strip():
+        problems.setdefault("source_prompt", "source prompt is required: the concept the slider changes, "
+                                             "e.g. 'a red circle' (iLECO trains from prompts alone)")
     return problems
 
 

@@ -104,6 +104,14 @@ def _guidance_range_not_reversed(v):
                                       f"{_fmt(v['guidance_scale'])}; raise it or set 0 for a fixed w")
 
 
+@_rule("source_prompt", "target_prompt")
+def _slider_prompts_differ(v):
+    if v["source_prompt"].strip() and v["source_prompt"].strip() == v["target_prompt"].strip():
+        return "target_prompt", (f"target prompt is the source prompt ({v['source_prompt'].strip()!r}): the slider "
+                                 "would learn no change; write what strength 1 should turn it into, or leave it "
+                                 "empty to erase the concept")
+
+
 def check_rules(values: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     """(errors, warnings) of the cross-field rules over individually valid ``values``."""
     errors: dict[str, str] = {}

@@ -5,12 +5,13 @@ import json
 from typing import Any, Mapping
 
 from trainer.jobs.fields import JobError, _fmt
-from trainer.jobs.job_types import CopierJob, LcmJob, StandardJob
+from trainer.jobs.job_types import AddiftJob, CopierJob, IlecoJob, LcmJob, StandardJob
 from trainer.jobs.specs import Job, _build, _spec_to_dict
 from trainer.jobs.vocabulary import MODES
 
 SCHEMA_VERSION = 1
-JOB_TYPES: dict[str, type[Job]] = {"standard": StandardJob, "copier": CopierJob, "lcm": LcmJob}
+JOB_TYPES: dict[str, type[Job]] = {"standard": StandardJob, "copier": CopierJob, "lcm": LcmJob, "addift": AddiftJob,
+                                   "ileco": IlecoJob}
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:

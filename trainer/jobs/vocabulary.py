@@ -8,8 +8,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal, get_args
 
-Mode = Literal["standard", "copier", "lcm"]
-Scope = Literal["standard", "copier", "lcm", "copier_pass", "difference_pass"]
+Mode = Literal["standard", "copier", "lcm", "addift", "ileco"]
+Scope = Literal["standard", "copier", "lcm", "addift", "ileco", "copier_pass", "difference_pass"]
 TargetSet = Literal["attn", "attn_mlp", "all"]
 OptimizerName = Literal["AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD"]
 LrSchedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -18,10 +18,12 @@ SavePrecision = Literal["fp32", "fp16", "bf16"]
 PredictionChoice = Literal["auto", "eps", "v"]
 Prediction = Literal["eps", "v"]
 LossType = Literal["huber", "l2"]
+#: What a mask does outside its region (copier pass 2, ADDifT): trained toward no change, or not trained.
+OutsideMask = Literal["keep", "ignore"]
 Arch = Literal["sd1", "sd2", "sdxl"]
 
 MODES: tuple[Mode, ...] = get_args(Mode)
-#: Where a field's value lives: the three job modes plus the copier's two passes.
+#: Where a field's value lives: the job modes plus the copier's two passes.
 SCOPES: tuple[Scope, ...] = get_args(Scope)
 TARGET_SETS: tuple[TargetSet, ...] = get_args(TargetSet)
 OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
@@ -30,6 +32,7 @@ MIXED_PRECISIONS: tuple[MixedPrecision, ...] = get_args(MixedPrecision)
 SAVE_PRECISIONS: tuple[SavePrecision, ...] = get_args(SavePrecision)
 PREDICTIONS: tuple[PredictionChoice, ...] = get_args(PredictionChoice)
 LOSS_TYPES: tuple[LossType, ...] = get_args(LossType)
+OUTSIDE_MASK: tuple[OutsideMask, ...] = get_args(OutsideMask)
 
 #: The 26 block slots of the LoRA Block Weight convention.
 BLOCK_IDS: tuple[str, ...] = (

@@ -19,7 +19,7 @@ import torch
 from trainer.lora.files import LoraFileError
 from trainer.lora.formats import LowRankDelta
 from trainer.lora.reading import family, open_lora
-from trainer.merge.svd_merge import MergeError, MergeInput, block_weights, builtin_presets
+from trainer.merge.svd_merge import MergeError, MergeInput, block_weights, builtin_presets, module_block_weight
 from trainer.models import naming
 from trainer.models.single_file import (SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX,
                                         detect_checkpoint)
@@ -38,22 +38,33 @@ class Baked:
     arch: str
 
 
-def weight_map(keys: Sequence[str], arch: str) -> dict[str, tuple[str, int | None]]:
-    """kohya module key -> (checkpoint tensor key, row block of a fused q/k/v weight or None)."""
+@dataclass(frozen=True)
+class WeightRef:
+    """Where a kohya module's weight lives in a single-file checkpoint."""
+
+    key: str                  # the checkpoint tensor
+    row: int | None           # row block (q 0, k 1, v 2) of OpenCLIP's fused in_proj_weight, else None
+    path: str                 # the module path as training names it (diffusers UNet / HF CLIP)
+    text_encoder: bool
+
+
+def weight_map(keys: Sequence[str], arch: str) -> dict[str, WeightRef]:
+    """kohya module key -> where its weight is (tensor key, row block of a fused q/k/v weight, module path)."""
     layout = naming.SDXL_LAYOUT if arch == "sdxl" else naming.SD1_LAYOUT
     clip = {"sd1": [(SD1_TE_PREFIX, "lora_te_")], "sd2": [], "sdxl": [(SDXL_TE1_PREFIX, "lora_te1_")]}[arch]
     open_clip = {"sd1": [], "sd2": [(SD2_TE_PREFIX + "transformer.", "lora_te_")],
                  "sdxl": [(SDXL_TE2_PREFIX + "transformer.", "lora_te2_")]}[arch]
-    found: dict[str, tuple[str, int | None]] = {}
+    found: dict[str, WeightRef] = {}
     for key in keys:
         if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
             path = key[len(UNET_PREFIX):-len(".weight")]
             diffusers_path = naming.unet_ldm_to_diffusers(path, layout)
-            found[naming.unet_kohya_key(diffusers_path, arch, layout)] = (key, None)
+            found[naming.unet_kohya_key(diffusers_path, arch, layout)] = WeightRef(key, None, diffusers_path, False)
             continue
         for prefix, kohya in clip:
             if key.startswith(prefix) and key.endswith(".weight"):
-                found[naming.text_encoder_kohya_key(key[len(prefix):-len(".weight")], kohya)] = (key, None)
+                path = key[len(prefix):-len(".weight")]
+                found[naming.text_encoder_kohya_key(path, kohya)] = WeightRef(key, None, path, True)
         for prefix, kohya in open_clip:
             if not key.startswith(prefix):
                 continue
@@ -61,14 +72,16 @@ def weight_map(keys: Sequence[str], arch: str) -> dict[str, tuple[str, int | Non
             if path.endswith(".attn.in_proj_weight"):
                 hf = open_clip_path_to_hf(path[:-len(".in_proj_weight")], layers_used=10**6)
                 for part, row in _QKV.items():
-                    found[naming.text_encoder_kohya_key(f"{hf}.{part}", kohya)] = (key, row)
+                    found[naming.text_encoder_kohya_key(f"{hf}.{part}", kohya)] = WeightRef(key, row, f"{hf}.{part}",
+                                                                                           True)
             elif path.endswith(".attn.out_proj.weight"):
                 hf = open_clip_path_to_hf(path[:-len(".out_proj.weight")], layers_used=10**6)
-                found[naming.text_encoder_kohya_key(f"{hf}.out_proj", kohya)] = (key, None)
+                found[naming.text_encoder_kohya_key(f"{hf}.out_proj", kohya)] = WeightRef(key, None, f"{hf}.out_proj",
+                                                                                         True)
             elif path.endswith(".weight"):
                 hf = open_clip_path_to_hf(path[:-len(".weight")], layers_used=10**6)
                 if hf is not None:
-                    found[naming.text_encoder_kohya_key(hf, kohya)] = (key, None)
+                    found[naming.text_encoder_kohya_key(hf, kohya)] = WeightRef(key, None, hf, True)
     return found
 
 
@@ -110,7 +123,7 @@ def bake_loras(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out_
         used = 0
         for name in sorted(lora.groups):
             block = naming.block_id_of_key(name, info.arch)
-            w = spec.ratio * (1.0 if weights is None else weights.get(block, 0.0) if block else 0.0)
+            w = spec.ratio * module_block_weight(weights, block)
             if w == 0.0:
                 continue
             try:
@@ -119,7 +132,7 @@ def bake_loras(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out_
                 raise MergeError(str(e)) from None
             dense = ((delta.up.double() @ delta.down.double()) * delta.scale if isinstance(delta, LowRankDelta)
                      else delta.weight.double())
-            key, row = where[name]
+            key, row = where[name].key, where[name].row
             target = tensors[key]
             acc = sums.setdefault(key, torch.zeros(target.shape, dtype=torch.float64))
             if row is None:

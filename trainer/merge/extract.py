@@ -9,6 +9,7 @@ module keeps: for a truncated SVD the relative error is exactly sqrt(sum of the 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,11 @@ import torch
 
 from trainer.lora import files as lora_files
 from trainer.lora.metadata import file_metadata
+from trainer.merge.bake import WeightRef, weight_map
 from trainer.merge.svd_merge import MergeError, ModuleReport, RankPolicy, merge_totals, truncation_rank
-from trainer.models.handle import ModelHandle, TargetOptions
+from trainer.models.handle import (ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set,
+                                   unet_path_in_target_set)
+from trainer.models.single_file import detect_checkpoint
 from trainer.models.naming import block_id_of_key
 
 #: A module whose difference is below this fraction of its weight's norm is the same in both models
@@ -65,48 +69,225 @@ def extract_lora(tuned: ModelHandle, base: ModelHandle, policy: RankPolicy, *, d
         if norm <= SAME_MODULE_FRACTION * float(torch.linalg.norm(w0.float())):
             unchanged.append(target.key)
             continue
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
         spatial = w0.dim() == 4 and tuple(w0.shape[2:]) != (1, 1)
-        rank = truncation_rank(s, policy, spatial, min(delta.shape))
-        if rank == 0:
+        found = low_rank_factors(delta, policy, spatial, "exact", dtype)
+        if found is None:
             unchanged.append(target.key)
             continue
-        # the singular values split evenly between the factors: neither is far larger (fp16 range)
-        root = torch.sqrt(s[:rank])
-        up = (u[:, :rank] * root).to(dtype)
-        down = (root[:, None] * vh[:rank]).to(dtype)
-        stored = up.float() @ down.float()
-        error = float(torch.linalg.norm(stored - delta)) / norm
-        energy = float((s ** 2).sum())
-        kept = float((s[:rank] ** 2).sum()) / energy
-        if w0.dim() == 4:
-            up = up.reshape(w0.shape[0], rank, 1, 1)
-            down = down.reshape(rank, *w0.shape[1:])
-        tensors[f"{target.key}.lora_up.weight"] = up.contiguous()
-        tensors[f"{target.key}.lora_down.weight"] = down.contiguous()
-        tensors[f"{target.key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
-        reports.append(ModuleReport(target.key, block_id_of_key(target.key, base.arch), rank, min(delta.shape),
-                                    energy, kept, error))
+        _store(tensors, reports, target.key, base.arch, found, tuple(w0.shape), dtype)
+    sources = {name: os.path.basename(str(getattr(h, "source", "") or "")) for name, h in (("tuned", tuned), ("base", base))}
+    return _extracted(tensors, reports, unchanged, base.arch, base.prediction, policy, title, sources, "exact")
+
+
+def _extracted(tensors: dict, reports: list, unchanged: list, arch: str, prediction: str, policy: RankPolicy,
+               title: str, sources: dict[str, str], method: str) -> Extracted:
     if not tensors:
         raise MergeError("the two models have the same weights in every module a LoRA covers: nothing to extract")
+
     def ranks(spatial: bool) -> str:
         found = sorted({r.rank for r in reports if _spatial(tensors[f"{r.name}.lora_down.weight"]) == spatial})
         return "" if not found else str(found[0]) if len(found) == 1 else f"{found[0]}-{found[-1]}"
 
     linear, conv = ranks(False) or ranks(True), ranks(True)
     # alpha = rank in every module (scale 1): the same text as the rank
-    metadata = file_metadata(base.arch, base.prediction, None, linear, linear, conv or 0, conv or 1.0, title)
+    metadata = file_metadata(arch, prediction, None, linear, linear, conv or 0, conv or 1.0, title)
     metadata.update({
-        "ss_extract_method": "truncated SVD of tuned - base per module",
+        "ss_extract_method": f"truncated SVD of tuned - base per module ({method})",
         "ss_extract_rank_policy": policy.describe(),
         "ss_extract_report": str({k: round(v, 8) if isinstance(v, float) else v for k, v in merge_totals(reports).items()}),
         "ss_training_finished_at": str(int(datetime.datetime.now().timestamp())),
     })
-    for name, handle in (("tuned", tuned), ("base", base)):
-        source = getattr(handle, "source", "")
+    for name, source in sources.items():
         if source:
-            metadata[f"ss_extract_{name}_model"] = os.path.basename(str(source))
-    return Extracted(tensors, metadata, reports, unchanged, base.arch)
+            metadata[f"ss_extract_{name}_model"] = source
+    return Extracted(tensors, metadata, reports, unchanged, arch)
+
+
+#: How the truncated SVD of a module's difference is found:
+#: exact    - LAPACK's SVD of the dense difference in float64 (the reference; slowest);
+#: gram     - eigenvectors of the smaller Gram matrix D D^T (or D^T D) in float64, then the other factor as
+#:            D^T u / s: the same leading singular pairs at a few times less work (every singular value is
+#:            found, so an energy fraction can be met);
+#: lowrank  - torch.svd_lowrank (randomized subspace iteration, Halko et al.) in float32 for a fixed rank, at a
+#:            cost that grows with the rank, not the width; its error is measured on the stored factors.
+SVD_METHODS = ("exact", "gram", "lowrank")
+
+#: svd_lowrank's oversampling and power iterations: q = rank + 10, 4 iterations keep it within ~1e-3 of the
+#: optimal error on decaying spectra (bench/extract_compare.py measures it on SD1.5-size modules).
+LOWRANK_OVERSAMPLE, LOWRANK_ITERATIONS = 10, 4
+
+
+@dataclass(frozen=True)
+class Factors:
+    up: torch.Tensor          # [out, r] in float32, sqrt(s) folded in
+    down: torch.Tensor        # [r, in*k*k]
+    energy: float             # ||D||_F^2
+    kept: float               # sum of the kept s^2 / energy
+    error: float              # ||D - up @ down||_F / ||D||_F, with the factors as stored (dtype)
+    full_rank: int
+
+
+def low_rank_factors(delta: torch.Tensor, policy: RankPolicy, spatial: bool, method: str,
+                     dtype: torch.dtype) -> Factors | None:
+    """The truncated SVD of one module's difference ``delta`` [out, in*k*k] under ``policy``; None for rank 0."""
+    if method not in SVD_METHODS:
+        raise MergeError(f"svd method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+    m, n = delta.shape
+    cap = min(m, n)
+    # norms in float32 (cascade-summed: ~1e-6 relative) — a float64 copy of a 1280 x 23040 difference is 236 MB
+    energy = float(torch.linalg.vector_norm(delta.float())) ** 2
+    fixed = policy.conv_rank if spatial and policy.conv_rank is not None else policy.rank
+    if method == "lowrank" and policy.energy is None and fixed is not None and fixed + LOWRANK_OVERSAMPLE < cap:
+        u, s, v = torch.svd_lowrank(delta.float(), q=fixed + LOWRANK_OVERSAMPLE, niter=LOWRANK_ITERATIONS)
+        vh = v.T
+    elif method == "exact":
+        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    else:
+        u, s, vh = _gram_svd(delta)
+    rank = truncation_rank(s, policy, spatial, cap)
+    if rank == 0:
+        return None
+    # the singular values split evenly between the factors: neither is far larger (fp16 range)
+    root = torch.sqrt(s[:rank].clamp_min(0)).to(torch.float32)
+    up = (u[:, :rank].float() * root).to(dtype)
+    down = (root[:, None] * vh[:rank].float()).to(dtype)
+    residual = delta.float() - up.float() @ down.float()
+    error = float(torch.linalg.vector_norm(residual)) / math.sqrt(energy) if energy else 0.0
+    del residual
+    kept = float((s[:rank].double() ** 2).sum()) / energy if energy else 1.0
+    return Factors(up, down, energy, min(kept, 1.0), error, cap)
+
+
+def _gram_svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, s, V^T`` (descending) from the eigendecomposition of the smaller Gram matrix, in float64."""
+    d = delta.double()
+    wide = d.shape[0] <= d.shape[1]
+    gram = d @ d.T if wide else d.T @ d
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    s = values.sqrt()
+    inverse = torch.where(s > s[0] * 1e-12, 1.0 / s, torch.zeros_like(s)) if s.numel() else s
+    if wide:                       # vectors = U; V^T = diag(1/s) U^T D
+        return vectors, s, (vectors.T @ d) * inverse[:, None]
+    return (d @ vectors) * inverse, s, vectors.T
+
+
+def _store(tensors: dict, reports: list, key: str, arch: str, found: Factors, shape: tuple[int, ...],
+           dtype: torch.dtype) -> None:
+    up, down, rank = found.up, found.down, found.up.shape[1]
+    if len(shape) == 4:
+        up = up.reshape(shape[0], rank, 1, 1)
+        down = down.reshape(rank, *shape[1:])
+    tensors[f"{key}.lora_up.weight"] = up.contiguous()
+    tensors[f"{key}.lora_down.weight"] = down.contiguous()
+    tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    reports.append(ModuleReport(key, block_id_of_key(key, arch), rank, found.full_rank, found.energy, found.kept,
+                                found.error))
+
+
+# --- single-file checkpoints, streamed ----------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class TensorFile:
+    """One tensor at a time from a ``.safetensors`` file, by plain reads (no memory map): the process holds only
+    the tensors being worked on, not the pages of two multi-GB files."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            header, self.offset = lora_files.read_header(self.path)
+        except lora_files.LoraFileError as e:
+            raise MergeError(str(e)) from None
+        self.metadata = dict(header.pop("__metadata__", None) or {})
+        self.entries = header
+        self._file = open(self.path, "rb")
+
+    def __enter__(self) -> "TensorFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def get(self, key: str, row: int | None = None) -> torch.Tensor:
+        """The tensor ``key``; with ``row``, only its row block ``row`` of 3 (OpenCLIP's fused q/k/v)."""
+        entry = self.entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise MergeError(f"{self.path.name}: {key} is stored as {entry['dtype']}, not a float type")
+        start, end = entry["data_offsets"]
+        shape = list(entry["shape"])
+        if row is not None:
+            block = (end - start) // 3
+            start, end, shape[0] = start + row * block, start + (row + 1) * block, shape[0] // 3
+        buffer = bytearray(end - start)
+        self._file.seek(self.offset + start)
+        self._file.readinto(buffer)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if buffer else torch.zeros(shape, dtype=dtype)
+
+
+def checkpoint_targets(keys, arch: str, text_encoder: bool) -> dict[str, WeightRef]:
+    """kohya key -> weight of every module a LoRA of target set "all" covers in a single-file checkpoint."""
+    found = {}
+    for name, ref in weight_map(list(keys), arch).items():
+        if ref.text_encoder:
+            if text_encoder and text_encoder_path_in_target_set(ref.path, "all"):
+                found[name] = ref
+        elif unet_path_in_target_set(ref.path, "all"):
+            found[name] = ref
+    return found
+
+
+def extract_checkpoints(tuned: str | os.PathLike, base: str | os.PathLike, policy: RankPolicy, *,
+                        dtype: torch.dtype = torch.float16, text_encoder: bool = True, title: str = "extracted",
+                        method: str = "lowrank", progress=lambda done, total: None) -> Extracted:
+    """The LoRA of ``tuned - base`` for two single-file checkpoints, read module by module (peak memory: a few
+    modules, not two models). ``method``: see :data:`SVD_METHODS` (lowrank falls back to gram for energy
+    fractions)."""
+    policy.validate()
+    try:
+        infos = detect_checkpoint(tuned), detect_checkpoint(base)
+    except ModelError as e:
+        raise MergeError(str(e)) from None
+    if infos[0].arch != infos[1].arch:
+        raise MergeError(f"the two models are different architectures ({infos[0].arch.upper()} and "
+                         f"{infos[1].arch.upper()})")
+    arch = infos[1].arch
+    tensors: dict[str, torch.Tensor] = {}
+    reports: list[ModuleReport] = []
+    unchanged: list[str] = []
+    with TensorFile(tuned) as t_file, TensorFile(base) as b_file:
+        targets = checkpoint_targets(b_file.entries, arch, text_encoder)
+        for number, (name, ref) in enumerate(sorted(targets.items())):
+            if ref.key not in t_file.entries:
+                raise MergeError(f"{name} ({ref.key}) exists in the base model but not in the tuned one: not the "
+                                 "same architecture")
+            if t_file.shape(ref.key) != b_file.shape(ref.key):
+                raise MergeError(f"{name}: shapes {t_file.shape(ref.key)} and {b_file.shape(ref.key)} differ: not the "
+                                 "same architecture")
+            w0 = b_file.get(ref.key, ref.row)
+            shape, base_norm = tuple(w0.shape), float(torch.linalg.vector_norm(w0.float()))
+            delta = t_file.get(ref.key, ref.row).float().sub_(w0).reshape(shape[0], -1)
+            del w0
+            if float(torch.linalg.vector_norm(delta)) <= SAME_MODULE_FRACTION * base_norm:
+                unchanged.append(name)
+                continue
+            spatial = len(shape) == 4 and shape[2:] != (1, 1)
+            found = low_rank_factors(delta, policy, spatial, method, dtype)
+            del delta
+            if found is None:
+                unchanged.append(name)
+                continue
+            _store(tensors, reports, name, arch, found, tuple(b_file.shape(ref.key)) if ref.row is None else
+                   (b_file.shape(ref.key)[0] // 3, *b_file.shape(ref.key)[1:]), dtype)
+            progress(number + 1, len(targets))
+    prediction = infos[1].prediction or "eps"
+    sources = {"tuned": Path(tuned).name, "base": Path(base).name}
+    return _extracted(tensors, reports, unchanged, arch, prediction, policy, title, sources, method)
 
 
 def _spatial(down: torch.Tensor) -> bool:
@@ -120,3 +301,20 @@ def save_extracted(result: Extracted, out_path: str | os.PathLike) -> Path:
     if not out.parent.is_dir():
         raise MergeError(f"output folder '{out.parent}' does not exist")
     return lora_files.write_lora(out, dict(result.tensors), dict(result.metadata))
+
+
+def extract_models(tuned: str, base: str, policy: RankPolicy, *, dtype: str = "fp16", text_encoder: bool = True,
+                   title: str = "extracted", method: str = "lowrank") -> Extracted:
+    """The LoRA of two models named as the CLI names them: two single-file checkpoints are streamed
+    (:func:`extract_checkpoints`); diffusers folders and 'demo' are loaded (:func:`extract_lora`)."""
+    from trainer.device import SAVE_PRECISION
+    from trainer.models.diffusers_model import load_handle
+
+    if dtype not in SAVE_PRECISION:
+        raise MergeError(f"save precision must be one of {', '.join(SAVE_PRECISION)}, got {dtype!r}")
+    if all(str(m).endswith(".safetensors") and Path(m).is_file() for m in (tuned, base)):
+        return extract_checkpoints(tuned, base, policy, dtype=SAVE_PRECISION[dtype], text_encoder=text_encoder,
+                                   title=title, method=method)
+    with torch.no_grad():
+        return extract_lora(load_handle(tuned), load_handle(base), policy, dtype=SAVE_PRECISION[dtype],
+                            text_encoder=text_encoder, title=title)

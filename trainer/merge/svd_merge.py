@@ -138,7 +138,8 @@ def builtin_presets(arch: str) -> dict[str, list[float]]:
 
 def block_weights(blocks: str, arch: str, presets: Mapping[str, list[float]], where: str) -> dict[str, float]:
     """Block id -> weight for a preset name or value list. Blocks the list does not address get 0
-    (SuperMerger's rule), so a 17-value list drops the LoCon-only blocks."""
+    (SuperMerger's rule), so a 17-value list drops the LoCon-only blocks; modules outside every block
+    take BASE's weight (:func:`module_block_weight`)."""
     spec = blocks.strip()
     if spec in presets:
         values, what = presets[spec], f"preset '{spec}'"
@@ -153,6 +154,26 @@ def block_weights(blocks: str, arch: str, presets: Mapping[str, list[float]], wh
     weights = dict.fromkeys(BLOCK_IDS, 0.0)
     weights.update(zip(slots, values))
     return weights
+
+
+def module_block_weight(weights: Mapping[str, float] | None, block: str | None) -> float:
+    """A module's block weight: 1 without block weights; a module outside the 25 UNet blocks (the time
+    embedding, conv_out, SDXL's label embedding: ``block`` None) takes BASE's weight, as SuperMerger's
+    ``blockfromkey`` gives every key it cannot place the BASE slot."""
+    if weights is None:
+        return 1.0
+    return weights.get(block, 0.0) if block else weights["BASE"]
+
+
+def input_block_weights(loaded: Sequence["LoadedInput"], arch: str, presets: Mapping[str, list[float]] | None,
+                        presets_text: str | None) -> list[dict[str, float] | None]:
+    """Each input's block weights (None = every block at 1), presets resolved: built in, file, then given."""
+    table = dict(builtin_presets(arch))
+    if presets_text:
+        table.update(parse_presets(presets_text, "preset file"))
+    table.update(presets or {})
+    return [block_weights(i.spec.blocks, arch, table, f"'{i.spec.path}' blocks") if i.spec.blocks else None
+            for i in loaded]
 
 
 # --- rank policy ---------------------------------------------------------------------------------
@@ -411,14 +432,7 @@ def merge_loras(inputs: Sequence[MergeInput], policy: RankPolicy, *, presets: Ma
         raise MergeError(f"clamp quantile must be in (0, 1], got {clamp_quantile!r}")
     loaded = [load_input(spec) for spec in inputs]
     arch = common_arch(loaded)
-    table = dict(builtin_presets(arch))
-    if presets_text:
-        table.update(parse_presets(presets_text, "preset file"))
-    table.update(presets or {})
-    weights_of = [
-        block_weights(i.spec.blocks, arch, table, f"'{i.spec.path}' blocks") if i.spec.blocks else None
-        for i in loaded
-    ]
+    weights_of = input_block_weights(loaded, arch, presets, presets_text)
 
     tensors: dict[str, torch.Tensor] = {}
     reports: list[ModuleReport] = []
@@ -431,7 +445,7 @@ def merge_loras(inputs: Sequence[MergeInput], policy: RankPolicy, *, presets: Ma
             if group is None:
                 continue
             # ratio and block weight enter exactly once, here, linearly
-            w = item.spec.ratio * (1.0 if weights is None else weights.get(block, 0.0) if block else 0.0)
+            w = item.spec.ratio * module_block_weight(weights, block)
             if w == 0.0:
                 continue
             try:   # the one reader's checks: damaged, rank 0, NaN or infinite values

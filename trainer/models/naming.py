@@ -87,6 +87,14 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+#: The UNet modules outside the down/mid/up blocks (LyCORIS "full" LoRAs and bakes reach the embeddings too).
+_OUTSIDE_DIFFUSERS_TO_LDM = {
+    "conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0",
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+}
+
+
 def unet_diffusers_to_ldm(path: str, layout: UNetLayout) -> str:
     """``down_blocks.1.attentions.0.proj_in`` -> ``input_blocks.4.1.proj_in`` (SD1 layout)."""
     n = layout.layers_per_block
@@ -116,7 +124,7 @@ def unet_diffusers_to_ldm(path: str, layout: UNetLayout) -> str:
         if kind == "resnets":
             return _join(f"output_blocks.{idx}.0", _resnet_inner_to_ldm(rest))
         return _join(f"output_blocks.{idx}.1", rest)
-    return {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "conv_norm_out": "out.0"}.get(path, path)
+    return _OUTSIDE_DIFFUSERS_TO_LDM.get(path, path)
 
 
 def unet_ldm_to_diffusers(path: str, layout: UNetLayout) -> str:
@@ -151,7 +159,7 @@ def unet_ldm_to_diffusers(path: str, layout: UNetLayout) -> str:
         if slot == 0:
             return _join(f"up_blocks.{b}.resnets.{i}", _resnet_inner_to_diffusers(rest))
         return _join(f"up_blocks.{b}.attentions.{i}", rest)
-    return {"input_blocks.0.0": "conv_in", "out.2": "conv_out", "out.0": "conv_norm_out"}.get(path, path)
+    return {ldm: diffusers for diffusers, ldm in _OUTSIDE_DIFFUSERS_TO_LDM.items()}.get(path, path)
 
 
 def block_id_of_ldm_path(path: str) -> str | None:

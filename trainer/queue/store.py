@@ -386,10 +386,36 @@ class JobQueue:
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_id', ?)", (given + len(specs),))
         return ids
 
-    def _output_keys(self) -> dict[str, str]:
+    def update(self, job_id: int, job: jobs.Job, root: str | os.PathLike | None = None,
+               admission: Admission | None = None) -> None:
+        """Replace a queued job's settings with ``job``, checked as :meth:`add` checks a new one; it keeps its id
+        and its place. Refused (QueueError) once the job has started: what ran is the job's record."""
+        admission = admission or Admission(paths.default_output_dir())
+        base = Path(root or Path.cwd())
+        state, name = self._require(self._db(), job_id)
+        if state != "queued":
+            raise QueueError(f"job {job_id} ({name}) is {state}: only a queued job can be changed; "
+                             "Add to queue queues the form as a new job")
+        errors, warnings = admit(job, base, admission, self._output_keys(except_id=job_id))
+        if errors:
+            raise jobs.JobError(f"job {job_id} not changed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()),
+                                field=next(iter(errors)), errors=errors)
+        warnings = [f"{k}: {v}" for k, v in job.warnings.items()] + warnings
+        spec = _spec_with_absolute_paths(job, base, admission.model_given)
+        with self._write() as db:
+            # the worker may have claimed it while it was checked: only a job still queued is changed
+            changed = db.execute("UPDATE jobs SET name = ?, mode = ?, spec = ?, warnings = ? "
+                                 "WHERE id = ? AND state = 'queued'",
+                                 (job.name, job.mode, spec, json.dumps(warnings), job_id)).rowcount
+        if not changed:
+            state, name = self._require(self._db(), job_id)
+            raise QueueError(f"job {job_id} ({name}) started while it was being changed: it runs as it was queued")
+
+    def _output_keys(self, except_id: int | None = None) -> dict[str, str]:
         """output key -> "job N 'name'" for every job that will still write (queued, running, resumable stops)."""
         rows = self._db().execute("SELECT id, name, spec FROM jobs WHERE state IN "
-                                  "('queued', 'running', 'stopped', 'interrupted')").fetchall()
+                                  "('queued', 'running', 'stopped', 'interrupted') AND id IS NOT ?",
+                                  (except_id,)).fetchall()
         return {output_key(jobs.job_from_json(spec)): f"job {job_id} '{name}'" for job_id, name, spec in rows}
 
     def add_warning(self, job_id: int, message: str) -> None:
@@ -433,6 +459,14 @@ class JobQueue:
             raise QueueError(f"there is no job {job_id} in the queue")
         return self._row(row, columns)
 
+    def group_of(self, job_id: int) -> list[int]:
+        """The ids of the jobs queued in the same transaction as ``job_id`` (a sweep), in id order; a job queued
+        alone is its own group. Duplicates and retries are new jobs, so they are not in it."""
+        self.get(job_id)
+        rows = self._db().execute("SELECT id FROM jobs WHERE created = (SELECT created FROM jobs WHERE id = ?) "
+                                  "ORDER BY id", (job_id,)).fetchall()
+        return [r[0] for r in rows]
+
     def progress(self, job_id: int) -> list[ProgressRow]:
         """The job's recorded steps (every step of the latest RECENT_STEPS, thinned before), oldest first."""
         rows = self._db().execute("SELECT phase, step, loss, smoothed_loss, lr, time FROM progress "
@@ -469,10 +503,11 @@ class JobQueue:
         data = json.loads(source.spec)
         data.update(changes or {})
         if "name" not in (changes or {}):
-            data["name"] = self._free_name(source.name)
+            data["name"] = self.free_name(source.name)
         return self.add(jobs.job_from_dict(data))
 
-    def _free_name(self, name: str) -> str:
+    def free_name(self, name: str) -> str:
+        """``name_2`` (or the next number) that no job in the queue has."""
         db = self._db()
         n = 2
         while db.execute("SELECT 1 FROM jobs WHERE name = ?", (f"{name}_{n}",)).fetchone():
@@ -502,9 +537,12 @@ class JobQueue:
             state, name = self._require(db, job_id)
             if state not in allowed:
                 raise QueueError(f"job {job_id} ({name}) is {state}; only {', '.join(allowed)} jobs can be {verb}")
-            if front:
-                position = db.execute("SELECT COALESCE(MIN(position), 1) - 1 FROM jobs WHERE state = 'queued'"
-                                      ).fetchone()[0]
+            first = db.execute("SELECT MIN(position) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            if front and first is not None:
+                # next in line, yet below the jobs that are over in the table (which lists by position):
+                # the queued jobs move down one place
+                db.execute("UPDATE jobs SET position = position + 1 WHERE position >= ?", (first,))
+                position = first
             else:
                 position = self._next_position(db)
             db.execute("UPDATE jobs SET state = 'queued', position = ?, resume = ?, request = NULL, error = NULL, "

@@ -23,6 +23,7 @@ from trainer.train.state import StateError
 from trainer.queue.store import HEARTBEAT_S, JobQueue, JobRow, QueueError, QueueEvent, WorkerLock
 from trainer.train.context import JobContext
 from trainer.train.loop import Control, Progress, Stopped, TrainingError
+from trainer.train.previews import preview_files
 from trainer.train.runner import run_job
 
 
@@ -38,6 +39,11 @@ HandleProvider = Callable[[jobs.Job], ModelHandle]
 
 
 ContextFactory = Callable[[JobRow], JobContext]
+
+
+def work_folder(queue: JobQueue, job_id: int) -> Path:
+    """The folder a queued job works in (state, loss log, step previews) unless its context names another."""
+    return queue.db_path.parent / "jobs" / str(job_id)
 
 
 def default_context(row: JobRow) -> JobContext:
@@ -209,10 +215,14 @@ class Worker:
             ctx = replace(self.ctx_factory(row), events=on_progress, control=control, resume=row.resume,
                           on_warning=lambda message: self.queue.add_warning(row.id, message))
             if ctx.work_dir is None:       # each queued job works in its own folder beside the store
-                ctx = replace(ctx, work_dir=self.queue.db_path.parent / "jobs" / str(row.id))
-            _remove_stale_temporaries(paths.output_folder(ctx.output_dir, job.output_dir), ctx.work_dir, job.name)
+                ctx = replace(ctx, work_dir=work_folder(self.queue, row.id))
+            lora_folder = paths.output_folder(ctx.output_dir, job.output_dir)
+            _remove_stale_temporaries(lora_folder, ctx.work_dir, job.name)
             result = run_job(job, handle, ctx)
-            state, outputs = "done", [str(p) for p in result.saved]
+            # the previews are outputs too (every mode renders them), in step order before the LoRA files, so the
+            # final LoRA stays the last output
+            previews = preview_files(lora_folder, ctx.work_dir, job.name)
+            state, outputs = "done", [str(p) for p in previews] + [str(p) for p in result.saved]
             if result.stopped_early:
                 state, error = "stopped", f"stopped and saved at step {result.steps_done}; resume continues it"
         except Stopped as e:

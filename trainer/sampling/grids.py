@@ -10,13 +10,33 @@ from PIL import Image, ImageDraw
 from trainer.lora.network import LoraNetwork, network_for_file
 from trainer.models.handle import ModelHandle
 from trainer.sampling.guided import sample
+from trainer.sampling.lcm import sample_lcm
+
+#: The samplers a grid draws with: guided DDIM (standard and copier LoRAs) or LCM (LCM-LoRAs, at 4 steps, CFG 1-2).
+SAMPLERS = {"ddim": sample, "lcm": sample_lcm}
+
+
+def grid_rows(prompts: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, int]]:
+    """The (prompt, seed) of each row: every seed of the first prompt, then of the next."""
+    return [(p, int(s)) for p in prompts for s in seeds]
+
+
+def row_labels(prompts: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """``seed 1`` with one prompt; ``#2 seed 1`` (the prompt's number in the title) with several."""
+    return [f"seed {s}" if len(prompts) == 1 else f"#{i + 1} seed {s}" for i in range(len(prompts)) for s in seeds]
 
 
 @torch.no_grad()
-def strength_grid_images(handle: ModelHandle, network: LoraNetwork, prompt: str, strengths: Sequence[float],
-                         seeds: Sequence[int], **kwargs) -> list[list[Image.Image]]:
-    """rows = seeds, columns = strengths. The handle may be training meanwhile: the network is attached
-    disabled under the lock and is on only while our images sample; its state is restored afterwards."""
+def strength_grid_images(handle: ModelHandle, network: LoraNetwork, prompt: str | Sequence[str],
+                         strengths: Sequence[float], seeds: Sequence[int], sampler: str = "ddim",
+                         **kwargs) -> list[list[Image.Image]]:
+    """rows = (prompt, seed) (see :func:`grid_rows`), columns = strengths, drawn with ``SAMPLERS[sampler]``.
+
+    The handle may be training meanwhile: the network is attached disabled under the lock and is on only while
+    our images sample; its state is restored afterwards."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    rows = grid_rows(prompts, seeds)
+    draw = SAMPLERS[sampler]
     was_attached, was_enabled, old = network.attached, network.enabled, network.multiplier
     with handle.lock():
         network.attach()
@@ -25,7 +45,7 @@ def strength_grid_images(handle: ModelHandle, network: LoraNetwork, prompt: str,
     try:
         for strength in strengths:
             network.multiplier = strength
-            columns.append(sample(handle, [prompt] * len(seeds), seeds, network=network, **kwargs))
+            columns.append(draw(handle, [p for p, _ in rows], [s for _, s in rows], network=network, **kwargs))
     finally:
         with handle.lock():
             network.multiplier = old
@@ -33,7 +53,7 @@ def strength_grid_images(handle: ModelHandle, network: LoraNetwork, prompt: str,
                 network.detach()
             elif was_enabled:
                 network.enable()
-    return [[columns[c][r] for c in range(len(strengths))] for r in range(len(seeds))]
+    return [[columns[c][r] for c in range(len(strengths))] for r in range(len(rows))]
 
 
 def grid_image(rows: list[list[Image.Image]], column_labels: Sequence[str], row_labels: Sequence[str],
@@ -62,11 +82,14 @@ def comparison_grid(handle: ModelHandle, network: LoraNetwork, prompt: str, stre
     return grid_image(rows, [f"strength {s:g}" for s in strengths], [f"seed {s}" for s in seeds], prompt)
 
 
-def lora_file_grid(handle: ModelHandle, lora_path: str | Path, prompt: str, strengths: Sequence[float],
-                   seeds: Sequence[int], **kwargs) -> Image.Image:
-    """The strength x seed grid of a LoRA file (any format the reader takes), titled with its name."""
+def lora_file_grid(handle: ModelHandle, lora_path: str | Path, prompt: str | Sequence[str],
+                   strengths: Sequence[float], seeds: Sequence[int], **kwargs) -> Image.Image:
+    """The strength x seed grid of a LoRA file (any format the reader takes), titled with its name and prompts;
+    several prompts give one row block each."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     network = network_for_file(handle, lora_path)
     network.requires_grad_(False)
-    rows = strength_grid_images(handle, network, prompt, strengths, seeds, **kwargs)
-    return grid_image(rows, [f"{s:g}" for s in strengths], [f"seed {s}" for s in seeds],
-                      f"{Path(lora_path).stem}: {prompt}")
+    rows = strength_grid_images(handle, network, prompts, strengths, seeds, **kwargs)
+    title = prompts[0] if len(prompts) == 1 else "  ".join(f"#{i + 1} {p}" for i, p in enumerate(prompts))
+    return grid_image(rows, [f"{s:g}" for s in strengths], row_labels(prompts, seeds),
+                      f"{Path(lora_path).stem}: {title}")

@@ -77,14 +77,24 @@ EventSink = Callable[[Progress], None]
 
 
 def diffusion_loss(handle: ModelHandle, latents: torch.Tensor, cond: Cond, settings: NoiseSettings,
-                   generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The noise-prediction loss of one batch; ``mask`` [B,1,h,w] in [0,1] restricts it."""
+                   generator: torch.Generator, mask: torch.Tensor | None = None,
+                   unchanged: Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor] | None = None
+                   ) -> torch.Tensor:
+    """The noise-prediction loss of one batch; ``mask`` [B,1,h,w] in [0,1] restricts it.
+
+    ``unchanged(noisy, t, cond)``: with a mask, the model's output without the trained LoRA (no gradient).
+    Outside the mask that output is the target, so the LoRA learns to change nothing there instead of
+    not being trained there (a mask that only weights the loss lets the change spread over the picture)."""
     noise, t = sample_noise(latents, settings, generator)
     alpha_bar_t = handle.alphas_cumprod.to(latents.device)[t]
     noisy = schedules.add_noise(latents, noise, alpha_bar_t)
     pred = handle.predict(noisy.to(handle.dtype), t, cond.to(dtype=handle.dtype)).float()
-    target = schedules.v_target(latents, noise, alpha_bar_t) if settings.prediction == "v" else noise
-    err = (pred - target.float()) ** 2
+    target = (schedules.v_target(latents, noise, alpha_bar_t) if settings.prediction == "v" else noise).float()
+    if mask is not None and unchanged is not None:
+        m = mask.to(target.dtype).expand_as(target)
+        target = m * target + (1 - m) * unchanged(noisy, t, cond).float()
+        mask = None                  # every pixel has a target now
+    err = (pred - target) ** 2
     if mask is not None:
         m = mask.to(err.dtype).expand_as(err)
         per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1.0)

@@ -8,6 +8,8 @@ LCM job also leaves ``NAME.comparison.png`` beside its LoRA (:func:`render_lcm_c
 from __future__ import annotations
 
 import io
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +28,55 @@ PREVIEW_STEPS, PREVIEW_CFG = 20, 7.0
 
 def preview_path(outputs: Outputs, step: int, final: bool) -> Path:
     return outputs.dir / f"{outputs.name}.preview.png" if final else outputs.work / f"{outputs.name}-{step:06d}.preview.png"
+
+
+def preview_files(lora_folder: Path, work_folder: Path | None, name: str) -> list[Path]:
+    """A job's previews as they exist now, in step order, the final one (beside the LoRA) last: what the tab's
+    gallery shows while the job trains and what its outputs list afterwards."""
+    pattern = re.compile(re.escape(name) + r"-(\d+)\.preview\.png\Z")
+    found = []
+    if work_folder is not None and Path(work_folder).is_dir():
+        found = sorted((int(m.group(1)), p) for p in Path(work_folder).glob(f"{name}-*.preview.png")
+                       if (m := pattern.match(p.name)))
+    final = Path(lora_folder) / f"{name}.preview.png"
+    return [p for _, p in found] + ([final] if final.is_file() else [])
+
+
+def preview_step(path: Path) -> int | None:
+    """The step a preview file shows (None: the final one)."""
+    m = re.search(r"-(\d+)\.preview\.png\Z", Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a mode's LoRA is looked at: the sampler, steps and CFG its previews, grids and sheets use."""
+
+    sampler: str      # "ddim" (guided) or "lcm"
+    steps: int
+    cfg: float
+
+
+#: LCM-LoRAs are used at 4 LCM steps and CFG 1-2 (the middle of that range); with guided DDIM at 20 steps every
+#: strength of an LCM-LoRA draws the same blur, so a grid would show nothing.
+LCM_SAMPLING = Sampling("lcm", 4, 1.5)
+
+
+def job_prompts(job) -> list[str]:
+    """What a job's LoRA is looked at with: its preview prompts; else the copier's prompt, the LCM job's first
+    prompt, the trigger word; never nothing (an empty prompt shows only the model's average image)."""
+    if job.sample_prompts:
+        return list(job.sample_prompts)
+    for candidate in (getattr(job, "prompt", ""), (list(getattr(job, "prompts", []) or []) or [""])[0],
+                      getattr(job, "trigger_word", "")):
+        if candidate and candidate.strip():
+            return [candidate.strip()]
+    return ["a picture"]
+
+
+def sampling_for(job) -> Sampling:
+    """The job's own sampling settings: what its previews use (LCM jobs: the LCM sampler at 4 steps)."""
+    return LCM_SAMPLING if job.mode == "lcm" else Sampling("ddim", PREVIEW_STEPS, PREVIEW_CFG)
 
 
 def preview_steps(job) -> Callable[[int, int], bool]:

@@ -33,9 +33,9 @@ def file_paths(value: Any) -> list[str]:
     return out
 
 
-def file_input(label: str, elem_id: str, multiple: bool = True, visible: bool = True) -> gr.File:
+def file_input(label: str, elem_id: str, multiple: bool = True, visible: bool = True, height: int = 110) -> gr.File:
     kwargs = dict(label=label, elem_id=elem_id, file_count="multiple" if multiple else "single",
-                  file_types=["image"], visible=visible)
+                  file_types=["image"], visible=visible, height=height)
     if GRADIO_MAJOR >= 4:
         kwargs["type"] = "filepath"
     return gr.File(**kwargs)
@@ -49,6 +49,14 @@ def run_js_on_load(blocks: gr.Blocks, script: str) -> None:
         blocks.load(None, None, None, js=body)
     else:
         blocks.load(None, None, None, _js=body)
+
+
+def then_js(event: Any, script: str) -> None:
+    """Run the browser function ``script`` once ``event``'s answer is on the page."""
+    if GRADIO_MAJOR >= 4:
+        event.then(None, None, None, js=script)
+    else:
+        event.then(None, None, None, _js=script)
 
 
 def poll(blocks: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, every: float) -> None:

@@ -42,6 +42,11 @@ class Control:
         return "choice" if f.choices else "text"
 
     @property
+    def essential(self) -> bool:
+        """At the top of the form: what a job needs and the handful of settings people change."""
+        return self.field.essential
+
+    @property
     def elem_id(self) -> str:
         return "loraq_f_" + self.key.replace(".", "__")
 
@@ -147,3 +152,32 @@ def defaults_for_mode(controls: Mapping[str, "Control"], mode: str, current: Map
         if untouched and current[key] != c.default(mode):
             changed[key] = c.default(mode)
     return changed
+
+
+def thumbnails_html(paths: list[str], size: int = 72) -> str:
+    """Small inline previews of the picked images (data URIs: nothing for the server to serve), or what is
+    wrong with a file that is no image."""
+    import base64
+    import html
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    cells = []
+    for path in paths:
+        name = html.escape(path.replace("\\", "/").rsplit("/", 1)[-1])
+        try:
+            with Image.open(path) as image:
+                thumb = image.convert("RGBA")
+                thumb.thumbnail((size, size))
+                detail = f"{image.width}x{image.height}"
+        except (OSError, UnidentifiedImageError, ValueError):
+            cells.append(f'<figure class="loraq-thumb"><div class="loraq-thumb-bad">⚠ not an image</div>'
+                         f"<figcaption>{name}</figcaption></figure>")
+            continue
+        buffer = io.BytesIO()
+        thumb.save(buffer, format="PNG")
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        cells.append(f'<figure class="loraq-thumb" title="{name} ({detail})"><img alt="{name}" '
+                     f'src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>')
+    return f'<div class="loraq-thumbs">{"".join(cells)}</div>' if cells else ""

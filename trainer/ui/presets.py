@@ -16,6 +16,7 @@ class PresetError(ValueError):
 
 #: Recipes people use, shipped: (name, job). Only what differs from the mode's defaults is written.
 _LION_COSINE = {"optimizer": "Lion", "lr_scheduler": "cosine", "batch_size": 1, "seed": 1111}
+_ADDIFT = {"network_dim": 4, "network_alpha": 1.0, "batch_size": 1, "lr_scheduler": "cosine", "addift_strength": 0.25}
 BUILTIN: dict[str, dict[str, Any]] = {
     # traintrain's SDXL difference recipe: a strong copier, a small difference
     "built-in SDXL copier two-pass": {
@@ -44,9 +45,27 @@ BUILTIN: dict[str, dict[str, Any]] = {
         "mode": "standard", "resolution": 1024, "network_dim": 16, "network_alpha": 8.0, "lr": 1e-4,
         "lr_scheduler": "cosine", "steps": 2000, "batch_size": 1, "shuffle_captions": True, "keep_tokens": 1,
         "gradient_checkpointing": True, "save_every_n_steps": 500},
+    # traintrain's ADDifT presets (ADDifT_Action / ADDifT_Style, SD1.5 and XL) with AdamW in place of CAME: rank 4 /
+    # alpha 1, batch 1, 30-50 steps, cosine, trained at strength 0.25 as traintrain does (so strength 1 gives up to
+    # 4x the pair's change); actions and decorations (closed eyes) at timesteps 500-1000, styles at 200-400
+    "built-in SD1.5 ADDifT action": {
+        "mode": "addift", "resolution": 512, **_ADDIFT, "lr": 1e-4, "steps": 30, "min_snr_gamma": 5.0,
+        "timestep_min": 500, "timestep_max": 1000},
+    "built-in SDXL ADDifT action": {
+        "mode": "addift", "resolution": 1024, **_ADDIFT, "lr": 2e-4, "steps": 30, "min_snr_gamma": 5.0,
+        "timestep_min": 500, "timestep_max": 1000},
+    "built-in SD1.5 ADDifT style": {
+        "mode": "addift", "resolution": 512, **_ADDIFT, "lr": 5e-5, "steps": 50, "min_snr_gamma": 5.0,
+        "timestep_min": 200, "timestep_max": 400},
+    "built-in SDXL ADDifT style": {
+        "mode": "addift", "resolution": 1024, **_ADDIFT, "lr": 2e-4, "steps": 30, "min_snr_gamma": 1.0,
+        "timestep_min": 200, "timestep_max": 400},
     # the LCM-LoRA recipe is the LCM mode's defaults; these only set the model's resolution
     "built-in LCM-LoRA SD1.5": {"mode": "lcm", "resolution": 512},
     "built-in LCM-LoRA SDXL": {"mode": "lcm", "resolution": 1024, "gradient_checkpointing": True},
+    # traintrain's iLECO preset (rank 4 / alpha 8, AdamW 5e-4 cosine, 300 steps, batch 2) is the iLECO defaults
+    "built-in iLECO slider SD1.5": {"mode": "ileco", "resolution": 512},
+    "built-in iLECO slider SDXL": {"mode": "ileco", "resolution": 1024, "gradient_checkpointing": True},
 }
 #: The form as last queued, restored when the page loads again (a hidden file: not a preset).
 LAST_FORM = ".last_form"

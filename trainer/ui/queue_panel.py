@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import html
-import time
-from pathlib import Path
 
 import gradio as gr
 
@@ -68,26 +66,15 @@ class QueuePanel:
             self.refresh = gr.Button("Refresh", elem_id="loraq_queue_refresh", size="sm", scale=0)
         with gr.Row(elem_id="loraq_queue_ops"):
             self.ops = {method: gr.Button(label, elem_id=elem, size="sm") for label, method, elem in OPERATIONS}
+            # the form is the Train tab's: wired by the app (trainer/ui/app.py)
+            self.edit = gr.Button("Edit in form", elem_id="loraq_op_edit", size="sm")
         self.status = gr.Markdown("", elem_id="loraq_queue_status")
         self.summary = gr.Markdown("", elem_id="loraq_job_summary")
         self.error = gr.Textbox(label="error", visible=False, lines=3, interactive=False, elem_id="loraq_job_error")
-        self.plot = gr.Plot(label="loss and learning rate", elem_id="loraq_loss_plot")
+        self.plot = gr.HTML(queue_view.loss_svg([], "loss and learning rate"), elem_id="loraq_loss_plot")
         self.plot_key = gr.State(None)
-        with gr.Accordion("Results: LoRA strength x seed grid", open=True, elem_id="loraq_results"):
-            with gr.Row():
-                self.checkpoint = gr.Dropdown([], label="LoRA file (final or checkpoint)", elem_id="loraq_checkpoint",
-                                              scale=2)
-                self.prompt = gr.Textbox(label="prompt", elem_id="loraq_grid_prompt", scale=3)
-            with gr.Row():
-                self.seeds = gr.Textbox(", ".join(map(str, results.SEEDS)), label="seeds (rows)",
-                                        elem_id="loraq_grid_seeds")
-                self.steps = gr.Number(20, label="sampling steps", precision=0, elem_id="loraq_grid_steps")
-                self.cfg = gr.Number(5.0, label="CFG scale", elem_id="loraq_grid_cfg")
-                self.generate = gr.Button("Generate comparison grid", variant="primary", elem_id="loraq_grid_generate")
-            gr.Markdown("Columns: LoRA strength " + ", ".join(f"{s:g}" for s in results.STRENGTHS)
-                        + " (negative = what the LoRA removes).")
-            self.grid = gr.Image(label="comparison grid", type="pil", interactive=False, elem_id="loraq_grid")
-            self.grid_status = gr.Markdown("", elem_id="loraq_grid_status")
+        # previews, comparison grid and morning sheet of the selected job (trainer/ui/results.py)
+        self.results = results.ResultsPanel(self.services, blocks, self.selected)
         self._wire(blocks)
 
     # -- events ----------------------------------------------------------------------------------
@@ -101,47 +88,67 @@ class QueuePanel:
             button.click(self._queue_operation(elem), [self.selected, self.show], [self.status, self.table_html])
         details_out = [self.summary, self.error, self.plot, self.plot_key]
         poll(blocks, self.details, [self.selected, self.plot_key], details_out, DETAILS_EVERY_S)
-        self.selected.change(self.details, [self.selected, gr.State(None)], details_out, **no_progress())
-        self.selected.change(self.results_choices, [self.selected], [self.checkpoint, self.prompt], **no_progress())
-        self.selected.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
+        # A click on a row: its text at once, outside the request queue (which a slow grid may hold); the plot after.
+        self.selected.change(self.details_text, [self.selected], [self.summary, self.error], queue=False,
+                             **no_progress())
+        self.selected.change(self.details_plot, [self.selected], [self.plot, self.plot_key], **no_progress())
+        self.selected.change(self.table, [self.selected, self.show], [self.table_html], queue=False, **no_progress())
         for method, button in self.ops.items():
             button.click(self._operation(method), [self.selected, self.show],
                          [self.status, self.table_html, self.selected])
-        self.generate.click(self.make_grid, [self.selected, self.checkpoint, self.prompt, self.seeds, self.steps,
-                                             self.cfg], [self.grid, self.grid_status])
 
     def details(self, selected: str, last_key):
+        """The poll: summary, error, and the plot when the job moved."""
         job_id = selected_id(selected)
         if job_id is None:
-            return "", gr.update(visible=False), gr.update(), None
+            # nothing to refresh; the selection's own change event clears the details. A tick that read the
+            # selection a moment before a click must not blank what that click has just shown.
+            return gr.update(), gr.update(), gr.update(), None
         try:
             row = self.queue.get(job_id)
         except QueueError as e:
             return f"⚠ {e}", gr.update(visible=False), gr.update(), None
+        summary, error = self._text(row)
         key = [row.id, row.state, row.step, row.phase]
-        done = f"{queue_view.percent_done(row)}%"
-        speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
-        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {row.state}, step {row.step}/{row.total} "
-                   f"({done}{speed})" + _model_line(row) + "".join(f"\n- warning: {w}" for w in row.warnings)
-                   + "".join(f"\n- output: `{p}`" for p in row.outputs))
-        error = gr.update(visible=bool(row.error), value=(row.error or "") + (
-            "\n\n" + row.error_detail if row.error_detail else ""))
         if key == last_key:
             return summary, error, gr.update(), key
-        figure = queue_view.loss_figure(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
-        return summary, error, figure, key
+        return summary, error, queue_view.loss_svg(self.queue.progress(job_id), f"{row.name}: loss and learning rate"), key
 
-    def results_choices(self, selected: str):
+    def details_text(self, selected: str):
+        """Summary and error of the newly selected job: answered first, before its plot is drawn."""
         job_id = selected_id(selected)
         if job_id is None:
-            return gr.update(choices=[], value=None), gr.update()
+            return "", gr.update(visible=False)
+        try:
+            return self._text(self.queue.get(job_id))
+        except QueueError as e:
+            return f"⚠ {e}", gr.update(visible=False)
+
+    def details_plot(self, selected: str):
+        job_id = selected_id(selected)
+        if job_id is None:
+            return queue_view.loss_svg([], "loss and learning rate"), None
         try:
             row = self.queue.get(job_id)
-            job = row.job
-        except (QueueError, jobs.JobError):
-            return gr.update(choices=[], value=None), gr.update()
-        files = results.checkpoints(row.outputs, job, self.services.lora_dir)
-        return gr.update(choices=files, value=files[0] if files else None), gr.update(value=results.default_prompt(job))
+        except QueueError:
+            return gr.update(), None
+        return (queue_view.loss_svg(self.queue.progress(job_id), f"{row.name}: loss and learning rate"),
+                [row.id, row.state, row.step, row.phase])
+
+    def _text(self, row) -> tuple[str, dict]:
+        done = f"{queue_view.percent_done(row)}%"
+        speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
+        # stop-and-save is no error: its note ("stopped and saved at step N; resume continues it") is the state's
+        stopped = row.state == "stopped"
+        state = f"stopped — {row.error}" if stopped and row.error else row.state
+        summary = (f"**job {row.id}: {row.name}** ({row.mode}) — {state}, step {row.step}/{row.total} "
+                   f"({done}{speed})" + _model_line(row) + "".join(f"\n- warning: {w}" for w in row.warnings)
+                   + "".join(f"\n- output: `{results.relative(p, self.services.lora_dir)}`" for p in row.outputs)
+                   + (f"\n\n(outputs in `{self.services.lora_dir}`)" if row.outputs else ""))
+        failed = bool(row.error) and not stopped
+        error = gr.update(visible=failed, value=(row.error or "") + (
+            "\n\n" + row.error_detail if row.error_detail else "") if failed else "")
+        return summary, error
 
     def _operation(self, method: str):
         def run(selected: str, show: str | None = None):
@@ -184,24 +191,6 @@ class QueuePanel:
                 message = f"✔ removed {self.queue.clear_finished()} finished job(s) (done, failed, cancelled)"
             return message, self.table(selected, show)
         return run
-
-    def make_grid(self, selected, checkpoint, prompt, seeds_text, steps, cfg):
-        job_id = selected_id(selected)
-        if job_id is None or not checkpoint:
-            return None, "⚠ select a finished job and one of its LoRA files first"
-        try:
-            seeds = results.parse_seeds(seeds_text or "")
-            job = self.queue.get(job_id).job
-            handle = self.services.handle_for(job)
-            started = time.perf_counter()
-            grid = results.strength_grid(handle, checkpoint, prompt or "", seeds=seeds, steps=int(steps or 20),
-                                         cfg=float(cfg if cfg is not None else 5.0),
-                                         size=(job.resolution, job.resolution))
-        except (ValueError, OSError, RuntimeError, QueueError, jobs.JobError) as e:
-            return None, f"⚠ {getattr(e, 'message', e)}"
-        out = Path(checkpoint).with_name(Path(checkpoint).stem + "_grid.png")
-        grid.save(out)
-        return grid, f"✔ {len(seeds)} x {len(results.STRENGTHS)} images in {time.perf_counter() - started:.1f} s; saved `{out}`"
 
 
 def _model_line(row) -> str:

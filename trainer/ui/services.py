@@ -48,6 +48,22 @@ class UiServices:
     lora_library: Path | None = None
     #: Values a fresh form starts with on this host (the demo model: its 64 px resolution, not 512).
     form_start: dict = field(default_factory=dict)
+    #: The WebUI on CUDA: (GPU bytes free beyond the loaded model, bytes per weight of the model); None: no check.
+    gpu_memory: Callable[[], tuple[int, int] | None] = lambda: None
+    #: The single-file checkpoint of the loaded model ("" when there is none: the demo model, a diffusers
+    #: folder): the LoRA tools' default base for bake and extract.
+    base_checkpoint: Callable[[], str] = lambda: ""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the LoRA tools write baked checkpoints: beside the loaded one (the WebUI's checkpoint folder),
+        else the data folder's ``checkpoints``."""
+        base = self.base_checkpoint()
+        return Path(base).parent if base else self.data_dir / "checkpoints"
+
+    def loaded_model(self) -> ModelHandle:
+        """The model the host has loaded (the WebUI's, or the standalone app's ``--model``), for previews."""
+        return self.handle_for(None)
 
     @property
     def library(self) -> Path:
@@ -57,7 +73,9 @@ class UiServices:
         """What a job queued from the tab is checked against (see :mod:`trainer.queue.admission`)."""
         roots = None if self.input_roots is None else tuple(dict.fromkeys((*self.input_roots, self.data_dir)))
         arch, context_dim = self.model_facts()
-        return Admission(self.lora_dir, roots, arch, context_dim, model_given=True)
+        gpu = self.gpu_memory()
+        return Admission(self.lora_dir, roots, arch, context_dim, model_given=True,
+                         gpu_free=gpu[0] if gpu else None, gpu_weight_bytes=gpu[1] if gpu else 2)
 
     @property
     def presets_dir(self) -> Path:
@@ -95,7 +113,8 @@ def standalone_services(model: str = "demo", data_dir: str | os.PathLike | None 
     models = _one_at_a_time(ModelCache(override=model))
     services = UiServices(queue=queue, handle_for=models, lora_dir=Path(lora_dir) if lora_dir else data / "loras",
                           data_dir=data, cache_dir=data / "cache", model_label=model,
-                          form_start=DEMO_FORM if model == "demo" else {})
+                          form_start=DEMO_FORM if model == "demo" else {},
+                          base_checkpoint=lambda: str(Path(model).resolve()) if model.endswith(".safetensors") else "")
     services.lora_dir.mkdir(parents=True, exist_ok=True)
     if start_worker:
         services.worker = Worker(queue, models, services.job_context)

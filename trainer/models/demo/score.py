@@ -114,3 +114,14 @@ def background_distance(img, rgb: Sequence[float]) -> float:
     b = _border(_arr(img))
     d = np.linalg.norm(b - np.asarray(rgb, np.float32), axis=-1)
     return float(d.mean() / (255.0 * np.sqrt(3.0)))
+
+
+def blue_minus_red(img) -> float:
+    """Mean (blue - red) of the foreground pixels, -1..1 (pure red -1, pure blue +1); 0 without foreground.
+
+    One number for a red -> blue slider: it rises as the shape turns blue, whatever the shade in between."""
+    a = _arr(img)
+    m = foreground_mask(img)
+    if m.sum() == 0:
+        return 0.0
+    return float((a[m][:, 2] - a[m][:, 0]).mean() / 255.0)

@@ -23,10 +23,14 @@ Images train at their own size: scaled down to about ``resolution`` x ``resoluti
 larger (aspect ratio kept), then rounded down to the model's size multiple (:func:`training_size`).
 The two images of a pair must have the same size (checked before anything trains).
 
-Masks (``use_mask``): an image's alpha channel, averaged down to latent resolution, weights the
-loss. Pass 1 uses A's alpha; pass 2 uses the product of A's and B's (an image without alpha is
-opaque everywhere), so marking the changed region in B's alpha keeps the difference local, and
-swapping A and B keeps the same region.
+Masks: the region that changes, at latent resolution (each cell the mean over its pixels): from the
+alpha channels (``use_mask``: the product of A's and B's, an image without alpha being opaque
+everywhere, so marking the changed region in B's alpha keeps the difference local and swapping A and B
+keeps the same region) and/or from the pixels that differ between A and B (``difference_mask``:
+:func:`difference_region`). Outside the region pass 2 trains toward no change (``outside_mask`` keep:
+the target there is the prediction of the copier alone, without the difference) or not at all
+(ignore: the loss is weighted by the mask, and the change spreads over the picture). Pass 1 weights
+its loss by A's alpha.
 
 Convergence of pass 1: the copier's reconstruction error on A at fixed timesteps
 (:data:`RECONSTRUCTION_TIMESTEPS`, fixed noise): the mean squared error of the predicted x0 against
@@ -45,6 +49,7 @@ removed at the end unless ``save_copier``) and counts pass 1 as done.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -60,8 +65,9 @@ from trainer import jobs
 from trainer.jobs.vocabulary import Phase
 from trainer.lora import files as lora_files
 from trainer.lora.metadata import TrainingFacts
+from trainer.paths import write_atomic
 from trainer.models.handle import Cond, ModelHandle
-from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for_file
+from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for_file, switched
 from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion.schedules import add_noise
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop, diffusion_loss
@@ -108,6 +114,15 @@ def size_multiple(handle: ModelHandle) -> int:
 def latent_mask(alpha: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
     """[1, h, w] loss weights in [0, 1]: an alpha channel [H, W] in [0, 1] averaged over each latent cell."""
     return F.adaptive_avg_pool2d(alpha[None, None].float(), latent_hw)[0]
+
+
+def difference_region(a: torch.Tensor, b: torch.Tensor, threshold: int, dilate: int) -> torch.Tensor:
+    """[H, W] in {0, 1}: the pixels where images a and b ([3, H, W], 0-255) differ by more than ``threshold``
+    (|dR| + |dG| + |dB|, traintrain's measure), widened by ``dilate`` pixels on every side (a square)."""
+    changed = ((a.float() - b.float()).abs().sum(0) > threshold).float()
+    if dilate:
+        changed = F.max_pool2d(changed[None, None], 2 * dilate + 1, stride=1, padding=dilate)[0, 0]
+    return changed
 
 
 def reconstruction_error(handle: ModelHandle, x0: torch.Tensor, cond: Cond, noise: torch.Tensor,
@@ -225,8 +240,10 @@ def check_pairs(job, handle: ModelHandle) -> list[PairFiles]:
     if names_a and len(names_a) != len(names_b):
         raise jobs.JobError(f"{len(names_a)} image(s) A but {len(names_b)} image(s) B: give one B for each A, "
                             "in the same order", field="image_b")
-    if not names_a and not job.copier_file:
-        raise jobs.JobError("image A is required (or a saved copier in copier_file)", field="image_a")
+    copier_file = getattr(job, "copier_file", "")      # copier jobs only: a saved copier replaces A
+    if not names_a and not copier_file:
+        raise jobs.JobError("image A is required" + (" (or a saved copier in copier_file)" if job.mode == "copier"
+                                                     else ""), field="image_a")
     items_a = [_image_item(p, "image_a") for p in names_a] or [None] * len(names_b)
     items_b = [_image_item(p, "image_b") for p in names_b]
     for a, b in zip(items_a, items_b):
@@ -251,18 +268,39 @@ class Pair:
     latent_a: torch.Tensor | None
     latent_b: torch.Tensor
     mask_a: torch.Tensor | None       # pass 1
-    mask_ab: torch.Tensor | None      # pass 2
+    mask_ab: torch.Tensor | None      # pass 2 and ADDifT: the region that changes
 
     @property
     def hw(self) -> tuple[int, int]:
         return self.files.size[1], self.files.size[0]
 
 
-def pair_masks(files: PairFiles, latent_hw: tuple[int, int]
-               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(pass-1 mask from A's alpha, pass-2 mask from A's and B's alpha); refuses fully transparent images."""
+def _pixels(item: data.ImageItem, size: tuple[int, int]) -> torch.Tensor:
+    """[3, H, W] 0-255: the image as it trains (transparency on white), at its training size."""
+    img = data.resize_and_crop(data.open_rgb(item.path), size)
+    w, h = size
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
+def difference_mask(files: PairFiles, latent_hw: tuple[int, int], threshold: int, dilate: int) -> torch.Tensor:
+    """[1, h, w]: :func:`difference_region` of the pair at latent resolution; refuses a pair with no difference."""
+    region = difference_region(_pixels(files.a, files.size), _pixels(files.b, files.size), threshold, dilate)
+    if float(region.max()) == 0.0:
+        raise jobs.JobError(f"'{files.a.path.name}' and '{files.b.path.name}' differ nowhere by more than the "
+                            f"difference threshold ({threshold}): the difference mask would be empty (lower the "
+                            "threshold, or turn the difference mask off)", field="difference_mask")
+    return latent_mask(region, latent_hw)
+
+
+def pair_masks(files: PairFiles, latent_hw: tuple[int, int], use_alpha: bool = True,
+               difference: tuple[int, int] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(pass-1 mask from A's alpha, the changing region: A's and B's alpha, times the difference mask when
+    ``difference`` = (threshold, dilate) is given); refuses fully transparent images and empty regions."""
+    if difference is not None and files.a is None:
+        raise jobs.JobError("the difference mask needs the images A (a saved copier replaces them)",
+                            field="difference_mask")
     alphas = {}
-    for role, item in (("image_a", files.a), ("image_b", files.b)):
+    for role, item in (("image_a", files.a), ("image_b", files.b)) if use_alpha else ():
         if item is None:
             continue
         alpha = read_alpha(item.path, files.size)
@@ -277,21 +315,61 @@ def pair_masks(files: PairFiles, latent_hw: tuple[int, int]
     if mask_ab is not None and float(mask_ab.max()) == 0.0:
         raise jobs.JobError(f"the opaque regions of '{files.a.path.name}' and '{files.b.path.name}' do not overlap: "
                             "the pass-2 mask would be empty", field="use_mask")
+    if difference is not None:
+        changed = difference_mask(files, latent_hw, *difference)
+        mask_ab = changed if mask_ab is None else mask_ab * changed
+        if float(mask_ab.max()) == 0.0:
+            raise jobs.JobError("the pixels that differ between A and B lie outside the opaque region of the "
+                                "alpha mask: the mask would be empty", field="difference_mask")
     return mask_a, mask_ab
 
 
-def load_pairs(pair_files: list[PairFiles], handle: ModelHandle, cache: data.LatentCache, use_mask: bool
-               ) -> list[Pair]:
-    """Latents (from the shared latent cache) and masks of every pair."""
-    items = [(item, pf.size) for pf in pair_files for item in (pf.a, pf.b) if item is not None]
+def mask_options(job) -> dict:
+    """The keyword arguments of :func:`load_pairs` for a job's mask fields."""
+    return {"use_mask": job.use_mask,
+            "difference": (job.difference_threshold, job.difference_dilate) if job.difference_mask else None}
+
+
+def over_the_other(item: data.ImageItem, other: data.ImageItem | None, size: tuple[int, int], folder: Path
+                   ) -> data.ImageItem:
+    """With masks from alpha: the image as it trains, its transparent pixels taken from the other image of the
+    pair (its alpha marks where it differs; elsewhere it *is* the other image), not from a white background
+    that would be a change of its own. Written once, by content, as a PNG in ``folder``; the item itself when
+    it has no alpha or no partner."""
+    if other is None:
+        return item
+    with Image.open(item.path) as img:
+        img = ImageOps.exif_transpose(img)
+        if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
+            return item
+        rgba = data.resize_and_crop(img.convert("RGBA"), size)
+    under = data.resize_and_crop(data.open_rgb(other.path), size).convert("RGBA")
+    path = folder / f"{item.sha256[:16]}_over_{other.sha256[:16]}_{size[0]}x{size[1]}.png"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.alpha_composite(under, rgba).convert("RGB").save(buffer, format="PNG")
+        write_atomic(path, buffer.getvalue())
+    return _image_item(str(path), "image_b")
+
+
+def load_pairs(pair_files: list[PairFiles], handle: ModelHandle, cache: data.LatentCache, use_mask: bool,
+               difference: tuple[int, int] | None = None) -> list[Pair]:
+    """Latents (from the shared latent cache) and masks of every pair; with ``use_mask`` the transparent
+    pixels of an image come from the other image of its pair (:func:`over_the_other`)."""
+    folder = cache.folder.parent / "pairs"
+    trained = [(over_the_other(pf.a, pf.b, pf.size, folder) if use_mask and pf.a is not None else pf.a,
+                over_the_other(pf.b, pf.a, pf.size, folder) if use_mask else pf.b) for pf in pair_files]
+    items = [(item, pf.size) for pf, both in zip(pair_files, trained) for item in both if item is not None]
     latents = cache.get_latents(items, handle)
     identity = handle.identity
     pairs = []
-    for pf in pair_files:
+    for pf, (item_a, item_b) in zip(pair_files, trained):
         get = lambda item: None if item is None else latents[data.latent_key(item.sha256, identity, pf.size)]
-        latent_b = get(pf.b)
-        masks = pair_masks(pf, tuple(latent_b.shape[1:])) if use_mask else (None, None)
-        pairs.append(Pair(pf, get(pf.a), latent_b, *masks))
+        latent_b = get(item_b)
+        masks = (pair_masks(pf, tuple(latent_b.shape[1:]), use_mask, difference) if use_mask or difference
+                 else (None, None))
+        pairs.append(Pair(pf, get(item_a), latent_b, *masks))
     return pairs
 
 
@@ -387,9 +465,20 @@ class _JobEvents:
             self.ctx.events(dataclasses.replace(base, step=step, total=self.total, phase=phase, message=text))
 
 
+def unchanged_prediction(handle: ModelHandle, network: LoraNetwork):
+    """``(noisy, t, cond) -> output`` of the model without ``network`` (switched off, no gradient): the
+    target outside a mask whose outside is kept (``outside_mask`` keep)."""
+    def predict(noisy: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        with torch.no_grad(), switched(network, False):
+            return handle.predict(noisy.to(handle.dtype), t, cond.to(dtype=handle.dtype))
+    return predict
+
+
 def _step_loss(handle, pairs, conds, latent_of, mask_of, batch_size, noise, generator, prompt, encode_each_step,
-               copier: LoraNetwork | None = None):
-    """compute_loss of one pass: the pair of this step, its latent repeated batch_size times."""
+               copier: LoraNetwork | None = None, keep_outside: LoraNetwork | None = None):
+    """compute_loss of one pass: the pair of this step, its latent repeated batch_size times; with
+    ``keep_outside`` (the trained network) the target outside the mask is the prediction without it."""
+    unchanged = unchanged_prediction(handle, keep_outside) if keep_outside is not None else None
     def compute_loss(micro_step: int) -> torch.Tensor:
         # 1. the pair of this step
         pair = pairs[micro_step % len(pairs)]
@@ -402,7 +491,8 @@ def _step_loss(handle, pairs, conds, latent_of, mask_of, batch_size, noise, gene
         #    frozen copier applied in pass 2
         with applied(copier):
             cond = handle.encode_prompts([prompt], pair.hw) if encode_each_step else conds[pair.hw]
-            return diffusion_loss(handle, x0, cond.repeat(batch_size), noise, generator(), mask=mask)
+            return diffusion_loss(handle, x0, cond.repeat(batch_size), noise, generator(), mask=mask,
+                                  unchanged=unchanged)
     return compute_loss
 
 
@@ -422,7 +512,7 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
             and not ctx.resume:
         raise jobs.JobError(f"{copier_outputs.final} already exists: choose another name or tick overwrite",
                             field="save_copier")
-    pairs = load_pairs(pair_files, handle, data.LatentCache(ctx.cache_dir / "latents"), job.use_mask)
+    pairs = load_pairs(pair_files, handle, data.LatentCache(ctx.cache_dir / "latents"), **mask_options(job))
 
     noise = noise_settings(handle, job, second)
     runs_pass_1 = saved_copier is None
@@ -470,7 +560,8 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
                             events.of_pass(PASS_2, on_step=lambda p: preview(p.step, p.total)), ctx.control)
         compute_loss = _step_loss(handle, pairs, conds, lambda p: p.latent_b,
                                   lambda p: p.mask_ab, second.batch_size, noise, lambda: loop.generator,
-                                  job.prompt, job.train_text_encoder, copier)
+                                  job.prompt, job.train_text_encoder, copier,
+                                  keep_outside=difference if job.outside_mask == "keep" else None)
         result = run_loop(loop, compute_loss, ctx)
     finally:
         if copier is not None:
