@@ -71,7 +71,7 @@ class QueuePanel:
         self.status = gr.Markdown("", elem_id="loraq_queue_status")
         self.summary = gr.Markdown("", elem_id="loraq_job_summary")
         self.error = gr.Textbox(label="error", visible=False, lines=3, interactive=False, elem_id="loraq_job_error")
-        self.plot = gr.Plot(label="loss and learning rate", elem_id="loraq_loss_plot")
+        self.plot = gr.HTML(queue_view.loss_svg([], "loss and learning rate"), elem_id="loraq_loss_plot")
         self.plot_key = gr.State(None)
         # previews, comparison grid and morning sheet of the selected job (trainer/ui/results.py)
         self.results = results.ResultsPanel(self.services, blocks, self.selected)
@@ -88,21 +88,54 @@ class QueuePanel:
             button.click(self._queue_operation(elem), [self.selected, self.show], [self.status, self.table_html])
         details_out = [self.summary, self.error, self.plot, self.plot_key]
         poll(blocks, self.details, [self.selected, self.plot_key], details_out, DETAILS_EVERY_S)
-        self.selected.change(self.details, [self.selected, gr.State(None)], details_out, **no_progress())
-        self.selected.change(self.table, [self.selected, self.show], [self.table_html], **no_progress())
+        # A click on a row: its text at once, outside the request queue (which a slow grid may hold); the plot after.
+        self.selected.change(self.details_text, [self.selected], [self.summary, self.error], queue=False,
+                             **no_progress())
+        self.selected.change(self.details_plot, [self.selected], [self.plot, self.plot_key], **no_progress())
+        self.selected.change(self.table, [self.selected, self.show], [self.table_html], queue=False, **no_progress())
         for method, button in self.ops.items():
             button.click(self._operation(method), [self.selected, self.show],
                          [self.status, self.table_html, self.selected])
 
     def details(self, selected: str, last_key):
+        """The poll: summary, error, and the plot when the job moved."""
         job_id = selected_id(selected)
         if job_id is None:
-            return "", gr.update(visible=False), gr.update(), None
+            # nothing to refresh; the selection's own change event clears the details. A tick that read the
+            # selection a moment before a click must not blank what that click has just shown.
+            return gr.update(), gr.update(), gr.update(), None
         try:
             row = self.queue.get(job_id)
         except QueueError as e:
             return f"⚠ {e}", gr.update(visible=False), gr.update(), None
+        summary, error = self._text(row)
         key = [row.id, row.state, row.step, row.phase]
+        if key == last_key:
+            return summary, error, gr.update(), key
+        return summary, error, queue_view.loss_svg(self.queue.progress(job_id), f"{row.name}: loss and learning rate"), key
+
+    def details_text(self, selected: str):
+        """Summary and error of the newly selected job: answered first, before its plot is drawn."""
+        job_id = selected_id(selected)
+        if job_id is None:
+            return "", gr.update(visible=False)
+        try:
+            return self._text(self.queue.get(job_id))
+        except QueueError as e:
+            return f"⚠ {e}", gr.update(visible=False)
+
+    def details_plot(self, selected: str):
+        job_id = selected_id(selected)
+        if job_id is None:
+            return queue_view.loss_svg([], "loss and learning rate"), None
+        try:
+            row = self.queue.get(job_id)
+        except QueueError:
+            return gr.update(), None
+        return (queue_view.loss_svg(self.queue.progress(job_id), f"{row.name}: loss and learning rate"),
+                [row.id, row.state, row.step, row.phase])
+
+    def _text(self, row) -> tuple[str, dict]:
         done = f"{queue_view.percent_done(row)}%"
         speed = f", {row.it_per_s:.2f} it/s" if row.it_per_s else ""
         # stop-and-save is no error: its note ("stopped and saved at step N; resume continues it") is the state's
@@ -115,10 +148,7 @@ class QueuePanel:
         failed = bool(row.error) and not stopped
         error = gr.update(visible=failed, value=(row.error or "") + (
             "\n\n" + row.error_detail if row.error_detail else "") if failed else "")
-        if key == last_key:
-            return summary, error, gr.update(), key
-        figure = queue_view.loss_figure(self.queue.progress(job_id), f"{row.name}: loss and learning rate")
-        return summary, error, figure, key
+        return summary, error
 
     def _operation(self, method: str):
         def run(selected: str, show: str | None = None):

@@ -13,6 +13,7 @@ from trainer import jobs
 from trainer.ui import form
 from trainer.ui.compat import file_input, file_paths, no_progress, then_js
 from trainer.queue.store import QueueError
+from trainer.ui.distil import DistilButton
 from trainer.ui.presets import PresetError, PresetStore
 from trainer.ui.services import UiServices
 
@@ -102,7 +103,8 @@ class TrainPanel:
                         with gr.Column(min_width=150, scale=2):
                             self._controls([c])
                 for part in form.PASSES:
-                    with gr.Column(min_width=330, scale=5, elem_id=f"loraq_top_{part}"):
+                    with gr.Column(min_width=330, scale=5, elem_id=f"loraq_top_{part}") as pass_column:
+                        self.containers.append((pass_column, ("copier",)))
                         gr.Markdown(f"**{form.PASS_TITLES[part]}**", elem_classes=["loraq-pass-title"])
                         members = [c for c in top if c.part == part]
                         self._controls([c for c in members if c.field.group == "pass2"])
@@ -113,7 +115,9 @@ class TrainPanel:
                                     cell = self._cell(c, min_width=100, by_mode=False)
                                     if part == "difference_pass" and c.field.group == "training":
                                         self.pass2_training.append(cell)
-            self.containers.append((copier_row, ("copier",)))
+            # the modes with images (copier, addift); the passes' columns only for a copier
+            self.containers.append((copier_row, tuple(m for m in jobs.MODES if any(
+                m in c.modes for c in top if c.kind == "images" or c.part))))
             with gr.Row():
                 for c in top:
                     if not c.part and c not in shared and c.kind in ("number", "choice"):
@@ -127,6 +131,7 @@ class TrainPanel:
                 self.new_job = gr.Button("Add as a new job instead", elem_id="loraq_add_new", scale=0, min_width=120,
                                          size="sm", visible=False)
         self.status = gr.Markdown("", elem_id="loraq_train_status")
+        self.distil = DistilButton(self.services)
 
     def _cell(self, c: form.Control, min_width: int, scale: int = 1, by_mode: bool = True):
         """A control with its error below it, as one column of a row; the column shows in the control's modes."""
