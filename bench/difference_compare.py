@@ -12,7 +12,8 @@
    strength 1, for the copier and ADDifT with outside_mask ignore (the mask only weights the loss, as before)
    and keep (trained toward no change), and ADDifT with the difference mask instead of alpha.
 
-One CPU thread for everything; timings are ratios of runs in this one process. Results: bench/README.md
+One CPU thread for everything; times are the process's CPU seconds (on one thread the wall time of an idle
+machine; a shared machine's load does not count), ratios of runs in this one process. Results: bench/README.md
 (## Difference LoRAs).
 """
 from __future__ import annotations
@@ -106,9 +107,11 @@ def addift_job(a: str, b: str, **kw) -> jobs.AddiftJob:
 
 
 def train(handle, job, folder: Path):
-    started = time.perf_counter()
+    """(result, CPU seconds of this process): on one thread CPU time is what the run costs, and unlike wall
+    time it does not count the other programs of a shared machine."""
+    started = time.process_time()
     result = run_job(job, handle, JobContext(folder / "out", folder / "cache", log=lambda m: None))
-    return result, time.perf_counter() - started
+    return result, time.process_time() - started
 
 
 def main() -> int:
@@ -129,19 +132,19 @@ def main() -> int:
     a, b = str(tmp / "a.png"), str(tmp / "b.png")
     result, copier_s = train(handle, copier_job(a, b), tmp / "copier")
     reference = whole_change(handle, result.final, seeds, base)
-    print(f"copier (100 + 120 steps, batch 2): {copier_s:.1f} s, blueness change at strength 1 {reference:+.3f}")
+    print(f"copier (100 + 120 steps, batch 2): {copier_s:.1f} CPU s, blueness change at strength 1 {reference:+.3f}")
     job = addift_job(a, b, steps=args.addift_steps, save_every_n_steps=args.every)
     result, addift_s = train(handle, job, tmp / "addift")
     reached = None
     for path in result.saved:
         step = args.addift_steps if path == result.final else int(path.stem.rsplit("-", 1)[1])
         change = whole_change(handle, path, seeds, base)
-        print(f"  addift step {step:4d} ({addift_s * step / args.addift_steps:5.1f} s): {change:+.3f}")
+        print(f"  addift step {step:4d} ({addift_s * step / args.addift_steps:5.1f} CPU s): {change:+.3f}")
         if reached is None and change >= reference:
             reached = (step, addift_s * step / args.addift_steps)
     if reached:
-        print(f"ADDifT reached the copier's change at step {reached[0]} after {reached[1]:.1f} s "
-              f"({copier_s / reached[1]:.1f}x faster; the copier trained 220 steps of batch 2 in {copier_s:.1f} s)")
+        print(f"ADDifT reached the copier's change at step {reached[0]} after {reached[1]:.1f} CPU s "
+              f"({copier_s / reached[1]:.1f}x faster; the copier trained 220 steps of batch 2 in {copier_s:.1f} CPU s)")
     else:
         print(f"ADDifT did not reach the copier's change in {args.addift_steps} steps ({addift_s:.1f} s)")
 
@@ -159,7 +162,7 @@ def main() -> int:
     b_alpha.save(half / "b_alpha.png")
     cases = [("copier", "alpha", "ignore", 0), ("copier", "alpha", "keep", 0), ("addift", "alpha", "ignore", 100),
              ("addift", "alpha", "keep", 100), ("addift", "alpha", "keep", 200), ("addift", "difference", "keep", 200)]
-    print("\n| mode | mask | outside | steps | seconds | inside | outside | outside / inside | per pixel: inside | "
+    print("\n| mode | mask | outside | steps | CPU s | inside | outside | outside / inside | per pixel: inside | "
           "outside | ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, mask, outside, steps in cases:
         masks = (dict(use_mask=True) if mask == "alpha" else dict(difference_mask=True, difference_dilate=4))

@@ -69,7 +69,13 @@ class DemoCheck:
         with torch.no_grad():
             return ((self.handle.decode_latents(latents).clamp(-1, 1) + 1) * 127.5).float()
 
-    def lcm(self, steps: int) -> list[torch.Tensor]:
+    def lcm(self, steps: int, sampler: str = "lcm") -> list[torch.Tensor]:
+        """n-step samples at CFG 1: the LCM sampler, or ("alternative") the LCM alternative with every step
+        re-noised by the noise it removed (euler_steps = steps: deterministic, no fresh noise)."""
+        if sampler == "alternative":
+            return [self.pixels(lcm_sampling.lcm_latents(self.handle, n, self.cond, steps=steps,
+                                                         sampler="lcm_alternative", euler_steps=steps))
+                    for n in self.noises]
         return [self.pixels(lcm_sampling.lcm_latents(self.handle, n, self.cond, steps=steps)) for n in self.noises]
 
     def mse(self, images: list[torch.Tensor]) -> float:
@@ -92,6 +98,9 @@ def main() -> None:
     parser.add_argument("--curve", default="4", help="LCM step counts to measure, e.g. 1,2,4,8")
     parser.add_argument("--set", action="append", default=[], help="job field=value (JSON value) beyond the defaults")
     parser.add_argument("--ref-w", type=float, default=None, help="teacher reference w (default: middle of the range)")
+    parser.add_argument("--sampler", default="lcm",
+                        help="lcm (the bar's) and/or alternative (the deterministic LCM alternative), comma-separated; "
+                             "student and base sample alike")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -115,24 +124,27 @@ def main() -> None:
     t0 = time.perf_counter()
     check = DemoCheck(handle, cfg=w + 1)
     curve = [int(s) for s in args.curve.split(",")]
-    base = {s: check.lcm(s) for s in curve}
+    samplers = args.sampler.split(",")
+    base = {(s, m): check.lcm(s, m) for s in curve for m in samplers}
     print(f"settings: {json.dumps(overrides)}; reference CFG {w + 1:g}; teacher 30-step right "
-          f"{check.right(check.teacher_30)}/90; base right (4 steps) {check.right(base.get(4, check.lcm(4)))}/90; "
+          f"{check.right(check.teacher_30)}/90; base right (4 steps) {check.right(check.lcm(4))}/90; "
           f"setup {time.perf_counter() - t0:.0f} s", flush=True)
     root = Path(tempfile.mkdtemp())
     cache = Path(__file__).resolve().parents[1] / "tests" / "data"
     t0 = time.perf_counter()
     result = run_job(job, handle, JobContext(output_dir=root / "out", cache_dir=cache, work_dir=root / "work", log=lambda m: None))
     train_seconds = time.perf_counter() - t0
-    for path in result.saved:
+    for path in [p for p in result.saved if p.suffix == ".safetensors"]:   # not the comparison sheet
         network = build_network(handle, dataclasses.replace(job, init_lora=str(path)))
         network.enable()
         try:
             parts = []
             for s in curve:
-                student = check.lcm(s)
-                parts.append(f"{s}-step MSE student {check.mse(student):.0f} base {check.mse(base[s]):.0f} "
-                             f"ratio {check.mse(base[s]) / check.mse(student):.2f} right {check.right(student)}/90")
+                for m in samplers:
+                    student, b = check.lcm(s, m), base[(s, m)]
+                    name = "" if m == "lcm" else f" ({m})"
+                    parts.append(f"{s}-step{name} MSE student {check.mse(student):.0f} base {check.mse(b):.0f} "
+                                 f"ratio {check.mse(b) / check.mse(student):.2f} right {check.right(student)}/90")
         finally:
             network.detach()
         print(f"{path.name}: " + "; ".join(parts), flush=True)

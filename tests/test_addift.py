@@ -103,7 +103,8 @@ def test_an_addift_job_saves_one_lora_of_its_rank_with_its_mode_and_pairs(tmp_pa
 def test_several_pairs_train_one_lora_multi_addift(tmp_path, sd1):
     a1, b1 = _pair(tmp_path / "front")
     a2, b2 = _pair(tmp_path / "side", a=("red", "square", "white"), b=("blue", "square", "white"), size=48)
-    result = run_job(_job(tmp_path, image_a=[a1, a2], image_b=[b1, b2]), sd1, _ctx(tmp_path))
+    result = run_job(_job(tmp_path, image_a=[a1, a2], image_b=[b1, b2], pair_prompts=["a red circle", "a red square"]),
+                     sd1, _ctx(tmp_path))
     pairs = json.loads(lora_files.read_metadata(result.final)["lq_addift_pairs"])
     assert len(pairs) == 2 and len({p[0] for p in pairs}) == 2
 
@@ -162,6 +163,9 @@ def test_the_job_needs_both_images_and_one_b_for_each_a(tmp_path):
     with pytest.raises(jobs.JobError) as caught:
         jobs.AddiftJob(image_a=["a.png", "b.png"], image_b=["c.png"])
     assert caught.value.field == "image_b" and "2 image(s) A but 1 image(s) B" in caught.value.message
+    with pytest.raises(jobs.JobError) as caught:
+        jobs.AddiftJob(image_a=["a.png"], image_b=["c.png"], pair_prompts=["one", "two"])
+    assert caught.value.field == "pair_prompts" and "2 pair prompt(s) for 1 pair(s)" in caught.value.message
     problems = jobs.validate_paths(jobs.AddiftJob(), root=tmp_path)
     assert problems == {"image_a": "image A is required", "image_b": "image B is required"}
 

@@ -97,6 +97,47 @@ def test_addift_strength_0_is_the_base_model_1_moves_to_b_minus_1_away_and_monot
     print("background brightness by strength:", "; ".join(report))
 
 
+# -- Multi-ADDifT: two pairs, red -> blue circles on white and on gray, each with its caption -------------
+
+BLUE = COLOURS["blue"]
+
+
+def test_multi_addift_moves_both_pairs_to_b_at_1_away_at_minus_1_and_monotone(handle, tmp_path):
+    """Measured (colour distance to blue at -1 / 0 / 0.5 / 1, seeds 11-12, 200 steps): white 0.679 / 0.604 /
+    0.563 / 0.084 and 0.706 / 0.609 / 0.560 / 0.068; gray 0.646 / 0.600 / 0.588 / 0.034 and 0.636 / 0.596 /
+    0.591 / 0.032. At -1 the circle turns orange: away from blue."""
+    files = {}
+    for bg in ("white", "gray"):
+        draw("red", "circle", bg).save(tmp_path / f"{bg}_a.png")
+        draw("blue", "circle", bg).save(tmp_path / f"{bg}_b.png")
+        files[bg] = (str(tmp_path / f"{bg}_a.png"), str(tmp_path / f"{bg}_b.png"))
+    prompts = [caption("red", "circle", bg) for bg in files]
+    job = jobs.AddiftJob(name="bluer", image_a=[a for a, _ in files.values()], image_b=[b for _, b in files.values()],
+                         pair_prompts=prompts, resolution=64, mixed_precision="no", steps=200)
+    result = _train(handle, tmp_path, job)
+    batch = [p for p in prompts for _ in SEEDS]
+    seeds = list(SEEDS) * len(prompts)
+    base = sample(handle, batch, seeds, **SAMPLING)
+    network = network_for_file(handle, result.final)
+    network.attach()
+    try:
+        images = {}
+        for s in (-1.0, 0.0, 0.5, 1.0):
+            network.multiplier = s
+            images[s] = sample(handle, batch, seeds, **SAMPLING)
+    finally:
+        network.detach()
+    report = []
+    for i, (prompt, seed) in enumerate(zip(batch, seeds)):
+        to_blue = {s: score.colour_distance(images[s][i], BLUE) for s in images}
+        report.append(f"{prompt.split()[-2]} seed {seed}: " + ", ".join(f"{s:+g}: {d:.3f}" for s, d in to_blue.items()))
+        assert list(images[0.0][i].getdata()) == list(base[i].getdata()), "strength 0 is the base model, bit for bit"
+        assert to_blue[1.0] <= to_blue[0.0] - 0.25, report
+        assert to_blue[-1.0] >= to_blue[0.0] + 0.02, report
+        assert to_blue[-1.0] >= to_blue[0.0] >= to_blue[0.5] - 1e-3 >= to_blue[1.0] - 1e-3, f"not monotone: {report}"
+    print("distance to blue by strength:", "; ".join(report))
+
+
 # -- masks that keep a change local: only the left half of the circle turns blue -------------------
 
 RED_CIRCLE = caption("red", "circle", "white")

@@ -73,3 +73,15 @@ def test_preview_on_the_demo_model_suggests_the_smallest_rank_under_2_of_255(tmp
     assert "per module at rank 2:" in text
     assert preview.grid.size[0] == 70 + 128 * 5
     assert time.perf_counter() - started < 40
+
+
+def test_the_tabs_preview_button_reads_names_from_the_lora_folder_and_reports(tmp_path):
+    from trainer.ui.loras import preview_in_folder
+
+    handle = load_handle("demo")
+    _random_lora(handle, tmp_path / "a.safetensors", 1, 0.4)
+    _random_lora(handle, tmp_path / "b.safetensors", 2, 0.04)
+    grid, text = preview_in_folder(handle, "a:0.8\nb:-0.6", 2, PROMPT, "1", 8, 2.0, tmp_path, 64)
+    assert text.startswith("preview of 2 LoRAs on the loaded model") and "(nothing saved)" in text.splitlines()[0]
+    assert "per module at rank 2:" in text and ("suggested rank:" in text or "no tried rank" in text)
+    assert grid.size[1] == 24 + 16 + 128 and not list(tmp_path.glob("*rank*"))

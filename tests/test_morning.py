@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A standard job on the demo model: red squares captioned as circles, a save at step 15 and the final at 30."""
+    """A standard job on the demo model: red squares captioned as circles, a save at step 10 and the final at 20."""
     root = tmp_path_factory.mktemp("morning")
     (root / "data").mkdir()
     for i in range(2):
@@ -30,8 +30,8 @@ def trained(tmp_path_factory):
         (root / "data" / f"{i}.txt").write_text(CAPTION)
     handle = load_handle("demo")
     job = jobs.StandardJob(name="sq", dataset_dir=str(root / "data"), resolution=64, min_bucket_reso=64,
-                           max_bucket_reso=64, network_dim=4, network_alpha=4.0, steps=30, batch_size=1, lr=3e-3,
-                           save_every_n_steps=15, mixed_precision="no", save_precision="fp32",
+                           max_bucket_reso=64, network_dim=4, network_alpha=4.0, steps=20, batch_size=1, lr=4e-3,
+                           save_every_n_steps=10, mixed_precision="no", save_precision="fp32",
                            sample_prompts=[CAPTION])
     ctx = JobContext(output_dir=root / "out", cache_dir=root / "cache", log=lambda m: None, work_dir=root / "work")
     run_job(job, handle, ctx)
@@ -41,12 +41,12 @@ def trained(tmp_path_factory):
 def test_held_out_loss_repeats_exactly_and_the_trained_lora_beats_the_base(trained):
     root, handle, job = trained
     files = morning.job_checkpoints(root / "out", "sq")
-    assert [p.name for p in files] == ["sq-000015.safetensors", "sq.safetensors"]
+    assert [p.name for p in files] == ["sq-000010.safetensors", "sq.safetensors"]
     first = heldout.checkpoint_losses(job, handle, files, root / "cache")
     again = heldout.checkpoint_losses(job, handle, files, root / "cache")
     assert first == again, "fixed noise and timesteps: the same loss to the last bit"
     base = heldout.heldout_loss(handle, heldout.evaluation_set(job, handle, root / "cache"), None)
-    assert first[-1] < 0.9 * base, (first, base)   # 30 steps on these two images lower their loss
+    assert first[-1] < 0.9 * base, (first, base)   # 20 steps on these two images lower their loss
 
 
 def test_the_best_checkpoint_is_the_one_with_the_lowest_held_out_loss():
@@ -60,7 +60,7 @@ def test_the_morning_sheet_holds_every_checkpoint_x_strength_x_seed_and_marks_th
     sheet = morning.morning_sheet(job, handle, root / "out", root / "work", root / "cache",
                                   strengths=(0, 2), seeds=(1111, 2222))
     assert sheet.best == min(range(2), key=lambda i: sheet.losses[i])
-    assert sheet.steps == [15, 30]
+    assert sheet.steps == [10, 20]
     assert sheet.path == root / "out" / "sq.morning.png" and sheet.path.is_file()
     saved = Image.open(sheet.path)
     # two grid blocks of 2 seeds (64 px cells shown at 128 px) under the loss chart, 2 strength columns
@@ -93,3 +93,41 @@ def test_the_comparison_grid_gives_one_block_per_checkpoint_and_follows_the_stre
     lcm = results.strength_grid(handle, files[-1:], [CAPTION], (0.0, 2.0), (1111,), sampler="lcm", steps=4, cfg=1.5,
                                 size=(64, 64))
     assert lcm.size == one.size
+
+
+def test_an_lcm_jobs_held_out_loss_is_its_consistency_loss_on_fixed_draws_and_repeats(trained, monkeypatch):
+    from trainer.train.modes import lcm as lcm_mode
+
+    monkeypatch.setattr(lcm_mode, "TEACHER_SAMPLING_STEPS", 4)   # speed only: the teacher's images from prompts
+    root, handle, _ = trained
+    job = jobs.LcmJob(name="l", prompts=[CAPTION, "a blue square on a black background"], num_generated_images=2,
+                      resolution=64, steps=2, batch_size=1, network_dim=4, network_alpha=4.0, mixed_precision="no",
+                      save_precision="fp32")
+    ctx = JobContext(output_dir=root / "lcm_out", cache_dir=root / "cache", log=lambda m: None, work_dir=root / "lw")
+    final = run_job(job, handle, ctx).final
+    first = heldout.checkpoint_losses(job, handle, [final], root / "cache")
+    again = heldout.checkpoint_losses(job, handle, [final], root / "cache")
+    assert first == again and math.isfinite(first[0]) and first[0] > 0
+    assert len(heldout.evaluation_set(job, handle, root / "cache").items) == 2
+
+
+def test_a_sweep_group_is_the_jobs_queued_together_and_its_sheet_names_the_best_job(tmp_path):
+    from trainer.queue.admission import Admission
+    from trainer.queue.store import JobQueue
+
+    (tmp_path / "d").mkdir()
+    draw("red", "square", "white", 64).save(tmp_path / "d" / "a.png")
+    queue = JobQueue(tmp_path / "q.sqlite")
+    base = dict(dataset_dir=str(tmp_path / "d"), resolution=64, min_bucket_reso=64, max_bucket_reso=64)
+    alone = queue.add(jobs.StandardJob(name="alone", **base), admission=Admission(tmp_path / "out"))
+    sweep = queue.add_many(jobs.sweep_jobs(jobs.StandardJob(name="s", **base), {"lr": [1e-4, 2e-4]}),
+                           admission=Admission(tmp_path / "out"))
+    assert queue.group_of(sweep[1]) == sweep and queue.group_of(alone) == [alone]
+    queue.close()
+    made = [morning.MorningSheet(name, tmp_path / f"{name}.morning.png", Image.new("RGB", (200, 100), "white"),
+                                 [tmp_path / f"{name}.safetensors"], [10], [loss], 0)
+            for name, loss in (("s_lr1e-04", 0.2), ("s_lr2e-04", 0.1))]
+    image, head = morning.group_sheet(made)
+    assert "s_lr2e-04" in head and image.height >= 200
+    path = morning.save_group_sheet(image, tmp_path, [s.job_name for s in made])
+    assert path.name == "s_lr.sweep.morning.png" and path.is_file()

@@ -98,6 +98,8 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     job = json.loads((tmp_path / "job.json").read_text())
     (tmp_path / "job.json").write_text(json.dumps({**job, "name": "b", "save_every_n_steps": 2}))
     second = Path(run("python -m trainer train job.json --model demo --resume").stdout.split()[-1])
+    budget = run("python -m trainer budget job.json --arch sdxl --free-gib 8").stdout
+    assert re.search(r"peak: \d+\.\d\d GiB", budget) and "fits in 8 GiB" in budget, budget
     for trained, name in ((first, "a"), (second, "b")):
         (tmp_path / f"{name}.safetensors").write_bytes(trained.read_bytes())
 
@@ -117,6 +119,8 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     assert re.search(r"\bdone\b.*\bqueued\b", listing), listing
     again = run("python -m trainer queue run --resume-interrupted --until-empty --model demo")
     assert again.returncode == 0
+    sheet = Path(run("python -m trainer morning 1 --model demo", timeout=600).stdout.split()[-1])
+    assert sheet.name == "queued.morning.png" and sheet.stat().st_size > 10_000
 
     demo = run("python -m trainer demo --out demo-output", timeout=600)
     assert (tmp_path / "demo-output" / "demo_square_grid.png").is_file(), demo.stdout

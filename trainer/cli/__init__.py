@@ -11,7 +11,7 @@ import importlib
 import os
 
 #: Subcommand modules of this package, in the order ``--help`` lists them.
-COMMANDS = ("train", "queue", "template", "merge", "resize", "extract", "bake", "ui", "demo")
+COMMANDS = ("train", "queue", "morning", "template", "budget", "merge", "resize", "extract", "bake", "ui", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,11 @@ from trainer.models.handle import Cond, ModelHandle
 from trainer.paths import write_atomic
 
 
+#: Images a latent cache encodes at once, at most. A job encodes no more at once than its batch size: the
+#: VAE encoder at full resolution is the peak of an SDXL job on a GPU (4 x 1024 px: several GiB).
+LATENT_CACHE_MAX_BATCH = 4
+
+
 def latent_key(sha256: str, identity: str, bucket: tuple[int, int], flipped: bool = False) -> str:
     """File-name-safe key: image content + VAE identity + bucket + flip."""
     vae = hashlib.sha256(identity.encode()).hexdigest()[:12]

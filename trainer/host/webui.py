@@ -96,12 +96,28 @@ class WebUIHost:
                           model_label=getattr(label, "name", "") or "the WebUI's loaded model",
                           lora_written=lambda path: self.refresh_loras(), input_roots=self.input_roots,
                           model_facts=self.model_facts, default_model=self.loaded_checkpoint,
-                          lora_library=self.lora_dir, base_checkpoint=self.loaded_checkpoint_file)
+                          lora_library=self.lora_dir, base_checkpoint=self.loaded_checkpoint_file,
+                          gpu_memory=self.gpu_memory)
 
     def loaded_checkpoint_file(self) -> str:
         """The file of the loaded checkpoint ("" before one is loaded): the LoRA tools' default base."""
         info = getattr(self.get_sd_model(), "sd_checkpoint_info", None)
         return str(getattr(info, "filename", "") or "")
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        """(GPU bytes a job may still take, bytes per weight of the loaded model), or None without CUDA.
+
+        Free is the driver's free memory plus what torch's cache holds unused in this process (the WebUI's
+        own generations leave some there, and our job allocates from the same cache)."""
+        import torch
+
+        sd_model = self.get_sd_model()
+        if not torch.cuda.is_available() or sd_model is None or _is_placeholder(sd_model):
+            return None
+        free, _ = torch.cuda.mem_get_info()
+        free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        weight = next((p for p in sd_model.parameters()), None) if hasattr(sd_model, "parameters") else None
+        return free, (weight.element_size() if weight is not None else 2)
 
     def model_facts(self) -> tuple[str | None, int | None]:
         """(arch, cross-attention width) of the loaded model from its flags, without loading anything

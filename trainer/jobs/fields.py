@@ -563,6 +563,12 @@ FIELDS: dict[str, Field] = _registry(
           "(the prediction without the LoRA there), so the LoRA changes only the region. ignore: not trained "
           "at all (the LoRA may change it anyway: before this option the whole picture changed). Copier: pass 2.",
           "copier", modes=_DIFFERENCE, choices=OUTSIDE_MASK),
+    Field("pair_prompts", list[str], [], "prompt of each pair",
+          "ADDifT with several pairs (Multi-ADDifT): one caption per pair, one per line in the order of image_a "
+          "(e.g. 'a red circle on a white background', 'a red circle on a gray background'), as traintrain "
+          "reads each image's caption. Empty = the prompt for every pair. A caption that describes a pair well "
+          "matters: a shorter prompt shared by different pairs learned almost nothing on the demo model.",
+          "addift", modes=("addift",), ui="lines"),
     Field("addift_strength", float, 1.0, "training strength",
           "ADDifT: the LoRA strength at which it learns the pair's change, so that at this strength it "
           "reproduces A -> B (1: strength 1 is the change of the pairs). traintrain trains at 0.25, so its "
@@ -626,8 +632,9 @@ FIELDS: dict[str, Field] = _registry(
           max=10, ui="slider", metadata="ss_ileco_slider_scale"),
     Field("both_directions", bool, True, "train both directions",
           "Also train strength -1 toward the opposite, prediction(source) - scale x (prediction(target) - "
-          "prediction(source)), so negative strengths are a trained slider and not an extrapolation. Each "
-          "step then runs the LoRA twice (about 1.5x slower).", "ileco", modes=("ileco",),
+          "prediction(source)), so negative strengths are a trained slider and not an extrapolation (on the demo "
+          "model, without it strength -1 to -0.5 was not monotone). Each step runs the LoRA twice (1.1x the "
+          "time on the demo model).", "ileco", modes=("ileco",),
           metadata="ss_ileco_both_directions"),
     Field("denoise_steps", int, 20, "denoise steps",
           "The training latents: noise the base model denoises on the source prompt (DDIM, CFG 5) for a "
@@ -640,6 +647,11 @@ FIELDS: dict[str, Field] = _registry(
           "saved. Empty = no previews.", "preview", ui="lines"),
     Field("sample_every_n_steps", int, 0, "preview every N steps",
           "Also render previews every N steps; 0 = only with each saved file.", "preview", min=0),
+    Field("comparison_sheet", bool, True, "comparison sheet",
+          "When the job finishes, save NAME.comparison.png beside the LoRA: the teacher (the model without "
+          "the LoRA) at 25 DDIM steps and CFG 7 against the LoRA at 2, 4 and 8 LCM steps and CFG 1, from the "
+          "same seeds, for the preview prompts (or up to 4 of the training prompts).",
+          "preview", modes=("lcm",)),
 )
 
 

@@ -189,6 +189,7 @@ class LcmJob(Job):
     ema_decay: float = 0.95
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0
+    comparison_sheet: bool = True
 
 
 @typed_spec('addift')
@@ -236,6 +237,7 @@ class AddiftJob(PairRules, Job):
     difference_threshold: int = 10
     difference_dilate: int = 8
     outside_mask: OutsideMask = 'keep'
+    pair_prompts: list[str] = field(default_factory=list)
     addift_strength: float = 1.0
     sample_prompts: list[str] = field(default_factory=list)
     sample_every_n_steps: int = 0

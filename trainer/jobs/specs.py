@@ -100,10 +100,14 @@ class PairRules:
     """Jobs trained on pairs of images (ADDifT): one image B for each image A."""
 
     def _check_parts_together(self) -> tuple[dict[str, str], dict[str, str]]:
+        errors: dict[str, str] = {}
         if len(self.image_a) != len(self.image_b) and self.image_a and self.image_b:
-            return {"image_b": (f"{len(self.image_a)} image(s) A but {len(self.image_b)} image(s) B: "
-                                "give one B for each A, in the same order")}, {}
-        return {}, {}
+            errors["image_b"] = (f"{len(self.image_a)} image(s) A but {len(self.image_b)} image(s) B: "
+                                 "give one B for each A, in the same order")
+        if self.pair_prompts and len(self.pair_prompts) != len(self.image_b):
+            errors["pair_prompts"] = (f"{len(self.pair_prompts)} pair prompt(s) for {len(self.image_b)} pair(s): "
+                                      "give one per pair, in the order of image_a (or none: the prompt for all)")
+        return errors, {}
 
 
 class CopierRules:

@@ -6,6 +6,9 @@ arguments its optimizer takes, where it writes (inside the output root only, nev
 queued job writes, never an existing LoRA unless ``overwrite``) and, inside the WebUI, which folders
 it may read. Every problem names its field.
 
+On a GPU host, a job whose memory budget (``trainer.train.budget``) exceeds the free GPU memory gets a
+warning naming the setting that would make it fit: warned, not refused, because the estimate is an estimate.
+
 Kept cheap for the common job: a dataset is scanned by headers and one image decoded; torch is only
 imported for a job that names an ``init_lora`` or ``optimizer_args``.
 """
@@ -31,6 +34,10 @@ class Admission:
     context_dim: int | None = None                     # its cross-attention width (tells SD1 from SD2)
     model_given: bool = False                          # the caller supplies the model (WebUI, --model)
     resume: bool = False                               # continues a saved state: its LoRA may exist
+    #: The WebUI on CUDA: GPU bytes free beyond its loaded model (the driver's free memory plus what torch's
+    #: cache holds unused), and the bytes per weight it holds the model in. None: no GPU, no memory check.
+    gpu_free: int | None = None
+    gpu_weight_bytes: int = 2
 
 
 def output_key(job: jobs.Job) -> str:
@@ -47,6 +54,7 @@ def admit(job: jobs.Job, root: str | os.PathLike | None, admission: Admission,
     if admission.model_given:
         errors.pop("model", None)
     warnings: list[str] = []
+    images = 0
 
     if admission.input_roots is not None:
         for name, value in _inputs(job, base, admission.model_given):
@@ -57,14 +65,27 @@ def admit(job: jobs.Job, root: str | os.PathLike | None, admission: Admission,
 
     _check_outputs(job, admission, taken or {}, errors)
     if getattr(job, "dataset_dir", "") and "dataset_dir" not in errors:
-        _check_dataset(job, base, errors, warnings)
+        images = _check_dataset(job, base, errors, warnings)
     for name in ("image_a", "image_b"):
         if getattr(job, name, None) and name not in errors:
             _check_images(job, name, base, errors)
     if getattr(job, "init_lora", "") and "init_lora" not in errors:
         _check_init_lora(job, base, admission, errors)
     _check_optimizers(job, errors)
+    if admission.gpu_free is not None and admission.model_arch:
+        warning = _memory_warning(job, admission, images)
+        if warning:
+            warnings.append(warning)
     return errors, warnings
+
+
+def _memory_warning(job: jobs.Job, admission: Admission, images: int) -> str | None:
+    from trainer.train import budget
+
+    half = admission.gpu_weight_bytes < 4
+    host = budget.Host(weight_bytes=admission.gpu_weight_bytes, vae_bytes=admission.gpu_weight_bytes,
+                       vae_upcast=admission.model_arch == "sdxl" and half)
+    return budget.fit_warning(admission.model_arch, budget.settings_for(job, images), host, admission.gpu_free)
 
 
 def _inputs(job: jobs.Job, base: Path, model_given: bool) -> Iterable[tuple[str, Path]]:
@@ -101,7 +122,8 @@ def _check_outputs(job: jobs.Job, admission: Admission, taken: Mapping[str, str]
         errors["name"] = f"{final} already exists: choose another name or tick overwrite"
 
 
-def _check_dataset(job: jobs.Job, base: Path, errors: dict[str, str], warnings: list[str]) -> None:
+def _check_dataset(job: jobs.Job, base: Path, errors: dict[str, str], warnings: list[str]) -> int:
+    """Checks the dataset; returns its number of images (0 when refused)."""
     from trainer.data.dataset import DatasetError, inspect_image, scan_dataset, short_reason
     from trainer.data.options import DatasetOptions
 
@@ -113,7 +135,7 @@ def _check_dataset(job: jobs.Job, base: Path, errors: dict[str, str], warnings: 
         found = scan_dataset(options, verify=False)     # headers only: fast on a large folder
     except DatasetError as e:
         errors["dataset_dir"] = str(e)
-        return
+        return 0
     warnings.extend(found.warnings)
     # A header can be fine over broken pixel data: decode until one image reads, so that a folder of only
     # damaged files is refused now rather than at its turn. Usually the first one does.
@@ -126,9 +148,10 @@ def _check_dataset(job: jobs.Job, base: Path, errors: dict[str, str], warnings: 
             broken.append(f"{item.path.name} ({short_reason(e)})")
     else:
         errors["dataset_dir"] = f"dataset folder '{job.dataset_dir}' has no readable images: " + ", ".join(broken[:10])
-        return
+        return 0
     if broken:
         warnings.append(f"{len(broken)} image(s) are damaged and will be skipped: " + ", ".join(broken[:10]))
+    return len(found.items)
 
 
 def _check_images(job: jobs.Job, name: str, base: Path, errors: dict[str, str]) -> None:

@@ -459,6 +459,14 @@ class JobQueue:
             raise QueueError(f"there is no job {job_id} in the queue")
         return self._row(row, columns)
 
+    def group_of(self, job_id: int) -> list[int]:
+        """The ids of the jobs queued in the same transaction as ``job_id`` (a sweep), in id order; a job queued
+        alone is its own group. Duplicates and retries are new jobs, so they are not in it."""
+        self.get(job_id)
+        rows = self._db().execute("SELECT id FROM jobs WHERE created = (SELECT created FROM jobs WHERE id = ?) "
+                                  "ORDER BY id", (job_id,)).fetchall()
+        return [r[0] for r in rows]
+
     def progress(self, job_id: int) -> list[ProgressRow]:
         """The job's recorded steps (every step of the latest RECENT_STEPS, thinned before), oldest first."""
         rows = self._db().execute("SELECT phase, step, loss, smoothed_loss, lr, time FROM progress "

@@ -114,7 +114,8 @@ def heldout_lines(names: Sequence[str], losses: Sequence[float], best: int | Non
     lines: list[tuple[str, tuple]] = [("held-out loss (fixed noise, fixed timesteps)", (0, 0, 0))]
     for i, (name, loss) in enumerate(zip(names, losses)):
         mark = "  <- best" if i == best else ""
-        lines.append((f"{name}: {loss:.5f}{mark}", BEST_COLOUR if i == best else (60, 60, 60)))
+        value = f"{loss:.5f}" if math.isfinite(loss) else "not measured for this mode"
+        lines.append((f"{name}: {value}{mark}", BEST_COLOUR if i == best else (60, 60, 60)))
     return lines
 
 

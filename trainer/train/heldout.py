@@ -27,6 +27,9 @@ from trainer.train.plan import dataset_options, prediction_of
 #: Timesteps every checkpoint is evaluated at (of 1000): spread over the schedule, as training draws them.
 EVAL_TIMESTEPS = (50, 200, 350, 500, 650, 800, 950)
 EVAL_SEED = 20240611
+#: The modes whose objective is measured here; another mode's checkpoints get NaN ("not measured"), and its
+#: sheet still shows its grids and loss curves.
+MEASURED_MODES = ("standard", "copier", "lcm")
 #: At most this many of the job's images (or prompts' images) are used: the sheet must not take an hour.
 MAX_ITEMS = 8
 
@@ -170,7 +173,10 @@ def copier_file(job, lora_folder: Path) -> Path | None:
 
 def checkpoint_losses(job: jobs.Job, handle: ModelHandle, files: Sequence[str | Path], cache_dir: Path,
                       lora_folder: Path | None = None) -> list[float]:
-    """The held-out loss of each LoRA file of ``job`` (a copier difference over its copier when that is kept)."""
+    """The held-out loss of each LoRA file of ``job`` (a copier difference over its copier when that is kept);
+    NaN for every file of a mode not in MEASURED_MODES."""
+    if job.mode not in MEASURED_MODES:
+        return [math.nan] * len(files)
     eval_set = evaluation_set(job, handle, cache_dir)
     copier = None
     if job.mode == "copier" and lora_folder is not None and (path := copier_file(job, lora_folder)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class MorningSheet:
 
     def summary(self) -> str:
         if self.best is None:
-            return f"{self.job_name}: no checkpoint has a finite held-out loss"
+            return f"{self.job_name}: held-out loss not measured (no best checkpoint marked)"
         return (f"{self.job_name}: best checkpoint {self.checkpoints[self.best].name} (held-out loss "
                 f"{self.losses[self.best]:.5f}, of {len(self.checkpoints)})")
 
@@ -117,7 +118,8 @@ def morning_sheet(job: jobs.Job, handle: ModelHandle, lora_folder: Path, work_fo
         grid = lora_file_grid(handle, path, prompts, strengths, seeds, sampler=sampling.sampler, steps=sampling.steps,
                               cfg=sampling.cfg, size=size)
         mark = "  <- best" if i == best else ""
-        head = sheets.text_block([(f"{path.name} (step {steps[i]}): held-out loss {losses[i]:.5f}{mark}",
+        value = f"held-out loss {losses[i]:.5f}" if math.isfinite(losses[i]) else "held-out loss not measured"
+        head = sheets.text_block([(f"{path.name} (step {steps[i]}): {value}{mark}",
                                    sheets.BEST_COLOUR if i == best else (0, 0, 0))], grid.width, line_height=16)
         # the best checkpoint's block is framed in green, the others in grey
         grids.append(ImageOps.expand(sheets.stack([head, grid], gap=0), border=4,

@@ -2,7 +2,8 @@
 each save and at the end, sampled the way the mode's LoRA is used (guided DDIM, or LCM at 4 steps and CFG 1).
 
 Files: the final preview beside the LoRA as ``NAME.preview.png`` (the WebUI shows it as the LoRA's card);
-earlier ones in the job's folder as ``NAME-000500.preview.png``. A preview never stops a training.
+earlier ones in the job's folder as ``NAME-000500.preview.png``. A preview never stops a training. A finished
+LCM job also leaves ``NAME.comparison.png`` beside its LoRA (:func:`render_lcm_comparison`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from trainer.lora.network import LoraNetwork
+from trainer.lora.network import LoraNetwork, network_for_file
 from trainer.models.handle import ModelHandle
 from trainer.paths import write_atomic
 from trainer.sampling import lcm as lcm_sampling
@@ -66,8 +67,8 @@ def job_prompts(job) -> list[str]:
     prompt, the trigger word; never nothing (an empty prompt shows only the model's average image)."""
     if job.sample_prompts:
         return list(job.sample_prompts)
-    for candidate in (getattr(job, "prompt", ""), (list(getattr(job, "prompts", []) or []) or [""])[0],
-                      getattr(job, "trigger_word", "")):
+    for candidate in (getattr(job, "prompt", ""), getattr(job, "source_prompt", ""),
+                      (list(getattr(job, "prompts", []) or []) or [""])[0], getattr(job, "trigger_word", "")):
         if candidate and candidate.strip():
             return [candidate.strip()]
     return ["a picture"]
@@ -127,3 +128,51 @@ def previewer(job, handle: ModelHandle, network: LoraNetwork, outputs: Outputs, 
             log(f"warning: preview at step {step} failed: {e}")
             return None
     return at
+
+
+# -- the LCM comparison sheet ---------------------------------------------------------------------
+
+#: The teacher as people sample the model without the LoRA, against the LoRA at the LCM step counts, CFG 1.
+SHEET_TEACHER_STEPS, SHEET_TEACHER_CFG = 25, 7.0
+SHEET_LCM_STEPS = (2, 4, 8)
+SHEET_SEEDS = (1, 2)
+SHEET_MAX_PROMPTS = 4
+
+
+def comparison_path(outputs: Outputs) -> Path:
+    return outputs.dir / f"{outputs.name}.comparison.png"
+
+
+def sheet_prompts(sample_prompts: list[str], training_prompts: list[str]) -> list[str]:
+    """The job's preview prompts, or up to SHEET_MAX_PROMPTS of its training prompts spread over the list."""
+    if sample_prompts:
+        return list(sample_prompts)[:SHEET_MAX_PROMPTS]
+    distinct = list(dict.fromkeys(p for p in training_prompts if p.strip()))
+    n = min(SHEET_MAX_PROMPTS, len(distinct))
+    return [distinct[i * len(distinct) // n] for i in range(n)]
+
+
+def render_lcm_comparison(handle: ModelHandle, lora_file: Path, prompts: list[str], size: tuple[int, int],
+                          path: Path) -> Path:
+    """Columns: each prompt at each of SHEET_SEEDS; rows: the teacher (the model alone, guided DDIM at
+    SHEET_TEACHER_STEPS / SHEET_TEACHER_CFG), then the LoRA file as saved at each of SHEET_LCM_STEPS LCM steps,
+    CFG 1, from the same starting noise."""
+    network = network_for_file(handle, lora_file)
+    with handle.lock():
+        network.attach()
+        network.disable()      # on only while its own rows sample (the samplers switch it on under the lock)
+    rows: list[list] = [[] for _ in range(1 + len(SHEET_LCM_STEPS))]
+    try:
+        for prompt in prompts:   # one prompt at a time: a batch of len(SHEET_SEEDS) at full resolution
+            batch, seeds = [prompt] * len(SHEET_SEEDS), list(SHEET_SEEDS)
+            rows[0] += sample(handle, batch, seeds, steps=SHEET_TEACHER_STEPS, cfg=SHEET_TEACHER_CFG, size=size)
+            for row, steps in zip(rows[1:], SHEET_LCM_STEPS):
+                row += lcm_sampling.sample_lcm(handle, batch, seeds, steps=steps, size=size, network=network)
+    finally:
+        with handle.lock():
+            network.detach()
+    columns = [f"{p[:18]} s{s}" for p in prompts for s in SHEET_SEEDS]
+    labels = [f"teacher {SHEET_TEACHER_STEPS}"] + [f"LCM {n}" for n in SHEET_LCM_STEPS]
+    title = (f"teacher: {SHEET_TEACHER_STEPS} DDIM steps, CFG {SHEET_TEACHER_CFG:g}; "
+             f"{lora_file.stem}: LCM steps, CFG 1; same seeds")
+    return _write_png(grid_image(rows, columns, labels, title), path)

@@ -17,15 +17,15 @@ from PIL import Image
 
 from trainer import jobs
 from trainer.models.handle import ModelHandle
+from trainer.queue import morning
 from trainer.queue.store import QueueError
 from trainer.queue.worker import work_folder
 from trainer.sampling.grids import lora_file_grid
 from trainer.sampling.sheets import stack
 from trainer.train.previews import job_prompts, preview_files, preview_step, sampling_for
 
-#: The x axis users build by hand with the x/y/z plot: negative strength shows what the LoRA removes.
-STRENGTHS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
-SEEDS = (1111, 2222, 3333)
+from trainer.train.morning import SEEDS, STRENGTHS   # the strengths (-1 ... 2) and seeds people plot a LoRA with
+
 GALLERY_EVERY_S = 2.0
 
 
@@ -154,7 +154,7 @@ class ResultsPanel:
         from trainer.ui.compat import no_progress, poll
         self.services, self.queue, self.selected = services, services.queue, selected
         self.gallery = gr.Gallery(label="previews (the job's preview prompts, as it trains)", elem_id="loraq_previews",
-                                  columns=4, height="auto", allow_preview=True)
+                                  columns=4, height="auto", allow_preview=True, object_fit="contain")
         self.gallery_key = gr.State(None)
         with gr.Accordion("Results: LoRA strength x seed grid", open=True, elem_id="loraq_results"):
             with gr.Row():
@@ -173,18 +173,21 @@ class ResultsPanel:
                 self.generate = gr.Button("Generate comparison grid", variant="primary", elem_id="loraq_grid_generate")
                 self.morning = gr.Button("Morning sheet (checkpoints x strength x seed, held-out loss)",
                                          elem_id="loraq_morning_generate")
+                self.group = gr.Checkbox(False, label="its whole sweep group", elem_id="loraq_morning_group")
             self.grid_status = gr.Markdown("", elem_id="loraq_grid_status")
             self.grid = gr.Image(label="comparison grid", type="pil", interactive=False, elem_id="loraq_grid")
             self.morning_status = gr.Markdown("", elem_id="loraq_morning_status")
             self.morning_image = gr.Image(label="morning sheet", type="pil", interactive=False, elem_id="loraq_morning")
-        poll(blocks, self.gallery_tick, [selected, self.gallery_key], [self.gallery, self.gallery_key], GALLERY_EVERY_S)
+        # one poll for what a training job adds: its previews, and its checkpoints to the grid's choices
+        poll(blocks, self.gallery_tick, [selected, self.gallery_key], [self.gallery, self.checkpoint, self.gallery_key],
+             GALLERY_EVERY_S)
         selected.change(self.choose, [selected],
                         [self.checkpoint, self.prompt, self.sampler, self.steps, self.cfg, self.grid,
                          self.grid_status, self.morning_image, self.morning_status, self.gallery, self.gallery_key],
                         **no_progress())
         self.generate.click(self.make_grid, [selected, self.checkpoint, self.prompt, self.strengths, self.seeds,
                                              self.sampler, self.steps, self.cfg], [self.grid, self.grid_status])
-        self.morning.click(self.make_morning, [selected, self.strengths, self.seeds],
+        self.morning.click(self.make_morning, [selected, self.strengths, self.seeds, self.group],
                            [self.morning_image, self.morning_status])
 
     # -- the selected job --------------------------------------------------------------------------
@@ -215,15 +218,18 @@ class ResultsPanel:
         return str(Path(self.services.lora_dir) / p)
 
     def gallery_tick(self, selected, last_key):
+        """The previews and LoRA files the selected job has now; nothing is sent while they are unchanged."""
         gr = _gradio()
         row, job = self._row_and_job(selected)
         if job is None:
-            return ([] if last_key else gr.update()), None
+            return ([] if last_key else gr.update()), gr.update(), None
         items = gallery_items(job, self.services.lora_dir, work_folder(self.queue, row.id))
-        key = [row.id] + [[p, os.path.getmtime(p)] for p, _ in items if os.path.exists(p)]
+        files = self._files(row, job)
+        key = [row.id, files] + [[p, os.path.getmtime(p)] for p, _ in items if os.path.exists(p)]
         if key == last_key:
-            return gr.update(), key
-        return items, key
+            return gr.update(), gr.update(), key
+        # the choices only: what the user picked stays picked (a grid of no file takes the final LoRA)
+        return items, gr.update(choices=files), key
 
     def choose(self, selected):
         """A newly selected job: its files and sampling in the grid's fields, the previous job's grid cleared."""
@@ -235,15 +241,18 @@ class ResultsPanel:
                 + [[], None]
         files = self._files(row, job)
         sampler, steps, cfg = grid_defaults(job)
-        gallery, key = self.gallery_tick(selected, None)
+        gallery, _, key = self.gallery_tick(selected, None)
         return [gr.update(choices=files, value=files[:1]), gr.update(value=default_prompt(job)), gr.update(value=sampler),
                 gr.update(value=steps), gr.update(value=cfg)] + cleared + [gallery, key]
 
     def make_grid(self, selected, chosen, prompt_text, strengths_text, seeds_text, sampler, steps, cfg):
         row, job = self._row_and_job(selected)
         chosen = [chosen] if isinstance(chosen, str) else list(chosen or [])
-        if job is None or not chosen:
-            return None, "⚠ select a job and one or more of its LoRA files first"
+        if job is None:
+            return None, "⚠ select a job first: click a row of the table"
+        chosen = chosen or self._files(row, job)[:1]      # none picked: the final LoRA (or the latest save)
+        if not chosen:
+            return None, f"⚠ job {row.id} has no LoRA file yet: a grid needs its first save"
         try:
             prompts = parse_prompts(prompt_text)
             strengths = parse_strengths(strengths_text)
@@ -261,7 +270,22 @@ class ResultsPanel:
         count = len(files) * len(prompts) * len(seeds) * len(strengths)
         return grid, (f"✔ {count} images ({len(files)} file(s) x {len(prompts) * len(seeds)} rows x {len(strengths)} "
                       f"strengths, {sampler} {int(steps or 20)} steps, CFG {float(cfg or 0):g}) in "
-                      f"{time.perf_counter() - started:.1f} s; saved `{self._relative(out)}`")
+                      f"{time.perf_counter() - started:.1f} s; saved `{self._relative(out)}`; files: "
+                      + ", ".join(f"`{self._relative(f)}`" for f in files))
 
-    def make_morning(self, selected, strengths_text, seeds_text):
-        return None, "⚠ the morning sheet is not built yet"
+    def make_morning(self, selected, strengths_text, seeds_text, whole_group=False):
+        """The selected job's (or its sweep group's) morning sheet, saved beside its LoRA."""
+        row, job = self._row_and_job(selected)
+        if job is None:
+            return None, "⚠ select a finished job first: click a row of the table"
+        try:
+            strengths, seeds = parse_strengths(strengths_text), parse_seeds(seeds_text)
+            ids = self.queue.group_of(row.id) if whole_group else [row.id]
+            started = time.perf_counter()
+            result = morning.morning(self.queue, ids, self.services.handle_for, self.services.lora_dir,
+                                     self.services.cache_dir, strengths, seeds)
+        except (ValueError, OSError, RuntimeError, QueueError, jobs.JobError) as e:
+            return None, f"⚠ {getattr(e, 'message', e)}"
+        lines = "".join(f"\n- {line}" for line in result.summary().splitlines())
+        return result.image, (f"✔ {len(result.sheets)} sheet(s) in {time.perf_counter() - started:.1f} s; saved "
+                              f"`{self._relative(result.path)}`" + lines)

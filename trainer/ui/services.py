@@ -48,6 +48,8 @@ class UiServices:
     lora_library: Path | None = None
     #: Values a fresh form starts with on this host (the demo model: its 64 px resolution, not 512).
     form_start: dict = field(default_factory=dict)
+    #: The WebUI on CUDA: (GPU bytes free beyond the loaded model, bytes per weight of the model); None: no check.
+    gpu_memory: Callable[[], tuple[int, int] | None] = lambda: None
     #: The single-file checkpoint of the loaded model ("" when there is none: the demo model, a diffusers
     #: folder): the LoRA tools' default base for bake and extract.
     base_checkpoint: Callable[[], str] = lambda: ""
@@ -71,7 +73,9 @@ class UiServices:
         """What a job queued from the tab is checked against (see :mod:`trainer.queue.admission`)."""
         roots = None if self.input_roots is None else tuple(dict.fromkeys((*self.input_roots, self.data_dir)))
         arch, context_dim = self.model_facts()
-        return Admission(self.lora_dir, roots, arch, context_dim, model_given=True)
+        gpu = self.gpu_memory()
+        return Admission(self.lora_dir, roots, arch, context_dim, model_given=True,
+                         gpu_free=gpu[0] if gpu else None, gpu_weight_bytes=gpu[1] if gpu else 2)
 
     @property
     def presets_dir(self) -> Path:

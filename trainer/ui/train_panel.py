@@ -13,6 +13,7 @@ from trainer import jobs
 from trainer.ui import form
 from trainer.ui.compat import file_input, file_paths, no_progress, then_js
 from trainer.queue.store import QueueError
+from trainer.ui.distil import DistilButton
 from trainer.ui.presets import PresetError, PresetStore
 from trainer.ui.services import UiServices
 
@@ -130,6 +131,7 @@ class TrainPanel:
                 self.new_job = gr.Button("Add as a new job instead", elem_id="loraq_add_new", scale=0, min_width=120,
                                          size="sm", visible=False)
         self.status = gr.Markdown("", elem_id="loraq_train_status")
+        self.distil = DistilButton(self.services)
 
     def _cell(self, c: form.Control, min_width: int, scale: int = 1, by_mode: bool = True):
         """A control with its error below it, as one column of a row; the column shows in the control's modes."""

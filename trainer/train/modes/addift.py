@@ -10,7 +10,7 @@ out). That is why it needs no copier and converges in tens of steps rather than 
 
 Each step reads:
   1. take the pair of this step (pairs take turns: pair = step mod n; several pairs are traintrain's
-     Multi-ADDifT) and its direction (every other round of the pairs the roles swap, as traintrain's
+     Multi-ADDifT, each with its own caption in ``pair_prompts``) and its direction (every other round of the pairs the roles swap, as traintrain's
      alternating steps: the LoRA at minus the strength on A must give the base model's output on B)
   2. the same noise and timestep for both images, timesteps spread over the range in ten strata
   3. the target: the base model's output on the noised source image (no gradient)
@@ -37,7 +37,7 @@ from trainer.lora.network import LoraNetwork, switched
 from trainer.models.handle import Cond, ModelHandle
 from trainer.train.context import JobContext, job_outputs, run_loop
 from trainer.train.loop import LoopResult, TrainingLoop
-from trainer.train.modes.copier import Pair, _conditions, check_pairs, load_pairs, mask_options
+from trainer.train.modes.copier import Pair, check_pairs, load_pairs, mask_options
 from trainer.train.plan import build_network, facts_for, loop_settings, noise_settings
 from trainer.train.previews import previewer, render_guided_preview
 
@@ -117,6 +117,13 @@ def addift_loss(handle: ModelHandle, network: LoraNetwork, source: torch.Tensor,
 # The job
 # ---------------------------------------------------------------------------------------------
 
+def _pair_conditions(handle: ModelHandle, job, pairs: list[Pair]) -> list[Cond]:
+    """Each pair's conditioning at its size: its own prompt (``pair_prompts``) or the job's."""
+    prompts = list(job.pair_prompts) or [job.prompt] * len(pairs)
+    with torch.no_grad(), handle.lock():
+        return [handle.encode_prompts([prompt], pair.hw).detach() for prompt, pair in zip(prompts, pairs)]
+
+
 def _compute_loss(job, handle: ModelHandle, network: LoraNetwork, pairs: list[Pair], conds, noise: NoiseSettings,
                   generator):
     def compute_loss(micro_step: int) -> torch.Tensor:
@@ -133,7 +140,7 @@ def _compute_loss(job, handle: ModelHandle, network: LoraNetwork, pairs: list[Pa
                                  micro_step * job.batch_size, g).to(a.device)
         mask = pair.mask_ab.to(handle.device).expand(job.batch_size, -1, -1, -1) if pair.mask_ab is not None else None
         # 3-5. base target on the source, the LoRA on the other image, kept outside the mask
-        return addift_loss(handle, network, source, other, conds[pair.hw].repeat(job.batch_size), eps, t, strength,
+        return addift_loss(handle, network, source, other, conds[index].repeat(job.batch_size), eps, t, strength,
                            noise, mask, job.outside_mask == "keep")
     return compute_loss
 
@@ -145,7 +152,7 @@ def train_addift(job: "jobs.AddiftJob", handle: ModelHandle, ctx: JobContext) ->
     pair_files = check_pairs(job, handle)
     pairs = load_pairs(pair_files, handle, data.LatentCache(ctx.cache_dir / "latents"), **mask_options(job))
     noise = noise_settings(handle, job)
-    conds = _conditions(handle, job.prompt, pairs)
+    conds = _pair_conditions(handle, job, pairs)
     network = build_network(handle, job)
     hashes = json.dumps([[p.files.a.sha256, p.files.b.sha256] for p in pairs])
     facts = facts_for(handle, job, job, noise.prediction, num_images=2 * len(pairs),

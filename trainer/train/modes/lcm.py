@@ -49,7 +49,7 @@ from trainer.diffusion.ddim import ddim_step, predict_x0_eps
 from trainer.train.loop import LoopResult, Progress, TrainingLoop
 from trainer.train.plan import prediction_of, build_network, facts_for, loop_settings
 from trainer.train.context import JobContext, job_outputs, run_loop
-from trainer.train.previews import previewer, render_lcm_preview
+from trainer.train.previews import comparison_path, previewer, render_lcm_comparison, render_lcm_preview, sheet_prompts
 from trainer.diffusion.lcm import _per_sample, at_least_fp32, boundary_scalings, consistency_function, consistency_loss, guided, skip_k, solver_grid, solver_times
 
 TEACHER_SAMPLING_STEPS = 30   # DDIM steps of the images the teacher generates from prompts
@@ -275,6 +275,7 @@ class TrainingBatches:
     fetch: Callable[[data.Batch], tuple[torch.Tensor, list[str]]]
     num_images: int
     tag_frequency: dict
+    prompts: list[str]      # what the images show (captions or the teacher's prompts): the comparison sheet's
 
     def next(self) -> tuple[torch.Tensor, list[str], tuple[int, int]]:
         batch = next(self.sampler)
@@ -297,7 +298,7 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
         sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
         identity = handle.identity
         return TrainingBatches(sampler, lambda b: data.collate(b, dataset, latents, identity, options),
-                               len(dataset.items), dataset.tag_frequency())
+                               len(dataset.items), dataset.tag_frequency(), [item.caption for item in dataset.items])
     prompts = read_prompts(job)
     size = (job.resolution, job.resolution)
     w = LcmSettings.from_job(job, handle.prediction).w_middle
@@ -306,7 +307,7 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
                                         check_stop=lambda: ctx.control.check("the teacher generated its images"))
     sampler = data.BatchSampler([1] * len(captions), [size] * len(captions), job.batch_size, job.seed)
     return TrainingBatches(sampler, lambda b: (latents[b.indices], [captions[i] for i in b.indices]),
-                           len(captions), {"teacher": {p: captions.count(p) for p in prompts}})
+                           len(captions), {"teacher": {p: captions.count(p) for p in prompts}}, prompts)
 
 
 # -- the mode -------------------------------------------------------------------------------------
@@ -358,4 +359,25 @@ def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopR
         if ema is not None and extra.get("ema"):
             ema.load_state_dict(extra["ema"])
 
-    return run_loop(loop, compute_loss, ctx, restore)
+    result = run_loop(loop, compute_loss, ctx, restore)
+    if job.comparison_sheet and result.final is not None and not result.stopped_early:
+        sheet = comparison_sheet(job, handle, outputs, batches.prompts, result.final, ctx)
+        if sheet is not None:
+            result.saved.append(sheet)
+    return result
+
+
+def comparison_sheet(job, handle: ModelHandle, outputs, training_prompts: list[str], lora_file: Path,
+                     ctx: JobContext) -> Path | None:
+    """NAME.comparison.png beside the finished LoRA (see ``render_lcm_comparison``); a failure is a warning:
+    the LoRA is saved and good either way."""
+    prompts = sheet_prompts(list(job.sample_prompts), training_prompts)
+    if not prompts:
+        return None
+    ctx.log(f"comparison sheet: the teacher and the LoRA at 2, 4 and 8 LCM steps for {len(prompts)} prompt(s)")
+    try:
+        return render_lcm_comparison(handle, Path(lora_file), prompts, (job.resolution, job.resolution),
+                                     comparison_path(outputs))
+    except Exception as e:   # noqa: BLE001 - reported with the job, never fatal
+        ctx.warn(f"the comparison sheet could not be made: {type(e).__name__}: {e}")
+        return None

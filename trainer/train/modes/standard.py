@@ -12,6 +12,7 @@ import torch
 
 from trainer import data
 from trainer import jobs
+from trainer.data.caches import LATENT_CACHE_MAX_BATCH
 from trainer.models.handle import ModelHandle
 from trainer.train.loop import LoopResult, TrainingLoop, diffusion_loss
 from trainer.train.context import JobContext, job_outputs, run_loop
@@ -28,7 +29,8 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
     buckets = data.assign_buckets(dataset, options)
     cache = data.LatentCache(ctx.cache_dir / "latents")
     identity = handle.identity     # the latents' key for the whole job (a VAE changed meanwhile counts next job)
-    latents = cache.get_latents(list(zip(dataset.items, buckets)), handle, batch_size=4,
+    latents = cache.get_latents(list(zip(dataset.items, buckets)), handle,
+                                batch_size=min(LATENT_CACHE_MAX_BATCH, job.batch_size),
                                 flip=options.flip_horizontal, check_stop=lambda: ctx.control.check("caching latents"))
     sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
     text_cache = None if job.train_text_encoder else data.TextEmbeddingCache()
