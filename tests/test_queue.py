@@ -284,7 +284,8 @@ def test_a_finished_jobs_outputs_list_its_previews_in_step_order_before_its_lora
     row = queue.get(job_id)
     assert row.state == "done", row.error
     names = [Path(p).name for p in row.outputs]
-    assert names == ["p-000001.preview.png", "p.preview.png", "p-000001.safetensors", "p.safetensors"], names
+    sheets = ["p.comparison.png"] if mode == "lcm" else []     # an LCM job's comparison sheet (on by default)
+    assert names == ["p-000001.preview.png", "p.preview.png", *sheets, "p-000001.safetensors", "p.safetensors"], names
     assert all(Path(p).is_file() for p in row.outputs)
     assert Path(row.outputs[0]).parent == work_folder(queue, job_id)
 

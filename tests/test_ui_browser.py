@@ -234,8 +234,8 @@ def results_session(out: Path, app_python: str) -> None:
         draw(colour, "square", "white", 64).save(images / f"{i}.png")
         (images / f"{i}.txt").write_text(PROMPT)
     job = jobs.StandardJob(name="squares", dataset_dir=str(images), resolution=64, min_bucket_reso=64,
-                           max_bucket_reso=128, steps=40, lr=5e-3, network_dim=4, network_alpha=4.0,
-                           save_every_n_steps=20, sample_every_n_steps=10, sample_prompts=[PROMPT], seed=1)
+                           max_bucket_reso=128, steps=80, lr=5e-3, network_dim=4, network_alpha=4.0,
+                           save_every_n_steps=40, sample_every_n_steps=20, sample_prompts=[PROMPT], seed=1)
     queue = JobQueue(data / "queue.sqlite")
     job_id = queue.add(job, admission=Admission(data / "loras"))
     queue.close()
@@ -277,7 +277,7 @@ def results_session(out: Path, app_python: str) -> None:
                 time.sleep(0.5)
             wait_for_state(data, job_id, ("done", "failed"), 150)
             facts["state"] = queue_state(data, job_id)
-            expect(page.locator("#loraq_previews img")).to_have_count(4, timeout=15_000)  # steps 10, 20, 30 + final
+            expect(page.locator("#loraq_previews img")).to_have_count(4, timeout=15_000)  # steps 20, 40, 60 + final
             facts["previews_at_end"] = previews.count()
             facts["preview_captions"] = [c.strip() for c in page.locator("#loraq_previews .caption-label, "
                                                                          "#loraq_previews figcaption").all_inner_texts()]

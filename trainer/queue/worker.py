@@ -219,10 +219,11 @@ class Worker:
             lora_folder = paths.output_folder(ctx.output_dir, job.output_dir)
             _remove_stale_temporaries(lora_folder, ctx.work_dir, job.name)
             result = run_job(job, handle, ctx)
-            # the previews are outputs too (every mode renders them), in step order before the LoRA files, so the
-            # final LoRA stays the last output
+            # the previews and sheets are outputs too (every mode renders previews; LCM a comparison sheet), in
+            # step order before the LoRA files, so the final LoRA stays the last output
             previews = preview_files(lora_folder, ctx.work_dir, job.name)
-            state, outputs = "done", [str(p) for p in previews] + [str(p) for p in result.saved]
+            saved = sorted(map(str, result.saved), key=lambda p: p.endswith(".safetensors"))   # stable: order kept
+            state, outputs = "done", [str(p) for p in previews] + saved
             if result.stopped_early:
                 state, error = "stopped", f"stopped and saved at step {result.steps_done}; resume continues it"
         except Stopped as e:
