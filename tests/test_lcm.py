@@ -400,11 +400,13 @@ def test_a_finished_lcm_job_leaves_a_comparison_sheet_teacher_25_steps_against_t
     handle = _handle(tmp_path)
     made = []
 
-    def network_for_file(*args, _load=previews.network_for_file):
+    from trainer.lora import network as lora_network
+
+    def network_for_file(*args, _load=lora_network.network_for_file):
         network = _load(*args)
         made.append(weakref.ref(network))
         return network
-    monkeypatch.setattr(previews, "network_for_file", network_for_file)
+    monkeypatch.setattr(lora_network, "network_for_file", network_for_file)   # what attached_file loads with
     gc.collect()
     gc.disable()
     try:

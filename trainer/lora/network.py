@@ -357,3 +357,20 @@ def network_for_file(handle: ModelHandle, path: str | Path) -> LoraNetwork:
     network = LoraNetwork(targets, NetworkShape(dim, float(dim), conv_dim, float(max(conv_dim, 1))))
     network.load_weights(path, handle.arch)
     return network.to(handle.device)
+
+
+@contextlib.contextmanager
+def attached_file(handle: ModelHandle, path: str | Path) -> Iterator[LoraNetwork]:
+    """A LoRA file's network on ``handle`` for the duration: attached switched off, without gradients (the
+    samplers switch it on under the lock only while they draw; a job may be training on the handle meanwhile),
+    and detached afterwards."""
+    network = network_for_file(handle, path)
+    network.requires_grad_(False)
+    with handle.lock():
+        network.attach()
+        network.disable()
+    try:
+        yield network
+    finally:
+        with handle.lock():
+            network.detach()

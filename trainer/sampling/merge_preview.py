@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.lora.network import network_for_file
+from trainer.lora.network import attached_file
 from trainer.merge.svd_merge import (
     MergeError, MergeInput, MergeResult, RankPolicy, format_report, merge_loras, save_merged,
 )
@@ -88,16 +88,8 @@ def mean_pixel_difference(a: Sequence[Image.Image], b: Sequence[Image.Image]) ->
 def render_lora_file(handle: ModelHandle, path: Path, prompt: str, seeds: Sequence[int], **kwargs) -> list[Image.Image]:
     """Images of ``prompt`` with the LoRA file at strength 1; it is on only while our images sample (a job
     may be training on the handle meanwhile) and detached afterwards."""
-    network = network_for_file(handle, path)
-    network.requires_grad_(False)
-    with handle.lock():
-        network.attach()
-        network.disable()
-    try:
+    with attached_file(handle, path) as network:
         return sample(handle, [prompt] * len(seeds), list(seeds), network=network, **kwargs)
-    finally:
-        with handle.lock():
-            network.detach()
 
 
 def preview_merge(handle: ModelHandle, inputs: Sequence[MergeInput], prompt: str, seeds: Sequence[int] = (1, 2, 3), *,

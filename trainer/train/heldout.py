@@ -9,6 +9,8 @@ images: a job has no separate validation images.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import random
 from dataclasses import dataclass, replace
@@ -19,7 +21,7 @@ import torch
 
 from trainer import data, jobs
 from trainer.diffusion import schedules
-from trainer.lora.network import LoraNetwork, applied, network_for_file
+from trainer.lora.network import LoraNetwork, applied, attached_file
 from trainer.models.handle import Cond, ModelHandle
 from trainer.train.modes import lcm as lcm_mode
 from trainer.train.plan import dataset_options, prediction_of
@@ -178,28 +180,10 @@ def checkpoint_losses(job: jobs.Job, handle: ModelHandle, files: Sequence[str | 
     if job.mode not in MEASURED_MODES:
         return [math.nan] * len(files)
     eval_set = evaluation_set(job, handle, cache_dir)
-    copier = None
-    if job.mode == "copier" and lora_folder is not None and (path := copier_file(job, lora_folder)):
-        copier = network_for_file(handle, path)
-        copier.requires_grad_(False)
-        with handle.lock():
-            copier.attach()
-            copier.disable()
-    try:
+    copier_path = copier_file(job, lora_folder) if job.mode == "copier" and lora_folder is not None else None
+    with attached_file(handle, copier_path) if copier_path else contextlib.nullcontext() as copier:
         losses = []
         for path in files:
-            network = network_for_file(handle, path)
-            network.requires_grad_(False)
-            with handle.lock():
-                network.attach()
-                network.disable()
-            try:
+            with attached_file(handle, path) as network:
                 losses.append(heldout_loss(handle, eval_set, network, under=copier))
-            finally:
-                with handle.lock():
-                    network.detach()
         return losses
-    finally:
-        if copier is not None:
-            with handle.lock():
-                copier.detach()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from trainer.lora.network import LoraNetwork, network_for_file
+from trainer.lora.network import LoraNetwork, attached_file
 from trainer.models.handle import ModelHandle
 from trainer.paths import write_atomic
 from trainer.sampling import lcm as lcm_sampling
@@ -157,20 +157,13 @@ def render_lcm_comparison(handle: ModelHandle, lora_file: Path, prompts: list[st
     """Columns: each prompt at each of SHEET_SEEDS; rows: the teacher (the model alone, guided DDIM at
     SHEET_TEACHER_STEPS / SHEET_TEACHER_CFG), then the LoRA file as saved at each of SHEET_LCM_STEPS LCM steps,
     CFG 1, from the same starting noise."""
-    network = network_for_file(handle, lora_file)
-    with handle.lock():
-        network.attach()
-        network.disable()      # on only while its own rows sample (the samplers switch it on under the lock)
     rows: list[list] = [[] for _ in range(1 + len(SHEET_LCM_STEPS))]
-    try:
+    with attached_file(handle, lora_file) as network:   # on only while its own rows sample
         for prompt in prompts:   # one prompt at a time: a batch of len(SHEET_SEEDS) at full resolution
             batch, seeds = [prompt] * len(SHEET_SEEDS), list(SHEET_SEEDS)
             rows[0] += sample(handle, batch, seeds, steps=SHEET_TEACHER_STEPS, cfg=SHEET_TEACHER_CFG, size=size)
             for row, steps in zip(rows[1:], SHEET_LCM_STEPS):
                 row += lcm_sampling.sample_lcm(handle, batch, seeds, steps=steps, size=size, network=network)
-    finally:
-        with handle.lock():
-            network.detach()
     columns = [f"{p[:18]} s{s}" for p in prompts for s in SHEET_SEEDS]
     labels = [f"teacher {SHEET_TEACHER_STEPS}"] + [f"LCM {n}" for n in SHEET_LCM_STEPS]
     title = (f"teacher: {SHEET_TEACHER_STEPS} DDIM steps, CFG {SHEET_TEACHER_CFG:g}; "
