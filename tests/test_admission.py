@@ -295,6 +295,41 @@ def test_a_copier_image_that_does_not_open_is_refused_when_queued(tmp_path, queu
     assert "b.png" in _refused(queue, job, tmp_path, "image_b")
 
 
+@pytest.mark.parametrize("mode", ["copier", "addift"])
+def test_pair_masks_that_would_be_empty_are_refused_when_queued_and_a_real_change_is_taken(tmp_path, queue, mode):
+    a, b, clear, other_half = (tmp_path / f"{n}.png" for n in ("a", "b", "clear", "right"))
+    draw("red", "circle", "white", 64).save(a)
+    a_copy = tmp_path / "a_copy.png"
+    draw("red", "circle", "white", 64).save(a_copy)
+    draw("blue", "circle", "white", 64).save(b)
+    transparent = draw("blue", "circle", "white", 64).convert("RGBA")
+    transparent.putalpha(0)
+    transparent.save(clear)
+    left, right = (draw("blue", "circle", "white", 64).convert("RGBA") for _ in range(2))
+    alpha_left = Image.new("L", (64, 64), 0)
+    alpha_left.paste(255, (0, 0, 32, 64))
+    alpha_right = Image.new("L", (64, 64), 0)
+    alpha_right.paste(255, (32, 0, 64, 64))
+    left.putalpha(alpha_left)
+    right.putalpha(alpha_right)
+    left.save(tmp_path / "left.png")
+    right.save(other_half)
+
+    def job(name, image_a, image_b, **kw):
+        return jobs.job_from_dict({"mode": mode, "name": name, "image_a": [str(image_a)], "image_b": [str(image_b)],
+                                   "resolution": 64, **kw})
+
+    # A and B the same picture: the difference mask would be empty (it would fail at its turn, hours later)
+    assert "differ nowhere" in _refused(queue, job("same", a, a_copy, difference_mask=True), tmp_path, "difference_mask")
+    assert "fully transparent" in _refused(queue, job("clear", a, clear, use_mask=True), tmp_path, "image_b")
+    assert "do not overlap" in _refused(queue, job("apart", tmp_path / "left.png", other_half, use_mask=True),
+                                        tmp_path, "use_mask")
+    # the same images without masks, and a real change with the difference mask, are queued
+    queue.add(job("plain", a, a_copy), tmp_path, _admission(tmp_path))
+    queue.add(job("changed", a, b, difference_mask=True), tmp_path, _admission(tmp_path))
+    assert [r.name for r in queue.list()] == ["plain", "changed"]
+
+
 def test_captions_that_are_not_utf8_are_refused_when_queued_naming_the_files(tmp_path, queue):
     (tmp_path / "data" / "0.txt").write_bytes("café, crème".encode("latin-1"))
     message = _refused(queue, _job(tmp_path), tmp_path, "dataset_dir")

@@ -10,7 +10,7 @@ On a GPU host, a job whose memory budget (``trainer.train.budget``) exceeds the 
 warning naming the setting that would make it fit: warned, not refused, because the estimate is an estimate.
 
 Kept cheap for the common job: a dataset is scanned by headers and one image decoded; torch is only
-imported for a job that names an ``init_lora`` or ``optimizer_args``.
+imported for a job that names an ``init_lora`` or ``optimizer_args`` or asks for pair masks.
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def admit(job: jobs.Job, root: str | os.PathLike | None, admission: Admission,
     for name in ("image_a", "image_b"):
         if getattr(job, name, None) and name not in errors:
             _check_images(job, name, base, errors)
+    if getattr(job, "image_b", None) and not errors.keys() & {"image_a", "image_b"}:
+        _check_masks(job, base, errors)
     if getattr(job, "init_lora", "") and "init_lora" not in errors:
         _check_init_lora(job, base, admission, errors)
     _check_optimizers(job, errors)
@@ -164,6 +166,17 @@ def _check_images(job: jobs.Job, name: str, base: Path, errors: dict[str, str]) 
         except Exception as e:  # PIL raises many types for damaged files
             errors[name] = f"{entry}: {short_reason(e)}; choose a PNG, JPEG or WebP image that opens"
             return
+
+
+def _check_masks(job: jobs.Job, base: Path, errors: dict[str, str]) -> None:
+    """A difference or alpha mask that would be empty fails the job at its turn: refuse it now."""
+    if not (getattr(job, "use_mask", False) or getattr(job, "difference_mask", False)):
+        return
+    from trainer.train.modes.copier import check_masks
+    try:
+        check_masks(job, base)
+    except jobs.JobError as e:
+        errors.setdefault(e.field or "image_b", str(e))
 
 
 def _check_init_lora(job: jobs.Job, base: Path, admission: Admission, errors: dict[str, str]) -> None:

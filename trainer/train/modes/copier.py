@@ -208,8 +208,10 @@ class PairFiles:
     size: tuple[int, int]            # (w, h) training size
 
 
-def _image_item(path: str, field: str) -> data.ImageItem:
+def _image_item(path: str, field: str, base: Path | None = None) -> data.ImageItem:
     p = Path(path).expanduser()
+    if base is not None and not p.is_absolute():
+        p = base / p
     if not p.is_file():
         raise jobs.JobError(f"{field.replace('_', ' ')} '{path}' does not exist", field=field)
     try:
@@ -233,6 +235,11 @@ def read_alpha(path: Path, size: tuple[int, int]) -> torch.Tensor | None:
 
 def check_pairs(job, handle: ModelHandle) -> list[PairFiles]:
     """Every pair readable, both images of a pair the same size; raises JobError naming the field."""
+    return pair_files(job, size_multiple(handle))
+
+
+def pair_files(job, multiple: int, base: Path | None = None) -> list[PairFiles]:
+    """:func:`check_pairs` for sides rounded to ``multiple`` pixels, relative paths taken from ``base``."""
     names_a = list(job.image_a)
     names_b = list(job.image_b)
     if not names_b:
@@ -244,8 +251,8 @@ def check_pairs(job, handle: ModelHandle) -> list[PairFiles]:
     if not names_a and not copier_file:
         raise jobs.JobError("image A is required" + (" (or a saved copier in copier_file)" if job.mode == "copier"
                                                      else ""), field="image_a")
-    items_a = [_image_item(p, "image_a") for p in names_a] or [None] * len(names_b)
-    items_b = [_image_item(p, "image_b") for p in names_b]
+    items_a = [_image_item(p, "image_a", base) for p in names_a] or [None] * len(names_b)
+    items_b = [_image_item(p, "image_b", base) for p in names_b]
     for a, b in zip(items_a, items_b):
         if a is not None and (a.width, a.height) != (b.width, b.height):
             raise jobs.JobError(f"image B '{b.path.name}' is {b.width}x{b.height} but its image A '{a.path.name}' is "
@@ -255,7 +262,6 @@ def check_pairs(job, handle: ModelHandle) -> list[PairFiles]:
         if items_a[0] is None:
             raise jobs.JobError("swap A and B needs the images A (a saved copier learned A, not B)", field="swap_ab")
         items_a, items_b = items_b, items_a
-    multiple = size_multiple(handle)
     return [PairFiles(a, b, training_size(b.width, b.height, job.resolution, multiple))
             for a, b in zip(items_a, items_b)]
 
@@ -322,6 +328,18 @@ def pair_masks(files: PairFiles, latent_hw: tuple[int, int], use_alpha: bool = T
             raise jobs.JobError("the pixels that differ between A and B lie outside the opaque region of the "
                                 "alpha mask: the mask would be empty", field="difference_mask")
     return mask_a, mask_ab
+
+
+def check_masks(job, base: Path | None = None, multiple: int = 64) -> None:
+    """Refuses, before the job runs, pairs whose masks would be empty (fully transparent images, alpha regions
+    that do not overlap, A and B equal within the difference threshold); raises JobError naming the field.
+    ``multiple``: the SD VAE's 8 x the UNet's 8, the size rounding of every model we train."""
+    options = mask_options(job)
+    if not (options["use_mask"] or options["difference"]):
+        return
+    for files in pair_files(job, multiple, base):
+        w, h = files.size
+        pair_masks(files, (h // 8, w // 8), options["use_mask"], options["difference"])
 
 
 def mask_options(job) -> dict:
