@@ -131,3 +131,27 @@ def test_a_sweep_group_is_the_jobs_queued_together_and_its_sheet_names_the_best_
     assert "s_lr2e-04" in head and image.height >= 200
     path = morning.save_group_sheet(image, tmp_path, [s.job_name for s in made])
     assert path.name == "s_lr.sweep.morning.png" and path.is_file()
+
+
+def test_an_addift_jobs_held_out_loss_repeats_and_falls_as_it_learns_the_pair(tmp_path):
+    """ADDifT's own loss on its pair, both directions, fixed noise and timesteps: the same to the last bit when
+    measured twice, lower at the end than at the first save, and the morning sheet shows it (no "not measured")."""
+    draw("red", "circle", "white").save(tmp_path / "a.png")
+    draw("blue", "circle", "white").save(tmp_path / "b.png")
+    handle = load_handle("demo")
+    job = jobs.AddiftJob(name="bluer", image_a=[str(tmp_path / "a.png")], image_b=[str(tmp_path / "b.png")],
+                         prompt=CAPTION, resolution=64, steps=30, save_every_n_steps=5, mixed_precision="no",
+                         save_precision="fp32")
+    ctx = JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None,
+                     work_dir=tmp_path / "work")
+    run_job(job, handle, ctx)
+    files = morning.job_checkpoints(tmp_path / "out", "bluer")
+    first, final = files[0], files[-1]
+    losses = heldout.checkpoint_losses(job, handle, [first, final], tmp_path / "cache")
+    assert losses == heldout.checkpoint_losses(job, handle, [first, final], tmp_path / "cache")
+    assert all(math.isfinite(v) and v > 0 for v in losses)
+    print("ADDifT held-out loss at the first save and the end:", losses)
+    assert losses[1] < 0.8 * losses[0], losses
+    eval_set = heldout.evaluation_set(job, handle, tmp_path / "cache")
+    assert eval_set.timesteps == heldout.spread_timesteps(job.timestep_min, job.timestep_max)
+    assert min(eval_set.timesteps) >= job.timestep_min

@@ -4,7 +4,8 @@ timesteps, so that two checkpoints (or two runs of the sheet) are compared on ex
 The training loss jumps with its random timesteps and noises; a curve of it says little about which saved
 checkpoint is best. Here every checkpoint sees the same few images, the same noise per image and the same
 timesteps spread over the schedule (standard and copier: the noise-prediction loss, eps or v; LCM: the
-consistency-distillation loss at fixed solver steps, noise and guidance). "Held-out" means the draws, not the
+consistency-distillation loss at fixed solver steps, noise and guidance; ADDifT: its own loss on each pair, both
+directions, at timesteps spread over the job's timestep range, with its masks and without min-SNR weights). "Held-out" means the draws, not the
 images: a job has no separate validation images.
 """
 from __future__ import annotations
@@ -31,16 +32,17 @@ EVAL_TIMESTEPS = (50, 200, 350, 500, 650, 800, 950)
 EVAL_SEED = 20240611
 #: The modes whose objective is measured here; another mode's checkpoints get NaN ("not measured"), and its
 #: sheet still shows its grids and loss curves.
-MEASURED_MODES = ("standard", "copier", "lcm")
+MEASURED_MODES = ("standard", "copier", "lcm", "addift")
 #: At most this many of the job's images (or prompts' images) are used: the sheet must not take an hour.
 MAX_ITEMS = 8
 
 
 @dataclass
 class EvalItem:
-    latents: torch.Tensor     # [1, C, h, w], clean
+    latents: torch.Tensor     # [1, C, h, w], clean (ADDifT: image B)
     cond: Cond                # its caption's conditioning
     noise: torch.Tensor       # [T, C, h, w], one fixed draw per timestep
+    pair: "Pair | None" = None    # ADDifT: the pair (A's latents, its mask)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class EvalSet:
     timesteps: tuple[int, ...] = EVAL_TIMESTEPS
     lcm: "lcm_mode.LcmSettings | None" = None
     uncond: dict | None = None       # (h, w) -> unconditional Cond (LCM's teacher)
+    addift: dict | None = None       # ADDifT: strength, outside_mask, NoiseSettings
 
 
 def fixed_noise(shape: Sequence[int], count: int, seed: int) -> torch.Tensor:
@@ -97,10 +100,39 @@ def _images_and_captions(job, cache_dir: Path, handle: ModelHandle) -> list[tupl
     return out
 
 
+def spread_timesteps(low: int, high: int, count: int = len(EVAL_TIMESTEPS)) -> tuple[int, ...]:
+    """``count`` timesteps at the middles of equal parts of [low, high)."""
+    return tuple(int(low + (i + 0.5) * (high - low) / count) for i in range(count))
+
+
+@torch.no_grad()
+def _addift_set(job, handle: ModelHandle, cache_dir: Path) -> EvalSet:
+    """ADDifT: up to MAX_ITEMS of the job's pairs with their masks and prompts, noises from EVAL_SEED."""
+    from trainer.diffusion.losses import NoiseSettings
+    from trainer.train.modes import addift as addift_mode
+    from trainer.train.modes.copier import check_pairs, load_pairs, mask_options
+    from trainer.train.plan import noise_settings
+
+    with handle.lock():
+        pairs = load_pairs(check_pairs(job, handle)[:MAX_ITEMS], handle,
+                           data.LatentCache(Path(cache_dir) / "latents"), **mask_options(job))
+    conds = addift_mode.pair_conditions(handle, job, pairs)     # takes the lock itself
+    noise = noise_settings(handle, job)
+    timesteps = spread_timesteps(noise.timestep_min, noise.timestep_max)
+    items = [EvalItem(pair.latent_b[None].float(), cond.to(handle.device, handle.dtype),
+                      fixed_noise(pair.latent_b.shape, len(timesteps), EVAL_SEED + i), pair)
+             for i, (pair, cond) in enumerate(zip(pairs, conds))]
+    settings = {"strength": job.addift_strength, "keep": job.outside_mask == "keep",
+                "noise": NoiseSettings(prediction=noise.prediction)}      # no min-SNR: every timestep counts alike
+    return EvalSet("addift", noise.prediction, items, timesteps, addift=settings)
+
+
 @torch.no_grad()
 def evaluation_set(job: jobs.Job, handle: ModelHandle, cache_dir: Path) -> EvalSet:
-    """The job's fixed evaluation: its images (or its teacher's, for a prompts-only LCM job), captions and
-    noises drawn once from EVAL_SEED."""
+    """The job's fixed evaluation: its images (or its teacher's, for a prompts-only LCM job; its pairs for
+    ADDifT), captions and noises drawn once from EVAL_SEED."""
+    if job.mode == "addift":
+        return _addift_set(job, handle, cache_dir)
     prediction = prediction_of(handle, job)
     with handle.lock():
         pairs = _images_and_captions(job, Path(cache_dir), handle)
@@ -148,17 +180,35 @@ def _consistency_loss(handle: ModelHandle, network: LoraNetwork, item: EvalItem,
     return float(lcm_mode.consistency_distillation_loss(handle, network, x0, cond, uncond, settings, draw))
 
 
+def _addift_loss(handle: ModelHandle, network: LoraNetwork, item: EvalItem, eval_set: EvalSet) -> float:
+    from trainer.train.modes.addift import addift_loss
+
+    settings, pair = eval_set.addift, item.pair
+    n = len(eval_set.timesteps)
+    a = pair.latent_a[None].to(handle.device).float().expand(n, -1, -1, -1)
+    b = item.latents.to(handle.device).expand(n, -1, -1, -1)
+    t = torch.tensor(list(eval_set.timesteps), device=handle.device)
+    mask = pair.mask_ab[None].to(handle.device).expand(n, -1, -1, -1) if pair.mask_ab is not None else None
+    cond, noise = item.cond.repeat(n), item.noise.to(handle.device)
+    # both directions, as trained: the LoRA at +strength on B gives the base on A, at -strength on A the base on B
+    return sum(float(addift_loss(handle, network, source, other, cond, noise, t, strength, settings["noise"], mask,
+                                 settings["keep"]))
+               for source, other, strength in ((a, b, settings["strength"]), (b, a, -settings["strength"]))) / 2
+
+
 @torch.no_grad()
 def heldout_loss(handle: ModelHandle, eval_set: EvalSet, network: LoraNetwork | None,
                  under: LoraNetwork | None = None) -> float:
     """The mean loss over the set's items and timesteps with ``network`` (attached, disabled outside) on, over
-    ``under`` (a copier, likewise); None: the base model (an LCM set needs a network: its teacher is the model
-    without it). Both are on only while the model lock is held: a job training meanwhile never sees them."""
+    ``under`` (a copier, likewise); None: the base model (an LCM or ADDifT set needs a network: the model
+    without it is their target). Both are on only while the model lock is held: a job training meanwhile never sees them."""
     losses = []
     with handle.lock(), applied(under), applied(network):
         for item in eval_set.items:
             if eval_set.mode == "lcm":
                 losses.append(_consistency_loss(handle, network, item, eval_set))
+            elif eval_set.mode == "addift":
+                losses.append(_addift_loss(handle, network, item, eval_set))
             else:
                 losses.append(_noise_prediction_loss(handle, item, eval_set.timesteps, eval_set.prediction))
     return sum(losses) / len(losses)

@@ -117,7 +117,7 @@ def addift_loss(handle: ModelHandle, network: LoraNetwork, source: torch.Tensor,
 # The job
 # ---------------------------------------------------------------------------------------------
 
-def _pair_conditions(handle: ModelHandle, job, pairs: list[Pair]) -> list[Cond]:
+def pair_conditions(handle: ModelHandle, job, pairs: list[Pair]) -> list[Cond]:
     """Each pair's conditioning at its size: its own prompt (``pair_prompts``) or the job's."""
     prompts = list(job.pair_prompts) or [job.prompt] * len(pairs)
     with torch.no_grad(), handle.lock():
@@ -152,7 +152,7 @@ def train_addift(job: "jobs.AddiftJob", handle: ModelHandle, ctx: JobContext) ->
     pair_files = check_pairs(job, handle)
     pairs = load_pairs(pair_files, handle, data.LatentCache(ctx.cache_dir / "latents"), **mask_options(job))
     noise = noise_settings(handle, job)
-    conds = _pair_conditions(handle, job, pairs)
+    conds = pair_conditions(handle, job, pairs)
     network = build_network(handle, job)
     hashes = json.dumps([[p.files.a.sha256, p.files.b.sha256] for p in pairs])
     facts = facts_for(handle, job, job, noise.prediction, num_images=2 * len(pairs),
