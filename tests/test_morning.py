@@ -155,3 +155,19 @@ def test_an_addift_jobs_held_out_loss_repeats_and_falls_as_it_learns_the_pair(tm
     eval_set = heldout.evaluation_set(job, handle, tmp_path / "cache")
     assert eval_set.timesteps == heldout.spread_timesteps(job.timestep_min, job.timestep_max)
     assert min(eval_set.timesteps) >= job.timestep_min
+
+
+def test_an_ileco_sliders_held_out_loss_is_measured_on_trajectories_it_never_trained_on_and_falls(tmp_path):
+    handle = load_handle("demo")
+    job = jobs.IlecoJob(name="slider", source_prompt=CAPTION, target_prompt="a blue circle on a white background",
+                        resolution=64, steps=24, lr=2e-3, save_every_n_steps=6, denoise_steps=10, mixed_precision="no",
+                        save_precision="fp32")
+    ctx = JobContext(output_dir=tmp_path / "out", cache_dir=tmp_path / "cache", log=lambda m: None,
+                     work_dir=tmp_path / "work")
+    run_job(job, handle, ctx)
+    files = morning.job_checkpoints(tmp_path / "out", "slider")
+    losses = heldout.checkpoint_losses(job, handle, [files[0], files[-1]], tmp_path / "cache")
+    assert losses == heldout.checkpoint_losses(job, handle, [files[0], files[-1]], tmp_path / "cache")
+    print("iLECO held-out loss at the first save and the end:", losses)
+    assert all(math.isfinite(v) and v > 0 for v in losses) and losses[1] < 0.8 * losses[0], losses
+    assert heldout.EVAL_SEED != job.seed

@@ -5,7 +5,9 @@ The training loss jumps with its random timesteps and noises; a curve of it says
 checkpoint is best. Here every checkpoint sees the same few images, the same noise per image and the same
 timesteps spread over the schedule (standard and copier: the noise-prediction loss, eps or v; LCM: the
 consistency-distillation loss at fixed solver steps, noise and guidance; ADDifT: its own loss on each pair, both
-directions, at timesteps spread over the job's timestep range, with its masks and without min-SNR weights). "Held-out" means the draws, not the
+directions, at timesteps spread over the job's timestep range, with its masks and without min-SNR weights;
+iLECO: its slider loss at fixed points of the base model's sampling of the source prompt from seeds it never
+trained on). "Held-out" means the draws, not the
 images: a job has no separate validation images.
 """
 from __future__ import annotations
@@ -32,14 +34,16 @@ EVAL_TIMESTEPS = (50, 200, 350, 500, 650, 800, 950)
 EVAL_SEED = 20240611
 #: The modes whose objective is measured here; another mode's checkpoints get NaN ("not measured"), and its
 #: sheet still shows its grids and loss curves.
-MEASURED_MODES = ("standard", "copier", "lcm", "addift")
+MEASURED_MODES = ("standard", "copier", "lcm", "addift", "ileco")
+#: iLECO: the source prompt's trajectories it is measured on (from EVAL_SEED, not the job's seeds).
+ILECO_TRAJECTORIES = 4
 #: At most this many of the job's images (or prompts' images) are used: the sheet must not take an hour.
 MAX_ITEMS = 8
 
 
 @dataclass
 class EvalItem:
-    latents: torch.Tensor     # [1, C, h, w], clean (ADDifT: image B)
+    latents: torch.Tensor     # [1, C, h, w], clean (ADDifT: image B; iLECO: its trajectory [N, C, h, w])
     cond: Cond                # its caption's conditioning
     noise: torch.Tensor       # [T, C, h, w], one fixed draw per timestep
     pair: "Pair | None" = None    # ADDifT: the pair (A's latents, its mask)
@@ -56,6 +60,7 @@ class EvalSet:
     lcm: "lcm_mode.LcmSettings | None" = None
     uncond: dict | None = None       # (h, w) -> unconditional Cond (LCM's teacher)
     addift: dict | None = None       # ADDifT: strength, outside_mask, NoiseSettings
+    ileco: dict | None = None        # iLECO: SliderSettings, SliderConds, the grid points measured
 
 
 def fixed_noise(shape: Sequence[int], count: int, seed: int) -> torch.Tensor:
@@ -128,11 +133,34 @@ def _addift_set(job, handle: ModelHandle, cache_dir: Path) -> EvalSet:
 
 
 @torch.no_grad()
+def _ileco_set(job, handle: ModelHandle) -> EvalSet:
+    """iLECO: ILECO_TRAJECTORIES of the base model's sampling of the source prompt from EVAL_SEED, measured at
+    len(EVAL_TIMESTEPS) points spread over each (the LoRA off while they are sampled)."""
+    from trainer.sampling.guided import seeded_noise
+    from trainer.train.modes import ileco as ileco_mode
+
+    settings = ileco_mode.SliderSettings.from_job(job, prediction_of(handle, job))
+    points = sorted({min(settings.denoise_steps - 1, i * settings.denoise_steps // len(EVAL_TIMESTEPS))
+                     for i in range(len(EVAL_TIMESTEPS))})
+    size, f = (job.resolution, job.resolution), handle.vae_scale
+    conds = ileco_mode.slider_conds(handle, job, len(points), size)
+    noise = seeded_noise(range(EVAL_SEED, EVAL_SEED + ILECO_TRAJECTORIES), (4, size[0] // f, size[1] // f),
+                         handle.device)
+    trajectories = ileco_mode.source_trajectories(handle, noise, conds, settings)
+    items = [EvalItem(trajectory, conds.source, noise[i]) for i, trajectory in enumerate(trajectories)]
+    timesteps = tuple(settings.grid[j] for j in points)
+    return EvalSet("ileco", settings.prediction, items, timesteps,
+                   ileco={"settings": settings, "conds": conds, "points": points})
+
+
+@torch.no_grad()
 def evaluation_set(job: jobs.Job, handle: ModelHandle, cache_dir: Path) -> EvalSet:
     """The job's fixed evaluation: its images (or its teacher's, for a prompts-only LCM job; its pairs for
     ADDifT), captions and noises drawn once from EVAL_SEED."""
     if job.mode == "addift":
         return _addift_set(job, handle, cache_dir)
+    if job.mode == "ileco":
+        return _ileco_set(job, handle)
     prediction = prediction_of(handle, job)
     with handle.lock():
         pairs = _images_and_captions(job, Path(cache_dir), handle)
@@ -196,12 +224,21 @@ def _addift_loss(handle: ModelHandle, network: LoraNetwork, item: EvalItem, eval
                for source, other, strength in ((a, b, settings["strength"]), (b, a, -settings["strength"]))) / 2
 
 
+def _slider_loss(handle: ModelHandle, network: LoraNetwork, item: EvalItem, eval_set: EvalSet) -> float:
+    from trainer.train.modes import ileco as ileco_mode
+
+    points = eval_set.ileco["points"]
+    draw = ileco_mode.StepDraw(torch.zeros(len(points), dtype=torch.long), torch.tensor(points))
+    return float(ileco_mode.slider_loss(handle, network, item.latents[None], eval_set.ileco["conds"],
+                                        eval_set.ileco["settings"], draw))
+
+
 @torch.no_grad()
 def heldout_loss(handle: ModelHandle, eval_set: EvalSet, network: LoraNetwork | None,
                  under: LoraNetwork | None = None) -> float:
     """The mean loss over the set's items and timesteps with ``network`` (attached, disabled outside) on, over
-    ``under`` (a copier, likewise); None: the base model (an LCM or ADDifT set needs a network: the model
-    without it is their target). Both are on only while the model lock is held: a job training meanwhile never sees them."""
+    ``under`` (a copier, likewise); None: the base model (an LCM, ADDifT or iLECO set needs a network: the
+    model without it is their target). Both are on only while the model lock is held: a job training meanwhile never sees them."""
     losses = []
     with handle.lock(), applied(under), applied(network):
         for item in eval_set.items:
@@ -209,6 +246,8 @@ def heldout_loss(handle: ModelHandle, eval_set: EvalSet, network: LoraNetwork | 
                 losses.append(_consistency_loss(handle, network, item, eval_set))
             elif eval_set.mode == "addift":
                 losses.append(_addift_loss(handle, network, item, eval_set))
+            elif eval_set.mode == "ileco":
+                losses.append(_slider_loss(handle, network, item, eval_set))
             else:
                 losses.append(_noise_prediction_loss(handle, item, eval_set.timesteps, eval_set.prediction))
     return sum(losses) / len(losses)
