@@ -170,7 +170,7 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     for name in SCREENSHOTS:
         assert (tmp_path / f"{name}.png").stat().st_size > 5_000
     print(f"gradio {gradio}: click to details while training (ms): {clicks}, refresh answers (ms): {times}, "
-          f"console warnings: {session['console_warnings']}")
+          f"console warnings: {session['console_warnings']}, files picked twice: {session.get('picked_again')}")
     assert seconds < 180, f"the browser session took {seconds:.0f} s (budget 180 s)"
 
 
@@ -477,7 +477,14 @@ def session(out: Path, app_python: str) -> None:
             facts["picked_again"] = []
             for key, picture in (("image_a", "red_circle.png"), ("image_b", "blue_circle.png")):
                 page.locator(f"#loraq_f_{key} input[type=file]").set_input_files(str(images / picture))
-                expect(page.locator(f"#loraq_thumbs_{key} img")).to_have_count(1, timeout=25_000)
+                try:
+                    expect(page.locator(f"#loraq_thumbs_{key} img")).to_have_count(1, timeout=25_000)
+                except AssertionError:
+                    # gradio 3.41's upload can stall on a loaded machine (its /upload answered, no change event
+                    # sent); a user picks the file again, and so do we, once, and the session reports it
+                    facts["picked_again"].append(key)
+                    page.locator(f"#loraq_f_{key} input[type=file]").set_input_files(str(images / picture))
+                    expect(page.locator(f"#loraq_thumbs_{key} img")).to_have_count(1, timeout=40_000)
             for key, value in (("steps", 60), ("network_dim", 4), ("network_alpha", 4), ("lr", 0.002),
                                ("batch_size", 1)):
                 fill(f"loraq_f_copier_pass__{key}", value)
