@@ -1362,7 +1362,7 @@ class Run:
             end, status = time.time() + 60, ""
             while time.time() < end:
                 status = page.locator("#loraq_train_status").first.inner_text()
-                if "not queued" in status or "queued" in status:
+                if "not queued" in status or re.search(r"as jobs? \d+", status):   # not "the form as last queued"
                     break
                 page.wait_for_timeout(500)
             page.wait_for_timeout(1200)   # loraq.js marks the fields 350 ms after the answer
@@ -1411,7 +1411,8 @@ class Run:
         ds = self.data / "dataset"
         make_dataset(ds, 4)
         name = f"e2e_prev_{RUN_TAG}"
-        steps, every = self.args.preview_steps, max(1, self.args.preview_steps // 4)
+        steps = self.args.preview_steps
+        every = self.args.preview_every or max(1, steps // 4)
         job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES, "steps": steps,
                                      "network_dim": 4, "network_alpha": 4, "batch_size": 1,
                                      "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3,
@@ -1561,9 +1562,8 @@ class Run:
         name = self._lora_name()
         other = self.names.get("resized") or self.names.get("long") or name
         self._tools_tab("Merge")
-        p.set_text("loraq_merge_inputs", f"{self.out_dir.name}/{name}:0.5\n"
-                                          + (f"{other}:0.5" if other == self.names.get("resized")
-                                             else f"{self.out_dir.name}/{other}:0.5"))
+        # names relative to the LoRA folder: the tools write into its lora_queue/ subfolder too
+        p.set_text("loraq_merge_inputs", f"{self.out_dir.name}/{name}:0.5\n{self.out_dir.name}/{other}:0.5")
         p.set_text("loraq_merge_rank", 4)
         p.set_text("loraq_preview_prompt", "a photo of a loraqtok shape")
         p.set_text("loraq_preview_seeds", "1")
@@ -1792,6 +1792,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="steps of the small jobs")
     ap.add_argument("--long-steps", type=int, default=30, help="steps of the long jobs (e, f, j)")
     ap.add_argument("--preview-steps", type=int, default=16, help="steps of the previews job (q)")
+    ap.add_argument("--preview-every", type=int, default=0, help="previews every N steps in q (default steps/4)")
     ap.add_argument("--preview-sampling-steps", type=int, default=4, help="sampling steps of the merge preview (u)")
     ap.add_argument("--only", default="", help="comma-separated check ids, e.g. a,b,c")
     ap.add_argument("--json", default="", help="summary file (default e2e/results-HOST.json)")
