@@ -8,7 +8,7 @@ the results through the WebUI API (the WebUI must run with --api). One line per 
 with its numbers, and a JSON summary. Every check has its own timeout; a failure does not stop the
 others (later checks that need an earlier one's LoRA are skipped).
 
-Checks a-o (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
+Checks a-w (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
 looked at; /work/webui/start_a1111.sh ignores its arguments, so start it with SD_WEBUI_LOG_LEVEL=DEBUG.
 
 Needs: playwright (python), Pillow. Nothing of the extension is imported: this is the user's view.
@@ -305,9 +305,11 @@ class Page:
     def reveal(self, elem_id: str):
         """Open the closed accordions (groups, "advanced") around a control, outermost first."""
         for part, title in (("copier_pass", "Pass 1"), ("difference_pass", "Pass 2")):
-            if f"loraq_f_{part}__" in elem_id:   # the two copier passes are tabs
-                self.page.locator("#loraq_copier_passes button").filter(has_text=title).first.click()
-                self.page.wait_for_timeout(300)
+            if f"loraq_f_{part}__" in elem_id:   # the two copier passes were tabs; since the compact form, columns
+                tab = self.page.locator("#loraq_copier_passes button").filter(has_text=title)
+                if tab.count():
+                    tab.first.click()
+                    self.page.wait_for_timeout(300)
         ids = self.page.evaluate("""(id) => { const el = document.getElementById(id); const out = [];
             for (let n = el && el.parentElement; n; n = n.parentElement)
                 if (n.id && n.classList && n.classList.contains('gradio-accordion')) out.push(n.id);
@@ -1291,6 +1293,377 @@ class Run:
             except Exception as e:
                 nums["cleanup_error"] = str(e)
 
+    # -- checks of the features landed on 2026-12-01/02 (p-w) -----------------------------------------
+
+    def _wait_text(self, elem_id: str, ok, timeout: float, textarea: bool = False) -> str:
+        """Poll the text of ``elem_id`` (its textarea's value if ``textarea``) until ``ok(text)``; the last text."""
+        p, end, text = self.page, time.time() + timeout, ""
+        while time.time() < end:
+            if textarea:
+                box = p.page.locator(f"#{elem_id} textarea").first
+                text = box.input_value() if box.count() else ""
+            else:
+                text = p.text(elem_id)
+            if ok(text):
+                return text
+            p.page.wait_for_timeout(1000)
+        return text
+
+    def _shot(self, page, what: str) -> str:
+        out = Path(f"/work/webui/shots/{self.args.host}-{what}-{RUN_TAG}.png")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            page.screenshot(path=str(out))
+        except Exception:
+            return ""
+        return str(out)
+
+    def _lora_name(self) -> str:
+        name = self.names.get("standard") or self.names.get("previews") or self.names.get("long")
+        if not name:   # run on its own: the newest standard LoRA an earlier run left
+            found = sorted(self.out_dir.glob("e2e_std_*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+            name = found[0].stem if found else raise_skip("no LoRA from check b")
+        return name
+
+    # p. the Train form at 1366x768: "Add to queue" in view without scrolling; an empty dataset is refused red
+    def check_p(self, timeout):
+        p = self.page
+        ctx = p.browser.new_context(viewport={"width": 1366, "height": 768})
+        page = ctx.new_page()
+        nums = {"viewport": "1366x768"}
+        try:
+            page.goto(self.args.url, wait_until="domcontentloaded", timeout=120000)
+            page.wait_for_selector("#tabs", timeout=180000)
+            page.wait_for_selector("#loraq_add", state="attached", timeout=120000)
+            page.locator("#tabs > .tab-nav button, #tabs > div > button").filter(
+                has_text=re.compile(r"^\s*LoRA Queue\s*$", re.I)).first.click()
+            page.wait_for_timeout(600)
+            page.locator("#loraq_tabs button").filter(has_text=re.compile(r"^\s*Train\s*$")).first.click()
+            page.wait_for_timeout(600)
+            page.locator("#loraq_mode label").filter(has_text=re.compile(r"^\s*standard\s*$")).first.click()
+            page.wait_for_timeout(1000)
+            page.evaluate("() => window.scrollTo(0, 0)")
+            page.wait_for_timeout(300)
+            box = page.locator("#loraq_add").first.bounding_box()
+            nums["scroll_y"] = page.evaluate("() => window.scrollY")
+            nums["add_box"] = {k: round(v) for k, v in (box or {}).items()}
+            in_view = bool(box) and box["y"] >= 0 and box["y"] + box["height"] <= 768 and box["x"] + box["width"] <= 1366
+            nums["add_in_view"] = in_view
+            nums["screenshot_form"] = self._shot(page, "p-form")
+            # an empty dataset folder: refused, the message below the field, red, the field outlined
+            last = p.max_job_id()
+            for elem, value in (("loraq_f_name", f"e2e_empty_{RUN_TAG}"), ("loraq_f_dataset_dir", "")):
+                f = page.locator(f"#{elem} textarea, #{elem} input").first
+                f.fill(value)
+                f.dispatch_event("input")
+                f.blur()
+            page.wait_for_timeout(800)
+            page.locator("#loraq_add").first.click()
+            end, status = time.time() + 60, ""
+            while time.time() < end:
+                status = page.locator("#loraq_train_status").first.inner_text()
+                if "not queued" in status or re.search(r"as jobs? \d+", status):   # not "the form as last queued"
+                    break
+                page.wait_for_timeout(500)
+            page.wait_for_timeout(1200)   # loraq.js marks the fields 350 ms after the answer
+            nums["status"] = status.strip()
+            err = page.locator("#loraq_err_dataset_dir").first
+            nums["error_visible"] = err.is_visible()
+            nums["error_text"] = err.inner_text().strip() if err.count() else ""
+            colour = page.evaluate("""() => { const b = document.querySelector('#loraq_err_dataset_dir');
+                if (!b) return null; const t = b.querySelector('p') || b; return getComputedStyle(t).color; }""")
+            nums["error_colour"] = colour
+            rgb = [int(x) for x in re.findall(r"\d+", colour or "")[:3]]
+            red = len(rgb) == 3 and rgb[0] >= 150 and rgb[1] <= 110 and rgb[2] <= 110
+            nums["error_red"] = red
+            nums["field_outlined"] = "loraq-invalid" in (page.locator("#loraq_f_dataset_dir").first.get_attribute("class") or "")
+            err_box = err.bounding_box() if nums["error_visible"] else None
+            field_box = page.locator("#loraq_f_dataset_dir").first.bounding_box()
+            nums["error_below_field"] = bool(err_box and field_box and err_box["y"] >= field_box["y"] + field_box["height"] - 4
+                                             and abs(err_box["x"] - field_box["x"]) < 40)
+            nums["screenshot_error"] = self._shot(page, "p-error")
+            nums["queue_grew"] = p.max_job_id() > last
+            problems = []
+            if not in_view:
+                problems.append(f"'Add to queue' not in the 1366x768 view without scrolling: {nums['add_box']}")
+            if "not queued" not in status:
+                problems.append(f"status {status.strip()[:200]!r} does not say 'not queued'")
+            if not nums["error_visible"] or "dataset" not in (nums["error_text"] + status).lower():
+                problems.append(f"no visible message naming the dataset field: {nums['error_text']!r}")
+            if not red:
+                problems.append(f"message colour {colour!r} is not red")
+            if not nums["field_outlined"]:
+                problems.append("the dataset field is not outlined (.loraq-invalid)")
+            if nums["queue_grew"]:
+                problems.append("the queue grew")
+            if problems:
+                e = CheckFailed("; ".join(problems))
+                e.numbers = nums
+                raise e
+            return nums
+        finally:
+            ctx.close()
+
+    # q + r. a standard job with preview prompts, previews every N steps: the gallery of the selected job fills
+    # while it trains, and the SVG loss plot changes
+    def check_q(self, timeout):
+        p = self.page
+        ds = self.data / "dataset"
+        make_dataset(ds, 4)
+        name = f"e2e_prev_{RUN_TAG}"
+        steps = self.args.preview_steps
+        every = self.args.preview_every or max(1, steps // 4)
+        job = p.add_job("standard", {"name": name, "dataset_dir": ds, "resolution": RES, "steps": steps,
+                                     "network_dim": 4, "network_alpha": 4, "batch_size": 1,
+                                     "min_bucket_reso": 64, "max_bucket_reso": 256, "lr": 1e-3,
+                                     "sample_prompts": "a photo of a loraqtok shape", "sample_every_n_steps": every},
+                        checks={"train_text_encoder": False})
+        self.facts["previews_job"] = job
+        t0 = time.time()
+        p.select(job)
+        svgs, images_seen, states, first_image_s, first_image_state = [], [], [], None, None
+        end, row = time.time() + timeout, {}
+        while time.time() < end:
+            # no Refresh click: the gallery and the plot come from their own polls, as the user sees them
+            row_state = p.page.evaluate(f"""() => {{ const r = document.querySelector("#loraq_queue_table tr[data-job-id='{job}']");
+                return r ? [r.querySelector('.loraq-state').innerText.trim(), r.cells[4].innerText.trim()] : [null, null]; }}""")
+            state, progress = row_state
+            svg = p.page.evaluate("() => { const s = document.querySelector('#loraq_loss_plot svg'); return s ? s.outerHTML : ''; }")
+            n_img = p.page.evaluate("""() => [...document.querySelectorAll('#loraq_previews img')]
+                .filter(i => i.naturalWidth > 0).map(i => i.src.split('/').pop()).length""")
+            if state == "running" and (not svgs or svgs[-1][1] != svg):
+                svgs.append((progress, svg))
+            images_seen.append((state, progress, n_img))
+            if n_img and first_image_s is None:
+                first_image_s, first_image_state = round(time.time() - t0, 1), f"{state} {progress}"
+            states.append(f"{state} {progress}")
+            if state in ("done", "failed", "cancelled"):
+                row = {"state": state, "progress": progress}
+                break
+            p.page.wait_for_timeout(1500)
+        p.page.wait_for_timeout(4000)   # the gallery's poll after the final preview
+        final_imgs = p.page.evaluate("""() => [...document.querySelectorAll('#loraq_previews img')]
+            .filter(i => i.naturalWidth > 0).length""")
+        folder_pngs = sorted(x.name for x in self.out_dir.rglob(f"{name}*.png"))
+        self.facts["previews_svgs"] = [(prog, len(svg)) for prog, svg in svgs]
+        self.facts["previews_svg_distinct"] = len({svg for _, svg in svgs})
+        self.facts["previews_row"] = row
+        shot = self._shot(p.page, "q-previews")
+        nums = {"job": job, "steps": steps, "preview_every": every, "done_after_s": round(time.time() - t0, 1),
+                "final_row": row, "first_image_after_s": first_image_s, "first_image_at": first_image_state,
+                "images_while_running": max([n for s, _, n in images_seen if s == "running"], default=0),
+                "images_at_end": final_imgs, "preview_pngs": folder_pngs,
+                "states_seen": list(dict.fromkeys(states))[:15], "screenshot": shot}
+        if row.get("state") != "done":
+            _, err = p.job_summary(job)
+            e = CheckFailed(f"previews job {row.get('state')}: {err}")
+            e.numbers = nums
+            raise e
+        self.names["previews"] = name
+        if not final_imgs or not nums["images_while_running"]:
+            e = CheckFailed(f"gallery: {nums['images_while_running']} image(s) while running, {final_imgs} at the end "
+                            f"(files {folder_pngs})")
+            e.numbers = nums
+            raise e
+        return nums
+
+    def check_r(self, timeout):
+        svgs = self.facts.get("previews_svgs") or raise_skip("no running job watched by check q")
+        nums = {"svg_versions_while_running": len(svgs), "distinct": self.facts.get("previews_svg_distinct"),
+                "progress_at_each_version": [prog for prog, _ in svgs][:20],
+                "svg_lengths": [n for _, n in svgs][:20]}
+        if (nums["distinct"] or 0) < 2:
+            e = CheckFailed("the loss plot did not change while the job trained")
+            e.numbers = nums
+            raise e
+        return nums
+
+    # s. the morning view of a finished job writes NAME.morning.png and shows it
+    def check_s(self, timeout):
+        p = self.page
+        job = self.facts.get("previews_job") or self.facts.get("standard_job") or raise_skip("no finished job")
+        name = self.names.get("previews") if self.facts.get("previews_job") else self.names.get("standard")
+        if not name:
+            raise_skip("the job of check q/b has no LoRA")
+        target = self.out_dir / f"{name}.morning.png"
+        existed = target.exists()
+        p.select(job)
+        p.page.wait_for_timeout(1500)
+        p.set_text("loraq_grid_strengths", "0, 1")
+        p.set_text("loraq_grid_seeds", "1")
+        t0 = time.time()
+        p.page.locator("#loraq_morning_generate").click()
+        status = self._wait_text("loraq_morning_status", lambda t: t.strip().startswith(("✔", "⚠")), timeout)
+        took = time.time() - t0
+        p.page.wait_for_timeout(1500)
+        shown = p.page.evaluate("""() => { const i = document.querySelector('#loraq_morning img');
+            return i ? [i.naturalWidth, i.naturalHeight] : null; }""")
+        size = None
+        if target.is_file():
+            with Image.open(target) as im:
+                size = list(im.size)
+        nums = {"job": job, "status": status.strip()[:400], "seconds": round(took, 1), "file": str(target),
+                "file_exists": target.is_file(), "existed_before": existed, "file_size_px": size,
+                "shown_px": shown, "screenshot": self._shot(p.page, "s-morning")}
+        if not status.strip().startswith("✔") or not target.is_file() or not shown or not shown[0]:
+            e = CheckFailed(f"morning sheet: status {status.strip()[:300]!r}, file {target.is_file()}, shown {shown}")
+            e.numbers = nums
+            raise e
+        return nums
+
+    def _tools_tab(self, section: str):
+        p = self.page
+        p.loraq_tab("LoRA tools")
+        p.page.locator("#loraq_tools_tabs button").filter(has_text=re.compile(rf"^\s*{section}\s*$")).first.click()
+        p.page.wait_for_timeout(500)
+
+    # t. resize a LoRA from the LoRA tools tab: listed afterwards in /sdapi/v1/loras
+    def check_t(self, timeout):
+        p = self.page
+        name = self._lora_name()
+        self._tools_tab("Resize")
+        p.page.locator("#loraq_lora_refresh").click()
+        p.page.wait_for_timeout(1500)
+        btn = p.page.locator(f"#loraq_lora_list .loraq-lora[data-name='{name}'], "
+                             f"#loraq_lora_list .loraq-lora[data-name$='/{name}']")
+        clicked = btn.count() > 0
+        if clicked:
+            btn.first.click()
+            p.page.wait_for_timeout(800)
+        picked = p.value("loraq_resize_input")
+        if not clicked or not picked:
+            p.set_text("loraq_resize_input", f"{self.out_dir.name}/{name}")
+        out = f"e2e_resized_{RUN_TAG}"
+        p.set_text("loraq_resize_rank", 2)
+        p.set_text("loraq_resize_output", out)
+        t0 = time.time()
+        p.page.locator("#loraq_resize_run").click()
+        report = self._wait_text("loraq_resize_report", lambda t: bool(t.strip()), timeout, textarea=True)
+        took = time.time() - t0
+        listed = self.api.lora_names()
+        f = self.lora_dir / f"{out}.safetensors"
+        found = [x for x in self.lora_dir.rglob(f"{out}.safetensors")]
+        nums = {"source": name, "clicked_in_list": clicked, "input_after_click": picked, "seconds": round(took, 1),
+                "report_head": report.splitlines()[:3], "files": [str(x) for x in found],
+                "listed_without_refresh": out in listed}
+        if not report.startswith("resized") or out not in listed:
+            e = CheckFailed(f"resize report {report[:300]!r}; listed {out in listed}")
+            e.numbers = nums
+            raise e
+        if found:
+            modules = lora_modules(safetensors_keys(found[0]))
+            nums["modules"] = len(modules)
+        self.names["resized"] = out
+        return nums
+
+    # u. the merge preview renders images
+    def check_u(self, timeout):
+        p = self.page
+        name = self._lora_name()
+        other = self.names.get("resized") or self.names.get("long") or name
+        self._tools_tab("Merge")
+        # names relative to the LoRA folder: the tools write into its lora_queue/ subfolder too
+        p.set_text("loraq_merge_inputs", f"{self.out_dir.name}/{name}:0.5\n{self.out_dir.name}/{other}:0.5")
+        p.set_text("loraq_merge_rank", 4)
+        p.set_text("loraq_preview_prompt", "a photo of a loraqtok shape")
+        p.set_text("loraq_preview_seeds", "1")
+        p.set_text("loraq_preview_steps", self.args.preview_sampling_steps)
+        t0 = time.time()
+        p.page.locator("#loraq_preview_run").click()
+        report = self._wait_text("loraq_preview_report", lambda t: bool(t.strip()), timeout, textarea=True)
+        took = time.time() - t0
+        p.page.wait_for_timeout(1500)
+        shown = p.page.evaluate("""() => { const i = document.querySelector('#loraq_preview_image img');
+            return i ? [i.naturalWidth, i.naturalHeight] : null; }""")
+        nums = {"inputs": p.value("loraq_merge_inputs"), "seconds": round(took, 1), "report_head": report.splitlines()[:4],
+                "image_px": shown, "screenshot": self._shot(p.page, "u-preview")}
+        if report.startswith("error") or not shown or not shown[0]:
+            e = CheckFailed(f"merge preview: report {report[:300]!r}, image {shown}")
+            e.numbers = nums
+            raise e
+        return nums
+
+    # v. bake a LoRA into the loaded checkpoint: the WebUI lists the new file as a checkpoint after a refresh
+    def check_v(self, timeout):
+        p = self.page
+        name = self._lora_name()
+        self._tools_tab("Bake")
+        out = f"e2e_baked_{RUN_TAG}"
+        p.set_text("loraq_bake_base", "")
+        p.set_text("loraq_bake_inputs", f"{self.out_dir.name}/{name}:0.5")
+        p.set_text("loraq_bake_output", out)
+        rss0 = rss_gb(self.pid())
+        t0 = time.time()
+        p.page.locator("#loraq_bake_run").click()
+        report = self._wait_text("loraq_bake_report", lambda t: bool(t.strip()), timeout, textarea=True)
+        took = time.time() - t0
+        nums = {"lora": name, "seconds": round(took, 1), "report_head": report.splitlines()[:4],
+                "rss_before_gb": rss0, "rss_after_gb": rss_gb(self.pid())}
+        made = [m for m in re.findall(r"(/\S+?\.safetensors)", report) if out in m]
+        models_dir = self.webui / "models" / "Stable-diffusion"
+        found = made or [str(x) for x in models_dir.rglob(f"{out}.safetensors")]
+        nums["file"] = found[:1]
+        try:
+            self.api.post("/sdapi/v1/refresh-checkpoints", {})
+            titles = [m["title"] for m in self.api.get("/sdapi/v1/sd-models")]
+            nums["listed_as_checkpoint"] = [t for t in titles if out in t]
+            if report.startswith("error") or not found or not nums["listed_as_checkpoint"]:
+                e = CheckFailed(f"bake: report {report[:300]!r}; file {found[:1]}; listed {nums['listed_as_checkpoint']}")
+                e.numbers = nums
+                raise e
+            if found:
+                nums["file_gb"] = round(Path(found[0]).stat().st_size / 1e9, 2)
+            return nums
+        finally:
+            for x in found:   # 2 GB each: not kept
+                try:
+                    Path(x).unlink()
+                except OSError:
+                    pass
+            try:
+                self.api.post("/sdapi/v1/refresh-checkpoints", {})
+            except Exception:
+                pass
+
+    # w. the LCM "distil" button queues an LCM job
+    def check_w(self, timeout):
+        p = self.page
+        p.loraq_tab("Queue")
+        p.page.locator("#loraq_q_pause").click()   # the job is hundreds of teacher images: deleted, not run
+        p.page.wait_for_timeout(1000)
+        nums = {}
+        try:
+            last = p.max_job_id()
+            p.loraq_tab("Train")
+            p.page.locator("#loraq_distil").click()
+            status = self._wait_text("loraq_distil_status", lambda t: "as job" in t or "not queued" in t, timeout)
+            nums["status"] = status.strip()[:500]
+            m = re.search(r"as job (\d+)", status)
+            rows = p.queue_rows()
+            job = int(m.group(1)) if m else None
+            row = next((r for r in rows if r["id"] == job), None)
+            nums.update(job=job, row=row, queue_grew=p.max_job_id() > last)
+            if job:
+                mode = p.page.evaluate(f"""() => {{ const r = document.querySelector("#loraq_queue_table tr[data-job-id='{job}']");
+                    return r ? r.cells[2].innerText.trim() : null; }}""")
+                nums["mode_in_table"] = mode
+                summary, _ = p.job_summary(job)
+                nums["summary"] = summary[:400]
+            if not job or not row or nums.get("mode_in_table") != "lcm" or row["state"] != "queued":
+                e = CheckFailed(f"distil: {status.strip()[:300]!r}; row {row}; mode {nums.get('mode_in_table')!r}")
+                e.numbers = nums
+                raise e
+            return nums
+        finally:
+            try:
+                if nums.get("job"):
+                    nums["delete_status"] = p.operation(nums["job"], "loraq_op_delete")
+                p.loraq_tab("Queue")
+                p.page.locator("#loraq_q_resume").click()
+                p.page.wait_for_timeout(800)
+            except Exception as e:
+                nums["cleanup_error"] = str(e)
+
 
 class Skip(Exception):
     pass
@@ -1386,6 +1759,17 @@ CHECKS = [
           "loaded model's sd_checkpoint_hash, B of different content), "
           "job done, summary warns of the switch", "check_n", 2400),
     ("o", "the Train form as last queued survives a reload; the preset list has built-in presets", "check_o", 180),
+    ("p", "Train form at 1366x768: 'Add to queue' in view without scrolling (standard mode); an empty dataset is "
+          "refused, its message red below the field, the field outlined, the queue does not grow", "check_p", 240),
+    ("q", "a standard job with preview prompts, previews every N steps: the selected job's gallery shows images "
+          "while it trains", "check_q", 1500),
+    ("r", "the SVG loss plot of the selected job changes while it trains (from q's job)", "check_r", 30),
+    ("s", "Morning sheet of a finished job writes NAME.morning.png and shows it", "check_s", 1200),
+    ("t", "LoRA tools, Resize: the resized LoRA is listed in /sdapi/v1/loras", "check_t", 600),
+    ("u", "LoRA tools, Merge preview renders images", "check_u", 900),
+    ("v", "LoRA tools, Bake into the loaded checkpoint: listed in /sdapi/v1/sd-models after refresh-checkpoints",
+     "check_v", 900),
+    ("w", "the 'Distil the loaded checkpoint' button queues an LCM job", "check_w", 180),
 ]
 PREVIOUS_RSS = {  # GB, run of 2026-12-01 (A1111 @ 55c69e8, Forge @ ffaa07e)
     "a1111": {"before_job": 4.78, "after_job": 5.02, "after_lora_gen": 8.92},
@@ -1407,6 +1791,9 @@ def main(argv=None) -> int:
                     "one (default: a copy of it with one weight changed, made in the models folder and removed)")
     ap.add_argument("--steps", type=int, default=6, help="steps of the small jobs")
     ap.add_argument("--long-steps", type=int, default=30, help="steps of the long jobs (e, f, j)")
+    ap.add_argument("--preview-steps", type=int, default=16, help="steps of the previews job (q)")
+    ap.add_argument("--preview-every", type=int, default=0, help="previews every N steps in q (default steps/4)")
+    ap.add_argument("--preview-sampling-steps", type=int, default=4, help="sampling steps of the merge preview (u)")
     ap.add_argument("--only", default="", help="comma-separated check ids, e.g. a,b,c")
     ap.add_argument("--json", default="", help="summary file (default e2e/results-HOST.json)")
     args = ap.parse_args(argv)
