@@ -255,9 +255,13 @@ def test_inside_the_webui_inputs_must_lie_under_the_allowed_folders(tmp_path, qu
     allowed = _admission(tmp_path, input_roots=(tmp_path / "models",))
     assert "outside the folders" in _refused(queue, _job(tmp_path), tmp_path, "dataset_dir", allowed)
     (tmp_path / "models").mkdir()
-    os.symlink(tmp_path / "data", tmp_path / "models" / "data_link")     # a link: judged by where it leads
-    _refused(queue, _job(tmp_path, dataset_dir=str(tmp_path / "models" / "data_link")), tmp_path, "dataset_dir",
+    # a way out by ".." is refused; a link inside the folder is taken (the owner made it: WebUI users link their
+    # model folders, and the tab cannot make links)
+    _refused(queue, _job(tmp_path, dataset_dir=str(tmp_path / "models" / ".." / "data")), tmp_path, "dataset_dir",
              allowed)
+    os.symlink(tmp_path / "data", tmp_path / "models" / "data_link")
+    assert queue.add(_job(tmp_path, name="linked", dataset_dir=str(tmp_path / "models" / "data_link")), tmp_path,
+                     allowed)
     _dataset(tmp_path / "models" / "mine")
     assert queue.add(_job(tmp_path, dataset_dir=str(tmp_path / "models" / "mine")), tmp_path, allowed)
 

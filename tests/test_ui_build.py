@@ -235,6 +235,16 @@ def test_lora_tools_resize_extract_and_bake_write_their_files_with_reports(tmp_p
     base = write_checkpoint(pipe, "sd1", tmp_path / "base.safetensors")
     report = loras.bake_into_folder(str(base), "a:0.5", "baked", False, tmp_path / "ckpt", library=tmp_path)
     assert report.startswith("baked 1 LoRAs into base.safetensors") and (tmp_path / "ckpt" / "baked.safetensors").is_file()
+    # a checkpoint linked into the WebUI's model folder from elsewhere (the real Forge run refused it) is a base
+    # like any other; a path that leaves the folder by ".." is not
+    (tmp_path / "sd").mkdir()
+    os.symlink(base, tmp_path / "sd" / "linked.safetensors")
+    report = loras.bake_into_folder(str(tmp_path / "sd" / "linked.safetensors"), "a:0.5", "baked_linked", False,
+                                    tmp_path / "ckpt", library=tmp_path, roots=(tmp_path / "sd",))
+    assert (tmp_path / "ckpt" / "baked_linked.safetensors").is_file(), report
+    with pytest.raises(MergeError, match="outside the folders LoRA Queue may read"):
+        loras.bake_into_folder(str(tmp_path / "sd" / ".." / "base.safetensors"), "a:0.5", "escaped", False,
+                               tmp_path / "ckpt", library=tmp_path, roots=(tmp_path / "sd",))
     # extract: tuned - base of two model folders, only inside the folders the host lets the tab read
     models = tmp_path / "models"
     sd1_pipeline(models).save_pretrained(models / "base")

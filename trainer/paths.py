@@ -32,6 +32,18 @@ def output_folder(output_root: str | Path, output_dir: str) -> Path:
     return target
 
 
+def inside_any(path: str | Path, roots) -> bool:
+    """Whether ``path`` lies in one of ``roots``, judged by its path as given (``..`` resolved, links not) or by
+    where its links lead. Inputs only: a link inside an allowed folder was made by whoever owns the machine (the
+    tab cannot make one), and the WebUIs load linked checkpoints and LoRAs from their folders the same way."""
+    given, real = Path(os.path.abspath(path)), Path(path).resolve()
+    for root in roots:
+        for candidate, base in ((given, Path(os.path.abspath(root))), (real, Path(root).resolve())):
+            if candidate == base or base in candidate.parents:
+                return True
+    return False
+
+
 def write_atomic(path: str | Path, blob: bytes) -> Path:
     """Write ``blob`` to ``path`` through a temporary file in the same folder."""
     path = Path(path)

@@ -58,7 +58,7 @@ def admit(job: jobs.Job, root: str | os.PathLike | None, admission: Admission,
 
     if admission.input_roots is not None:
         for name, value in _inputs(job, base, admission.model_given):
-            if name not in errors and not _inside_any(value, admission.input_roots):
+            if name not in errors and not paths.inside_any(value, admission.input_roots):
                 allowed = ", ".join(str(r) for r in admission.input_roots)
                 errors[name] = (f"{value} is outside the folders LoRA Queue may read ({allowed}); move it there "
                                 "or add its folder in Settings > LoRA Queue > allowed input folders")
@@ -103,9 +103,6 @@ def _inputs(job: jobs.Job, base: Path, model_given: bool) -> Iterable[tuple[str,
                 yield f.name, (path if path.is_absolute() else base / path)
 
 
-def _inside_any(path: Path, roots: Iterable[Path]) -> bool:
-    real = path.resolve()
-    return any(real == r.resolve() or r.resolve() in real.parents for r in roots)
 
 
 def _check_outputs(job: jobs.Job, admission: Admission, taken: Mapping[str, str], errors: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ from typing import Callable
 
 from PIL import Image
 
-from trainer import jobs
+from trainer import jobs, paths
 from trainer.lora.files import LoraFileError, read_header
 from trainer.merge.supermerger import SuperMergerMode, supermerger_files
 from trainer.merge.svd_merge import MergeError, MergeInput, RankPolicy, format_report, merge_files, parse_input_spec
@@ -163,8 +163,7 @@ def readable_file(text: str, what: str, roots: tuple[Path, ...] | None, folder: 
         where = f" in {folder}" if folder is not None else ""
         raise MergeError(f"{what}: {name!r} does not exist{where}")
     if roots is not None:
-        real = found.resolve()
-        if not any(real == r.resolve() or r.resolve() in real.parents for r in roots):
+        if not paths.inside_any(found, roots):
             allowed = ", ".join(str(r) for r in roots)
             raise MergeError(f"{what}: {found} is outside the folders LoRA Queue may read ({allowed}); move it there "
                              "or add its folder in Settings > LoRA Queue > allowed input folders")
