@@ -41,7 +41,9 @@ OURS_BAD = re.compile(r"(\.state|\.loss\.csv|\.tmp|_copier\.safetensors$)", re.I
 
 
 class CheckFailed(Exception):
-    pass
+    def __init__(self, message: str, numbers: dict | None = None):
+        super().__init__(message)
+        self.numbers = numbers      # what the check measured before it failed, kept in the report
 
 
 class Timeout(CheckFailed):
@@ -64,9 +66,7 @@ def _follow_to_the_end(p, job: int, seconds: float, what: str, numbers: dict) ->
             break
         if final.get("state") in ("failed", "cancelled"):
             _, err = p.job_summary(job)
-            e = CheckFailed(f"{what} {final['state']}: {err or final.get('error')}")
-            e.numbers = numbers
-            raise e
+            raise CheckFailed(f"{what} {final['state']}: {err or final.get('error')}", numbers=numbers)
         p.page.wait_for_timeout(3000)
     return final, seen
 
@@ -491,7 +491,7 @@ class Run:
         except Skip as e:
             entry.update(result="SKIP", error=str(e))
         except CheckFailed as e:
-            entry.update(result="FAIL", error=str(e), numbers=getattr(e, "numbers", {}))
+            entry.update(result="FAIL", error=str(e), numbers=e.numbers or {})
         except Exception as e:  # a bug or a page that did not behave: a failure with its traceback
             entry.update(result="FAIL", error=f"{type(e).__name__}: {e}".strip()[:2000],
                          traceback=traceback.format_exc()[-3000:])
@@ -544,9 +544,7 @@ class Run:
                 "settings_section": has_section, "settings_options_visible": opts,
                 "seconds": round(time.time() - t0, 1)}
         if missing or not has_section or not all(opts.values()):
-            e = CheckFailed(f"not visible: {missing}; settings section {has_section}; options {opts}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"not visible: {missing}; settings section {has_section}; options {opts}", numbers=nums)
         return nums
 
     # b. a standard job reaches done; its file is listed, nothing else of ours is
@@ -579,9 +577,7 @@ class Run:
         if f.is_file():
             self.names["standard"] = name
         if name not in listed or ours_bad or listed_bad or not f.is_file():
-            e = CheckFailed("LoRA not listed or unexpected files under the LoRA folder")
-            e.numbers = nums
-            raise e
+            raise CheckFailed("LoRA not listed or unexpected files under the LoRA folder", numbers=nums)
         return nums
 
     # c. the host's LoRA loader loads every module; the image changes
@@ -646,9 +642,7 @@ class Run:
         if not nums["lora_in_infotext"]:
             problems.append("infotext does not mention the LoRA")
         if problems:
-            e = CheckFailed("; ".join(problems))
-            e.numbers = nums
-            raise e
+            raise CheckFailed("; ".join(problems), numbers=nums)
         return nums
 
     # d. memory
@@ -727,9 +721,7 @@ class Run:
                 "resume_message": msg2, "resumed_job": resumed_id, "final_row": final, "final_summary": summary_final,
                 "progress_seen_after_resume": list(dict.fromkeys(seen))[:12]}
         if not _finished(final):
-            e = CheckFailed(f"resumed job did not finish all steps in time: {final}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"resumed job did not finish all steps in time: {final}", numbers=nums)
         if (self.out_dir / f"{name}.safetensors").is_file():
             self.names["long"] = name
         return nums
@@ -754,9 +746,7 @@ class Run:
         nums = {"job": job, "done_after_s": round(time.time() - t0, 1), "row": row, "summary": summary,
                 "file_exists": f.is_file(), "listed": name in self.api.lora_names(), "unexpected_files": bad}
         if not f.is_file() or bad:
-            e = CheckFailed("copier output missing or unexpected files")
-            e.numbers = nums
-            raise e
+            raise CheckFailed("copier output missing or unexpected files", numbers=nums)
         self.names["copier"] = name
         return nums
 
@@ -775,9 +765,7 @@ class Run:
         nums = {"job": job, "done_after_s": round(time.time() - t0, 1), "row": row, "summary": summary,
                 "file_exists": f.is_file(), "listed": name in self.api.lora_names()}
         if not f.is_file():
-            e = CheckFailed("LCM output missing")
-            e.numbers = nums
-            raise e
+            raise CheckFailed("LCM output missing", numbers=nums)
         self.names["lcm"] = name
         return nums
 
@@ -826,9 +814,7 @@ class Run:
                 "file_exists": (self.out_dir / f"{out}.safetensors").is_file(), "listed_without_restart": out in listed,
                 "was_listed_before": out in before}
         if not report.startswith("merged") or out not in listed:
-            e = CheckFailed(f"merge report {report[:300]!r}; listed {out in listed}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"merge report {report[:300]!r}; listed {out in listed}", numbers=nums)
         return nums
 
     # i. x/y/z plot with our axes
@@ -912,10 +898,8 @@ class Run:
         missing = [x for x in names if x not in dd_options]
         nums["lora_choices_missing_from_dropdown"] = missing
         if console or not all(same) or len(a) < 2 or distinct < 2 or not dd_visible or missing:
-            e = CheckFailed(f"console errors {console[:3]}; values dropdown shown {dd_visible}, our LoRAs missing "
-                            f"from it {missing}; identical {sum(same)}/{n}; distinct cells {distinct}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"console errors {console[:3]}; values dropdown shown {dd_visible}, our LoRAs missing "
+                            f"from it {missing}; identical {sum(same)}/{n}; distinct cells {distinct}", numbers=nums)
         return nums
 
     # j. kill -9 mid-job, restart, resume
@@ -974,9 +958,7 @@ class Run:
                 "progress_seen_after_resume": list(dict.fromkeys(seen))[:12],
                 "total_s": round(time.time() - t0, 1)}
         if not _finished(final):
-            e = CheckFailed(f"job did not finish after the restart: {final}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"job did not finish after the restart: {final}", numbers=nums)
         return nums
 
 
@@ -1016,9 +998,7 @@ class Run:
         if len(after) > len(before) or nums["max_id_after"] > nums["max_id_before"] or nums["name_in_queue"]:
             problems.append(f"the queue grew: {len(before)} -> {len(after)} rows")
         if problems:
-            e = CheckFailed("; ".join(problems))
-            e.numbers = nums
-            raise e
+            raise CheckFailed("; ".join(problems), numbers=nums)
         return nums
 
     # l. the selected job's summary and row highlight survive the polls
@@ -1055,9 +1035,7 @@ class Run:
         if last["selected_rows"] != [row["id"]]:
             problems.append(f"rows with class loraq-selected after 4 s: {last['selected_rows']} (want [{row['id']}])")
         if problems:
-            e = CheckFailed("; ".join(problems))
-            e.numbers = nums
-            raise e
+            raise CheckFailed("; ".join(problems), numbers=nums)
         return nums
 
     # m. console warnings of the polls ("Too many arguments provided for the endpoint.", gradio 4)
@@ -1092,9 +1070,7 @@ class Run:
                 "errors_in_window": [t[:300] for k, t in window if k in ("error", "pageerror")][:10],
                 "props_errors_in_window": props[:5], "props_errors_this_page": props_run[:5]}
         if count(in_tab) or count(in_queue):
-            e = CheckFailed(f"{count(in_tab)} + {count(in_queue)} '{marker}' warnings in 10 s + 10 s")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"{count(in_tab)} + {count(in_queue)} '{marker}' warnings in 10 s + 10 s", numbers=nums)
         return nums
 
 
@@ -1210,12 +1186,10 @@ class Run:
             if not warn:
                 problems.append(f"no 'warning: the WebUI's checkpoint was switched from ... to ...' line: {summary[:400]!r}")
             if problems:
-                e = CheckFailed("; ".join(problems))
-                e.numbers = nums
-                raise e
+                raise CheckFailed("; ".join(problems), numbers=nums)
             return nums
         except CheckFailed as e:
-            if not getattr(e, "numbers", None):
+            if not e.numbers:
                 e.numbers = nums
             raise
         finally:
@@ -1279,19 +1253,22 @@ class Run:
             if not builtin:
                 problems.append(f"no preset starting with 'built-in': {options}")
             if problems:
-                e = CheckFailed("; ".join(problems))
-                e.numbers = nums
-                raise e
+                raise CheckFailed("; ".join(problems), numbers=nums)
             return nums
         finally:
-            try:
-                if nums.get("job"):
-                    nums["delete_status"] = p.operation(nums["job"], "loraq_op_delete")
-                p.loraq_tab("Queue")
-                p.page.locator("#loraq_q_resume").click()
-                p.page.wait_for_timeout(800)
-            except Exception as e:
-                nums["cleanup_error"] = str(e)
+            self._delete_job_and_resume_queue(nums)
+
+    def _delete_job_and_resume_queue(self, nums: dict) -> None:
+        """A check's cleanup: its job (``nums["job"]``) deleted, the queue resumed; a failure is only recorded."""
+        p = self.page
+        try:
+            if nums.get("job"):
+                nums["delete_status"] = p.operation(nums["job"], "loraq_op_delete")
+            p.loraq_tab("Queue")
+            p.page.locator("#loraq_q_resume").click()
+            p.page.wait_for_timeout(800)
+        except Exception as e:
+            nums["cleanup_error"] = str(e)
 
     # -- checks of the features landed on 2026-12-01/02 (p-w) -----------------------------------------
 
@@ -1397,9 +1374,7 @@ class Run:
             if nums["queue_grew"]:
                 problems.append("the queue grew")
             if problems:
-                e = CheckFailed("; ".join(problems))
-                e.numbers = nums
-                raise e
+                raise CheckFailed("; ".join(problems), numbers=nums)
             return nums
         finally:
             ctx.close()
@@ -1456,15 +1431,11 @@ class Run:
                 "states_seen": list(dict.fromkeys(states))[:15], "screenshot": shot}
         if row.get("state") != "done":
             _, err = p.job_summary(job)
-            e = CheckFailed(f"previews job {row.get('state')}: {err}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"previews job {row.get('state')}: {err}", numbers=nums)
         self.names["previews"] = name
         if not final_imgs or not nums["images_while_running"]:
-            e = CheckFailed(f"gallery: {nums['images_while_running']} image(s) while running, {final_imgs} at the end "
-                            f"(files {folder_pngs})")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"gallery: {nums['images_while_running']} image(s) while running, {final_imgs} at the end "
+                            f"(files {folder_pngs})", numbers=nums)
         return nums
 
     def check_r(self, timeout):
@@ -1473,9 +1444,7 @@ class Run:
                 "progress_at_each_version": [prog for prog, _ in svgs][:20],
                 "svg_lengths": [n for _, n in svgs][:20]}
         if (nums["distinct"] or 0) < 2:
-            e = CheckFailed("the loss plot did not change while the job trained")
-            e.numbers = nums
-            raise e
+            raise CheckFailed("the loss plot did not change while the job trained", numbers=nums)
         return nums
 
     # s. the morning view of a finished job writes NAME.morning.png and shows it
@@ -1506,9 +1475,7 @@ class Run:
                 "file_exists": target.is_file(), "existed_before": existed, "file_size_px": size,
                 "shown_px": shown, "screenshot": self._shot(p.page, "s-morning")}
         if not status.strip().startswith("✔") or not target.is_file() or not shown or not shown[0]:
-            e = CheckFailed(f"morning sheet: status {status.strip()[:300]!r}, file {target.is_file()}, shown {shown}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"morning sheet: status {status.strip()[:300]!r}, file {target.is_file()}, shown {shown}", numbers=nums)
         return nums
 
     def _tools_tab(self, section: str):
@@ -1547,9 +1514,7 @@ class Run:
                 "report_head": report.splitlines()[:3], "files": [str(x) for x in found],
                 "listed_without_refresh": out in listed}
         if not report.startswith("resized") or out not in listed:
-            e = CheckFailed(f"resize report {report[:300]!r}; listed {out in listed}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"resize report {report[:300]!r}; listed {out in listed}", numbers=nums)
         if found:
             modules = lora_modules(safetensors_keys(found[0]))
             nums["modules"] = len(modules)
@@ -1578,9 +1543,7 @@ class Run:
         nums = {"inputs": p.value("loraq_merge_inputs"), "seconds": round(took, 1), "report_head": report.splitlines()[:4],
                 "image_px": shown, "screenshot": self._shot(p.page, "u-preview")}
         if report.startswith("error") or not shown or not shown[0]:
-            e = CheckFailed(f"merge preview: report {report[:300]!r}, image {shown}")
-            e.numbers = nums
-            raise e
+            raise CheckFailed(f"merge preview: report {report[:300]!r}, image {shown}", numbers=nums)
         return nums
 
     # v. bake a LoRA into the loaded checkpoint: the WebUI lists the new file as a checkpoint after a refresh
@@ -1608,9 +1571,7 @@ class Run:
             titles = [m["title"] for m in self.api.get("/sdapi/v1/sd-models")]
             nums["listed_as_checkpoint"] = [t for t in titles if out in t]
             if report.startswith("error") or not found or not nums["listed_as_checkpoint"]:
-                e = CheckFailed(f"bake: report {report[:300]!r}; file {found[:1]}; listed {nums['listed_as_checkpoint']}")
-                e.numbers = nums
-                raise e
+                raise CheckFailed(f"bake: report {report[:300]!r}; file {found[:1]}; listed {nums['listed_as_checkpoint']}", numbers=nums)
             if found:
                 nums["file_gb"] = round(Path(found[0]).stat().st_size / 1e9, 2)
             return nums
@@ -1650,19 +1611,10 @@ class Run:
                 summary, _ = p.job_summary(job)
                 nums["summary"] = summary[:400]
             if not job or not row or nums.get("mode_in_table") != "lcm" or row["state"] != "queued":
-                e = CheckFailed(f"distil: {status.strip()[:300]!r}; row {row}; mode {nums.get('mode_in_table')!r}")
-                e.numbers = nums
-                raise e
+                raise CheckFailed(f"distil: {status.strip()[:300]!r}; row {row}; mode {nums.get('mode_in_table')!r}", numbers=nums)
             return nums
         finally:
-            try:
-                if nums.get("job"):
-                    nums["delete_status"] = p.operation(nums["job"], "loraq_op_delete")
-                p.loraq_tab("Queue")
-                p.page.locator("#loraq_q_resume").click()
-                p.page.wait_for_timeout(800)
-            except Exception as e:
-                nums["cleanup_error"] = str(e)
+            self._delete_job_and_resume_queue(nums)
 
 
 class Skip(Exception):
