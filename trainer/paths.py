@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterable
 
 
 def data_dir() -> Path:
@@ -32,7 +33,7 @@ def output_folder(output_root: str | Path, output_dir: str) -> Path:
     return target
 
 
-def inside_any(path: str | Path, roots) -> bool:
+def inside_any(path: str | Path, roots: Iterable[str | Path]) -> bool:
     """Whether ``path`` lies in one of ``roots``, judged by its path as given (``..`` resolved, links not) or by
     where its links lead. Inputs only: a link inside an allowed folder was made by whoever owns the machine (the
     tab cannot make one), and the WebUIs load linked checkpoints and LoRAs from their folders the same way."""

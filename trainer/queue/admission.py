@@ -103,8 +103,6 @@ def _inputs(job: jobs.Job, base: Path, model_given: bool) -> Iterable[tuple[str,
                 yield f.name, (path if path.is_absolute() else base / path)
 
 
-
-
 def _check_outputs(job: jobs.Job, admission: Admission, taken: Mapping[str, str], errors: dict[str, str]) -> None:
     try:
         folder = paths.output_folder(admission.output_root, job.output_dir)
@@ -168,7 +166,7 @@ def _check_images(job: jobs.Job, name: str, base: Path, errors: dict[str, str]) 
 def _check_masks(job: jobs.Job, base: Path, errors: dict[str, str]) -> None:
     """A difference or alpha mask that would be empty fails the job at its turn: refuse it now."""
     if not (getattr(job, "use_mask", False) or getattr(job, "difference_mask", False)):
-        return
+        return      # the common pair job: torch (imported by the copier module) is not needed to queue it
     from trainer.train.modes.copier import check_masks
     try:
         check_masks(job, base)

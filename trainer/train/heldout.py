@@ -7,8 +7,7 @@ timesteps spread over the schedule (standard and copier: the noise-prediction lo
 consistency-distillation loss at fixed solver steps, noise and guidance; ADDifT: its own loss on each pair, both
 directions, at timesteps spread over the job's timestep range, with its masks and without min-SNR weights;
 iLECO: its slider loss at fixed points of the base model's sampling of the source prompt from seeds it never
-trained on). "Held-out" means the draws, not the
-images: a job has no separate validation images.
+trained on). "Held-out" means the draws, not the images: a job has no separate validation images.
 """
 from __future__ import annotations
 
@@ -238,7 +237,8 @@ def heldout_loss(handle: ModelHandle, eval_set: EvalSet, network: LoraNetwork | 
                  under: LoraNetwork | None = None) -> float:
     """The mean loss over the set's items and timesteps with ``network`` (attached, disabled outside) on, over
     ``under`` (a copier, likewise); None: the base model (an LCM, ADDifT or iLECO set needs a network: the
-    model without it is their target). Both are on only while the model lock is held: a job training meanwhile never sees them."""
+    model without it is their target). Both are on only while the model lock is held: a job training meanwhile
+    never sees them."""
     losses = []
     with handle.lock(), applied(under), applied(network):
         for item in eval_set.items:
