@@ -69,6 +69,25 @@ network = LoraNetwork(targets, NetworkShape(16, 8.0)).attach()
 params = [p for p in network.parameters() if p.requires_grad]
 optimizer = make_optimizer("AdamW", [{"params": params}], 1e-4)
 x, context = torch.randn(batch, 4, res // 8, res // 8), torch.randn(batch, 77, config["cross_attention_dim"])
+def warm_up():
+    # the first step pages in libtorch's and oneDNN's code for these kernels (tens of MiB of RSS, more on some
+    # machines) and creates the autograd engine's buffers: a step of the same layout at 1/8 the width takes it
+    small = dict(config, block_out_channels=[c // 8 for c in config["block_out_channels"]], norm_num_groups=8)
+    tiny = UNet2DConditionModel.from_config(small).requires_grad_(False)
+    tiny_targets = [LoraTarget(n.replace(".", "_"), m, None) for n, m in tiny.named_modules()
+                    if unet_path_in_target_set(n, "attn_mlp") and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    tiny_net = LoraNetwork(tiny_targets, NetworkShape(16, 8.0)).attach()
+    tiny_params = [p for p in tiny_net.parameters() if p.requires_grad]
+    tiny_opt = make_optimizer("AdamW", [{"params": tiny_params}], 1e-4)
+    tiny.train()
+    for checkpointing in (True, False):
+        tiny.enable_gradient_checkpointing() if checkpointing else tiny.disable_gradient_checkpointing()
+        out = tiny(x[:, :, :8, :8], torch.tensor([500] * batch), encoder_hidden_states=context).sample
+        torch.nn.functional.mse_loss(out, x[:, :, :8, :8]).backward()
+        torch.nn.utils.clip_grad_norm_(tiny_params, 1.0)
+        tiny_opt.step()
+        tiny_opt.zero_grad(set_to_none=True)
+warm_up()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 def step():
@@ -113,9 +132,10 @@ def test_budget_matches_the_measured_cpu_peak_of_a_training_step_within_40_perce
         predicted = parts["gradients"] + parts["optimizer state"] + parts["UNet activations"]
         ratio = measured[key] / predicted
         print(f"checkpointing {key}: measured {measured[key] / 2**20:.0f} MiB, predicted {predicted / 2**20:.0f} MiB")
-        # 1.16 / 1.09 (off / on) on the development machine, 1.31 off on the CI machine (308 vs 236 MiB): the
-        # CPU's RSS carries oneDNN scratch and allocator slack the estimate leaves to the CUDA context's 0.5 GiB.
-        assert 0.7 < ratio < 1.4, (key, measured[key], predicted)
+        # 0.98 / 0.76 (off / on) here after the warm-up: with checkpointing the activation estimate is high
+        # (conservative, docs/vram-budget.md); the CPU's RSS carries allocator slack the estimate leaves to the
+        # CUDA context's 0.5 GiB
+        assert (0.7 if key == "off" else 0.5) < ratio < 1.4, (key, measured[key], predicted)
     assert measured["off"] > 1.8 * measured["on"]      # what checkpointing buys, measured
 
 

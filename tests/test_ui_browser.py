@@ -384,7 +384,7 @@ def wait_for_http(url: str, app: subprocess.Popen, timeout: float = 120) -> None
 
 
 def session(out: Path, app_python: str) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout, expect, sync_playwright
 
     from trainer import jobs
     from trainer.models.demo.shapes import draw
@@ -476,7 +476,13 @@ def session(out: Path, app_python: str) -> None:
             # A, then B, as a user picks them; their previews show beside the passes' settings
             facts["picked_again"] = []
             for key, picture in (("image_a", "red_circle.png"), ("image_b", "blue_circle.png")):
-                page.locator(f"#loraq_f_{key} input[type=file]").set_input_files(str(images / picture))
+                picker = page.locator(f"#loraq_f_{key} input[type=file]")
+                try:   # gradio renders the picker only while the field holds no file
+                    picker.wait_for(state="attached", timeout=60_000)
+                except PlaywrightTimeout:
+                    raise AssertionError(f"no file picker in {key} after 60 s; the field shows: " + page.evaluate(
+                        f"() => document.querySelector('#loraq_f_{key}').outerHTML.slice(0, 1500)")) from None
+                picker.set_input_files(str(images / picture))
                 try:
                     expect(page.locator(f"#loraq_thumbs_{key} img")).to_have_count(1, timeout=25_000)
                 except AssertionError:
