@@ -2,6 +2,7 @@
 starting from LCM-LoRA files, the LCM samplers, and (on the demo model) that the 1-step student improves."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -410,7 +411,11 @@ def test_a_finished_lcm_job_leaves_a_comparison_sheet_teacher_25_steps_against_t
     gc.collect()
     gc.disable()
     try:
-        result = run_job(_job(steps=3), handle, _ctx(tmp_path))
+        events = []
+        result = run_job(_job(steps=3), handle, dataclasses.replace(_ctx(tmp_path), events=events.append))
+        # the queue shows the job at 100 % "comparison sheet" while the sheet renders (minutes on a CPU)
+        assert [(e.step, e.total, e.phase) for e in events][-1] == (3, 3, "comparison sheet")
+        assert math.isnan(events[-1].loss), "no loss point for the plot"
         assert len(made) == 1 and made[0]() is None, "the sheet's LoRA is freed without a full garbage collection"
     finally:
         gc.enable()

@@ -113,6 +113,20 @@ def test_progress_thinning_keeps_the_recent_steps_and_at_most_history_rows_befor
     assert kept(range(1, 601), latest=600, recent=0, history_rows=250)[-1] == 600
 
 
+def test_a_report_without_a_loss_moves_the_rows_phase_and_adds_no_point_to_the_plot(tmp_path):
+    q = JobQueue(tmp_path / "q.sqlite")
+    _dataset(tmp_path / "data")
+    job_id = q.add(_job(tmp_path, steps=4))
+    q.claim_next()
+    for step in (1, 2, 3, 4):
+        q.record_progress(job_id, Progress(step, 4, 0.5, 0.5, 1e-3, 1.0, 4.0 - step))
+    q.record_progress(job_id, Progress(4, 4, float("nan"), float("nan"), 0.0, 0.0, float("nan"),
+                                       phase="comparison sheet"))
+    row = q.get(job_id)
+    assert (row.state, row.step, row.total, row.phase) == ("running", 4, 4, "comparison sheet")
+    assert [(p.step, p.phase, p.loss) for p in q.progress(job_id)] == [(s, "", 0.5) for s in (1, 2, 3, 4)]
+
+
 def test_a_job_records_every_step_and_the_store_keeps_a_bounded_history(tmp_path):
     q = JobQueue(tmp_path / "q.sqlite", recent_steps=100, history_rows=25)
     _dataset(tmp_path / "data")

@@ -52,6 +52,7 @@ class Phase(str, Enum):
     WHOLE = ""
     COPIER_PASS = "pass 1 of 2"
     DIFFERENCE_PASS = "pass 2 of 2"
+    COMPARISON_SHEET = "comparison sheet"   # after the last step: the LCM job's sheet (minutes on a CPU)
 
     def __str__(self) -> str:
         return self.value

@@ -630,8 +630,10 @@ class JobQueue:
             return None if x is None or not math.isfinite(x) else float(x)
 
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (job_id, p.phase, p.step, number(p.loss), number(p.smoothed_loss), number(p.lr), time.time()))
+            if number(p.loss) is not None:   # a report without a loss (a message, the LCM sheet) is no point to plot
+                db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (job_id, p.phase, p.step, number(p.loss), number(p.smoothed_loss), number(p.lr),
+                            time.time()))
             db.execute("UPDATE jobs SET step = ?, total = ?, loss = ?, smoothed_loss = ?, lr = ?, it_per_s = ?, "
                        "eta_s = ?, phase = ? WHERE id = ?",
                        (p.step, p.total, number(p.loss), number(p.smoothed_loss), number(p.lr), number(p.it_per_s),

@@ -9,6 +9,7 @@ from typing import Callable
 from PIL import Image
 
 from trainer import jobs, paths
+from trainer.device import free_memory
 from trainer.lora.files import LoraFileError, read_header
 from trainer.merge.supermerger import SuperMergerMode, supermerger_files
 from trainer.merge.svd_merge import MergeError, MergeInput, RankPolicy, format_report, merge_files, parse_input_spec
@@ -209,8 +210,11 @@ def extract_into_folder(tuned: str, base: str, policy: RankPolicy, output: str, 
     out = _new_output(output, folder, overwrite)
     policy.validate()
     started = time.perf_counter()
-    result = extract_models(str(tuned_path), str(base_path), policy, dtype=precision, text_encoder=text_encoder,
-                            title=out.stem)
+    try:
+        result = extract_models(str(tuned_path), str(base_path), policy, dtype=precision, text_encoder=text_encoder,
+                                title=out.stem)
+    finally:   # two checkpoints were read through the heap
+        free_memory()
     save_extracted(result, out)
     written(out)
     return (f"extracted {len(result.modules)} modules of {tuned_path.name} - {base_path.name} ({result.arch.upper()}, "
@@ -229,7 +233,10 @@ def bake_into_folder(base: str, text: str, output: str, overwrite: bool, folder:
     Path(folder).mkdir(parents=True, exist_ok=True)
     out = _new_output(output, folder, overwrite)
     started = time.perf_counter()
-    baked = bake_loras(base_path, inputs, out)
+    try:
+        baked = bake_loras(base_path, inputs, out)
+    finally:   # the whole checkpoint passed through the heap: give it back (A1111 kept +3.6 GB RSS after a bake)
+        free_memory()
     parts = ", ".join(f"{name}: {n} modules" for name, n in baked.per_input.items())
     return (f"baked {len(inputs)} LoRAs into {base_path.name} ({baked.arch.upper()}; {parts}; "
             f"{baked.tensors_changed} weights changed) -> {out} in {time.perf_counter() - started:.1f} s\n"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -38,6 +39,7 @@ from safetensors.torch import load_file, save
 
 from trainer import data
 from trainer import jobs
+from trainer.jobs.vocabulary import Phase
 from trainer.diffusion import schedules
 from trainer.models.handle import Cond, ModelHandle, weights_fingerprint
 from trainer.lora.metadata import lcm_metadata
@@ -374,7 +376,11 @@ def comparison_sheet(job, handle: ModelHandle, outputs, training_prompts: list[s
     prompts = sheet_prompts(list(job.sample_prompts), training_prompts)
     if not prompts:
         return None
-    ctx.log(f"comparison sheet: the teacher and the LoRA at 2, 4 and 8 LCM steps for {len(prompts)} prompt(s)")
+    what = f"comparison sheet: the teacher and the LoRA at 2, 4 and 8 LCM steps for {len(prompts)} prompt(s)"
+    ctx.log(what)
+    if ctx.events:   # the queue shows the job at 100 % "comparison sheet", not as a training that hangs
+        ctx.events(Progress(job.steps, job.steps, math.nan, math.nan, 0.0, 0.0, math.nan,
+                            phase=Phase.COMPARISON_SHEET.value, message=what))
     try:
         return render_lcm_comparison(handle, Path(lora_file), prompts, (job.resolution, job.resolution),
                                      comparison_path(outputs))
