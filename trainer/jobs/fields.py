@@ -540,6 +540,11 @@ FIELDS: dict[str, Field] = _registry(
           "skip pass 1 with copier_file.", "copier", modes=("copier",)),
     Field("swap_ab", bool, False, "swap A and B",
           "Learn B -> A instead of A -> B: the difference then removes the change.", "copier", modes=_DIFFERENCE),
+    Field("train_opposite", bool, True, "train -1 too",
+          "Pass 2: every other step trains the difference at strength -1 to turn B back into A (ADDifT's "
+          "differential loss, over the frozen copier), so that at -1 the LoRA goes the other way (and, on the "
+          "demo model, +1 gets nearer B). Off: the copier method as traintrain has it, which learns only "
+          "A -> B: at -1 it barely moves. Needs images A; about 20 % more time.", "copier", modes=("copier",)),
     Field("use_mask", bool, False, "mask from alpha",
           "Use the images' alpha channels as the region that changes: where B (and A, if it has alpha) is "
           "opaque (e.g. only the eyes). What happens outside it is outside_mask. Copier pass 1 counts the "

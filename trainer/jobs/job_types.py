@@ -130,6 +130,7 @@ class CopierJob(CopierRules, Job):
     copier_file: str = ''
     save_copier: bool = False
     swap_ab: bool = False
+    train_opposite: bool = True
     use_mask: bool = False
     difference_mask: bool = False
     difference_threshold: int = 10

@@ -123,8 +123,11 @@ class CopierRules:
         if self.image_a and len(self.image_a) != len(self.image_b):
             errors["image_b"] = (f"{len(self.image_a)} image(s) A but {len(self.image_b)} image(s) B: "
                                  "give one B for each A, in the same order")
-        if self.copier_file and self.image_a:
+        if self.copier_file and self.image_a and not self.train_opposite:
             warnings["image_a"] = "image A is not used: the saved copier (copier_file) replaces pass 1"
+        if self.train_opposite and not self.image_a:
+            warnings["train_opposite"] = ("without images A (a saved copier holds A's look, not the images) pass 2 "
+                                          "cannot train -1: the LoRA learns only A -> B; give image A to train both")
         return errors, warnings
 
     def passes(self) -> tuple[Any, Any]:

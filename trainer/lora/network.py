@@ -327,6 +327,18 @@ def switched(network: "LoraNetwork | None", on: bool) -> Iterator[None]:
         network.enabled = was_enabled
 
 
+@contextlib.contextmanager
+def at_strength(network: "LoraNetwork", strength: float) -> Iterator[None]:
+    """The network acting at ``strength`` (its multiplier) for the forward passes inside, then as before; the
+    graph keeps the strength for the backward pass."""
+    was = network.multiplier
+    network.multiplier = strength
+    try:
+        yield
+    finally:
+        network.multiplier = was
+
+
 def applied(network: "LoraNetwork | None") -> contextlib.AbstractContextManager[None]:
     """The network on for the duration (see :func:`switched`)."""
     return switched(network, True)

@@ -208,7 +208,7 @@ def _consistency_loss(handle: ModelHandle, network: LoraNetwork, item: EvalItem,
 
 
 def _addift_loss(handle: ModelHandle, network: LoraNetwork, item: EvalItem, eval_set: EvalSet) -> float:
-    from trainer.train.modes.addift import addift_loss
+    from trainer.train.differential import addift_loss
 
     settings, pair = eval_set.addift, item.pair
     n = len(eval_set.timesteps)

@@ -24,93 +24,22 @@ the copier (``copier.training_size``), with the same masks (alpha, difference) a
 """
 from __future__ import annotations
 
-import contextlib
 import json
-from typing import Iterator
 
 import torch
 
 from trainer import data, jobs
-from trainer.diffusion import schedules
-from trainer.diffusion.losses import NoiseSettings, min_snr_weight
-from trainer.lora.network import LoraNetwork, switched
+from trainer.diffusion.losses import NoiseSettings
+from trainer.lora.network import LoraNetwork
 from trainer.models.handle import Cond, ModelHandle
 from trainer.train.context import JobContext, job_outputs, run_loop
+from trainer.train.differential import addift_loss, step_roles, stratified_timesteps
 from trainer.train.loop import LoopResult, TrainingLoop
 from trainer.train.modes.copier import Pair, check_pairs, load_pairs, mask_options
 from trainer.train.plan import build_network, facts_for, loop_settings, noise_settings
 from trainer.train.previews import previewer, render_guided_preview
 
-#: Timesteps of successive rows are drawn from successive tenths of [timestep_min, timestep_max): with only
-#: tens of steps every noise level is seen about equally often (traintrain cycles through ten as well).
-TIMESTEP_STRATA = 10
 PAIRS_KEY = "lq_addift_pairs"
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure helpers
-# ---------------------------------------------------------------------------------------------
-
-def stratified_timesteps(n: int, low: int, high: int, first: int, generator: torch.Generator,
-                         strata: int = TIMESTEP_STRATA) -> torch.Tensor:
-    """[n] timesteps in [low, high): row i uniform in stratum (first + i) mod ``strata`` of the range."""
-    k = (first + torch.arange(n)) % strata
-    width = (high - low) / strata
-    u = torch.rand(n, generator=generator)
-    t = low + (k + u) * width
-    return t.long().clamp(low, high - 1)
-
-
-def step_roles(step: int, n_pairs: int) -> tuple[int, bool]:
-    """(pair index, forward): pairs take turns, and after each round of them the direction swaps."""
-    return step % n_pairs, (step // n_pairs) % 2 == 0
-
-
-@contextlib.contextmanager
-def at_strength(network: LoraNetwork, strength: float) -> Iterator[None]:
-    """The network acting at ``strength`` for the duration, then at its multiplier before."""
-    was = network.multiplier
-    network.multiplier = strength
-    try:
-        yield
-    finally:
-        network.multiplier = was
-
-
-def addift_loss(handle: ModelHandle, network: LoraNetwork, source: torch.Tensor, other: torch.Tensor, cond: Cond,
-                noise: torch.Tensor, t: torch.Tensor, strength: float, settings: NoiseSettings,
-                mask: torch.Tensor | None = None, keep_outside: bool = True) -> torch.Tensor:
-    """The ADDifT loss of one batch: the LoRA at ``strength`` on ``other`` noised must predict what the base
-    model predicts on ``source`` noised with the same ``noise`` to the same ``t`` (latents [B,C,h,w]).
-
-    ``mask`` [B,1,h,w]: the region that changes. Outside it the target is the base model's output on the same
-    input (``keep_outside``) or there is no target (the loss is weighted by the mask)."""
-    alpha_bar = handle.alphas_cumprod.to(source.device)[t]
-    # 1. both images noised with the same noise to the same timestep
-    noisy_source = schedules.add_noise(source, noise, alpha_bar)
-    noisy_other = schedules.add_noise(other, noise, alpha_bar)
-    keep = mask is not None and keep_outside
-    # 2. the base model's outputs, without gradient: on the source, and on the other image when it is kept
-    with torch.no_grad(), switched(network, False):
-        inputs = torch.cat([noisy_source, noisy_other]) if keep else noisy_source
-        base = handle.predict(inputs.to(handle.dtype), torch.cat([t, t]) if keep else t,
-                              cond.repeat(2) if keep else cond).float()
-    target = base[: len(source)]
-    if keep:
-        m = mask.to(target.dtype).expand_as(target)
-        target = m * target + (1 - m) * base[len(source):]
-    # 3. the LoRA at the training strength on the other image
-    with at_strength(network, strength):
-        pred = handle.predict(noisy_other.to(handle.dtype), t, cond.to(dtype=handle.dtype)).float()
-    err = (pred - target) ** 2
-    if mask is not None and not keep:
-        m = mask.to(err.dtype).expand_as(err)
-        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp(min=1.0)
-    else:
-        per_sample = err.flatten(1).mean(1)
-    if settings.min_snr_gamma:
-        per_sample = per_sample * min_snr_weight(alpha_bar.float(), settings.min_snr_gamma, settings.prediction)
-    return per_sample.mean()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ from trainer.models.handle import Cond, ModelHandle
 from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for_file, switched
 from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion.schedules import add_noise
+from trainer.diffusion.losses import sample_noise
+from trainer.train.differential import addift_loss, step_roles
 from trainer.train.loop import LoopResult, Outputs, Progress, TrainingLoop, diffusion_loss
 from trainer.train.previews import previewer, render_guided_preview
 from trainer.train.plan import build_network, facts_for, loop_settings, noise_settings
@@ -493,22 +495,33 @@ def unchanged_prediction(handle: ModelHandle, network: LoraNetwork):
 
 
 def _step_loss(handle, pairs, conds, latent_of, mask_of, batch_size, noise, generator, prompt, encode_each_step,
-               copier: LoraNetwork | None = None, keep_outside: LoraNetwork | None = None):
+               copier: LoraNetwork | None = None, keep_outside: LoraNetwork | None = None,
+               opposite: LoraNetwork | None = None, keep: bool = True):
     """compute_loss of one pass: the pair of this step, its latent repeated batch_size times; with
-    ``keep_outside`` (the trained network) the target outside the mask is the prediction without it."""
+    ``keep_outside`` (the trained network) the target outside the mask is the prediction without it. With
+    ``opposite`` (pass 2's network, ``train_opposite``) every other round of the pairs trains it at -1 instead:
+    on noised A it must predict what the copier alone predicts on B noised alike (ADDifT's differential loss),
+    so that -1 undoes A -> B; ``keep``: outside the mask that target is the copier alone on A."""
     unchanged = unchanged_prediction(handle, keep_outside) if keep_outside is not None else None
     def compute_loss(micro_step: int) -> torch.Tensor:
-        # 1. the pair of this step
-        pair = pairs[micro_step % len(pairs)]
+        # 1. the pair of this step, and with ``opposite`` its direction
+        index, forward = step_roles(micro_step, len(pairs)) if opposite is not None else \
+            (micro_step % len(pairs), True)
+        pair = pairs[index]
         # 2. its latent repeated batch_size times, and the prompt's conditioning at its size
         x0 = latent_of(pair).to(handle.device).expand(batch_size, -1, -1, -1)
         mask = mask_of(pair)
         if mask is not None:
             mask = mask.to(handle.device).expand(batch_size, -1, -1, -1)
         # 3. the noise-prediction loss (independent noise and timestep per row, under the mask), with the
-        #    frozen copier applied in pass 2
+        #    frozen copier applied in pass 2; or the opposite step: the network at -1 turns B back into A
         with applied(copier):
             cond = handle.encode_prompts([prompt], pair.hw) if encode_each_step else conds[pair.hw]
+            if not forward:
+                a = pair.latent_a.to(handle.device).expand(batch_size, -1, -1, -1)
+                eps, t = sample_noise(x0, noise, generator())
+                return addift_loss(handle, opposite, x0, a, cond.repeat(batch_size), eps, t, -1.0, noise, mask,
+                                   keep)
             return diffusion_loss(handle, x0, cond.repeat(batch_size), noise, generator(), mask=mask,
                                   unchanged=unchanged)
     return compute_loss
@@ -579,7 +592,10 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
         compute_loss = _step_loss(handle, pairs, conds, lambda p: p.latent_b,
                                   lambda p: p.mask_ab, second.batch_size, noise, lambda: loop.generator,
                                   job.prompt, job.train_text_encoder, copier,
-                                  keep_outside=difference if job.outside_mask == "keep" else None)
+                                  keep_outside=difference if job.outside_mask == "keep" else None,
+                                  opposite=difference if job.train_opposite and all(
+                                      p.latent_a is not None for p in pairs) else None,
+                                  keep=job.outside_mask == "keep")
         result = run_loop(loop, compute_loss, ctx)
     finally:
         if copier is not None:

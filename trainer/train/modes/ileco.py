@@ -26,15 +26,14 @@ computed once.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from trainer import jobs
 from trainer.diffusion.ddim import ddim_step, ddim_timesteps, predict_x0_eps
-from trainer.lora.network import LoraNetwork, removed
+from trainer.lora.network import LoraNetwork, at_strength, removed
 from trainer.models.handle import Cond, ModelHandle
 from trainer.sampling.guided import pad_cat, seeded_noise
 from trainer.train.context import JobContext, job_outputs, run_loop
@@ -139,17 +138,6 @@ def draw_step(batch: int, trajectories: int, settings: SliderSettings, generator
     trajectory = torch.randint(0, trajectories, (batch,), generator=generator)
     point = torch.randint(0, settings.denoise_steps, (batch,), generator=generator)
     return StepDraw(trajectory, point)
-
-
-@contextlib.contextmanager
-def at_strength(network: LoraNetwork, strength: float) -> Iterator[None]:
-    """The LoRA's multiplier for the forward passes inside (the graph keeps it for the backward pass)."""
-    old = network.multiplier
-    network.multiplier = strength
-    try:
-        yield
-    finally:
-        network.multiplier = old
 
 
 def slider_loss(handle: ModelHandle, network: LoraNetwork, trajectories: torch.Tensor, conds: SliderConds,
