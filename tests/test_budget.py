@@ -62,47 +62,38 @@ from trainer.lora.network import LoraNetwork, NetworkShape
 from trainer.train.optim import make_optimizer
 config = json.loads(sys.argv[1]); res, batch = int(sys.argv[2]), int(sys.argv[3])
 torch.manual_seed(0)
-unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
-targets = [LoraTarget(n.replace(".", "_"), m, None) for n, m in unet.named_modules()
-           if unet_path_in_target_set(n, "attn_mlp") and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-network = LoraNetwork(targets, NetworkShape(16, 8.0)).attach()
-params = [p for p in network.parameters() if p.requires_grad]
-optimizer = make_optimizer("AdamW", [{"params": params}], 1e-4)
-x, context = torch.randn(batch, 4, res // 8, res // 8), torch.randn(batch, 77, config["cross_attention_dim"])
-def warm_up():
-    # the first step pages in libtorch's and oneDNN's code for these kernels (tens of MiB of RSS, more on some
-    # machines) and creates the autograd engine's buffers: a step of the same layout at 1/8 the width takes it
-    small = dict(config, block_out_channels=[c // 8 for c in config["block_out_channels"]], norm_num_groups=8)
-    tiny = UNet2DConditionModel.from_config(small).requires_grad_(False)
-    tiny_targets = [LoraTarget(n.replace(".", "_"), m, None) for n, m in tiny.named_modules()
-                    if unet_path_in_target_set(n, "attn_mlp") and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    tiny_net = LoraNetwork(tiny_targets, NetworkShape(16, 8.0)).attach()
-    tiny_params = [p for p in tiny_net.parameters() if p.requires_grad]
-    tiny_opt = make_optimizer("AdamW", [{"params": tiny_params}], 1e-4)
-    tiny.train()
-    for checkpointing in (True, False):
-        tiny.enable_gradient_checkpointing() if checkpointing else tiny.disable_gradient_checkpointing()
-        out = tiny(x[:, :, :8, :8], torch.tensor([500] * batch), encoder_hidden_states=context).sample
-        torch.nn.functional.mse_loss(out, x[:, :, :8, :8]).backward()
-        torch.nn.utils.clip_grad_norm_(tiny_params, 1.0)
-        tiny_opt.step()
-        tiny_opt.zero_grad(set_to_none=True)
-warm_up()
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-def step():
-    out = unet(x, torch.tensor([500] * batch), encoder_hidden_states=context).sample
+def trained(config):
+    unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
+    targets = [LoraTarget(n.replace(".", "_"), m, None) for n, m in unet.named_modules()
+               if unet_path_in_target_set(n, "attn_mlp") and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    network = LoraNetwork(targets, NetworkShape(16, 8.0)).attach()
+    params = [p for p in network.parameters() if p.requires_grad]
+    return unet, params, make_optimizer("AdamW", [{"params": params}], 1e-4)
+def step(unet, params, optimizer, x, context):
+    out = unet(x, torch.tensor([500] * len(x)), encoder_hidden_states=context).sample
     torch.nn.functional.mse_loss(out, x).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+unet, params, optimizer = trained(config)
+x, context = torch.randn(batch, 4, res // 8, res // 8), torch.randn(batch, 77, config["cross_attention_dim"])
+# The first step pages in libtorch's and oneDNN's code for these kernels (tens of MiB of RSS, more on some
+# machines) and creates the autograd engine's buffers: steps of the same layout at 1/8 the width take that first.
+tiny = trained(dict(config, block_out_channels=[c // 8 for c in config["block_out_channels"]], norm_num_groups=8))
+tiny[0].train()
+for checkpointing in (True, False):
+    tiny[0].enable_gradient_checkpointing() if checkpointing else tiny[0].disable_gradient_checkpointing()
+    step(*tiny, x[:, :, :8, :8], context)
+del tiny
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 base = rss()
 unet.enable_gradient_checkpointing(); unet.train()
-step()
+step(unet, params, optimizer, x, context)
 on = peak() - base          # the lower peak first: ru_maxrss only grows
 unet.disable_gradient_checkpointing()
-step()
+step(unet, params, optimizer, x, context)
 print(json.dumps({"on": on, "off": peak() - base, "lora": sum(p.numel() for p in params)}))
 """
 
