@@ -177,6 +177,29 @@ def test_pass_2_applies_the_copier_frozen_at_strength_1_in_every_step(tmp_path, 
     assert _networks_hooked_on(target) == [], "both networks are detached when the job ends"
 
 
+def test_with_the_text_encoder_trained_the_opposite_step_encodes_the_prompt_at_minus_1_and_the_targets_without(
+        tmp_path, sd1):
+    _, text_encoder = sd1.text_encoders()[0]
+    target = next(m for n, m in text_encoder.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    seen = []
+
+    def during(module, args):         # each text-encoder forward in pass 2: the difference network as it acts
+        nets = _networks_hooked_on(target)
+        if len(nets) == 2:
+            seen.append([(n.enabled, n.multiplier) for n in nets if any(p.requires_grad for p in n.parameters())][0])
+
+    hook = target.register_forward_pre_hook(during)
+    try:
+        result = run_job(_job(tmp_path, train_text_encoder=True), sd1, _ctx(tmp_path))
+    finally:
+        hook.remove()
+    # step 1 at +1; step 2 (the opposite): the prediction's prompt at -1, the targets' without the difference
+    assert seen[-3:] == [(True, 1.0), (True, -1.0), (False, 1.0)], seen
+    trained = load_file(str(result.final))
+    assert any(k.startswith("lora_te") and "lora_up" in k and trained[k].abs().max() > 0 for k in trained), \
+        "the text-encoder part of the difference trained"
+
+
 def test_a_saved_copier_replaces_pass_1_and_gives_the_same_difference(tmp_path, sd1):
     first = run_job(_job(tmp_path, save_copier=True, save_precision="fp32"), sd1, _ctx(tmp_path))
     saved = tmp_path / "out" / "diff_copier.safetensors"

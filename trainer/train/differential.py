@@ -32,22 +32,26 @@ def step_roles(step: int, n_pairs: int) -> tuple[int, bool]:
 
 def addift_loss(handle: ModelHandle, network: LoraNetwork, source: torch.Tensor, other: torch.Tensor, cond: Cond,
                 noise: torch.Tensor, t: torch.Tensor, strength: float, settings: NoiseSettings,
-                mask: torch.Tensor | None = None, keep_outside: bool = True) -> torch.Tensor:
+                mask: torch.Tensor | None = None, keep_outside: bool = True,
+                target_cond: Cond | None = None) -> torch.Tensor:
     """The ADDifT loss of one batch: the LoRA at ``strength`` on ``other`` noised must predict what the base
     model predicts on ``source`` noised with the same ``noise`` to the same ``t`` (latents [B,C,h,w]).
 
     ``mask`` [B,1,h,w]: the region that changes. Outside it the target is the base model's output on the same
-    input (``keep_outside``) or there is no target (the loss is weighted by the mask)."""
+    input (``keep_outside``) or there is no target (the loss is weighted by the mask). ``target_cond``: the
+    conditioning of the targets when it differs from ``cond`` (a text encoder the network trains: the targets
+    see it without the network)."""
     alpha_bar = handle.alphas_cumprod.to(source.device)[t]
     # 1. both images noised with the same noise to the same timestep
     noisy_source = schedules.add_noise(source, noise, alpha_bar)
     noisy_other = schedules.add_noise(other, noise, alpha_bar)
     keep = mask is not None and keep_outside
+    base_cond = cond if target_cond is None else target_cond
     # 2. the base model's outputs, without gradient: on the source, and on the other image when it is kept
     with torch.no_grad(), switched(network, False):
         inputs = torch.cat([noisy_source, noisy_other]) if keep else noisy_source
         base = handle.predict(inputs.to(handle.dtype), torch.cat([t, t]) if keep else t,
-                              cond.repeat(2) if keep else cond).float()
+                              base_cond.repeat(2) if keep else base_cond).float()
     target = base[: len(source)]
     if keep:
         m = mask.to(target.dtype).expand_as(target)

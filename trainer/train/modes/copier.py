@@ -67,7 +67,7 @@ from trainer.lora import files as lora_files
 from trainer.lora.metadata import TrainingFacts
 from trainer.paths import write_atomic
 from trainer.models.handle import Cond, ModelHandle
-from trainer.lora.network import LoraNetwork, NetworkError, applied, network_for_file, switched
+from trainer.lora.network import LoraNetwork, NetworkError, applied, at_strength, network_for_file, switched
 from trainer.diffusion.ddim import predict_x0_eps
 from trainer.diffusion.schedules import add_noise
 from trainer.diffusion.losses import sample_noise
@@ -516,12 +516,18 @@ def _step_loss(handle, pairs, conds, latent_of, mask_of, batch_size, noise, gene
         # 3. the noise-prediction loss (independent noise and timestep per row, under the mask), with the
         #    frozen copier applied in pass 2; or the opposite step: the network at -1 turns B back into A
         with applied(copier):
-            cond = handle.encode_prompts([prompt], pair.hw) if encode_each_step else conds[pair.hw]
             if not forward:
                 a = pair.latent_a.to(handle.device).expand(batch_size, -1, -1, -1)
                 eps, t = sample_noise(x0, noise, generator())
+                cond, base_cond = conds[pair.hw], None
+                if encode_each_step:   # a trained text encoder: at -1 in the prediction, off in the targets
+                    with at_strength(opposite, -1.0):
+                        cond = handle.encode_prompts([prompt], pair.hw)
+                    with torch.no_grad(), switched(opposite, False):
+                        base_cond = handle.encode_prompts([prompt], pair.hw).repeat(batch_size)
                 return addift_loss(handle, opposite, x0, a, cond.repeat(batch_size), eps, t, -1.0, noise, mask,
-                                   keep)
+                                   keep, target_cond=base_cond)
+            cond = handle.encode_prompts([prompt], pair.hw) if encode_each_step else conds[pair.hw]
             return diffusion_loss(handle, x0, cond.repeat(batch_size), noise, generator(), mask=mask,
                                   unchanged=unchanged)
     return compute_loss
