@@ -11,10 +11,12 @@ fine-tune's difference is mostly low rank, not only). Both tools extract rank 8,
 ``--dim 8 --conv_dim 8``, so both cover the same modules).
 
 sd-scripts is fetched at run time (``--kohya DIR``: a checkout, never committed; e.g. ``git --git-dir=MIRROR
-archive HEAD networks library | tar -x``). Under transformers 5 and without torchvision/cv2 it needs three
+archive HEAD networks library | tar -x``). Under transformers 5 and without torchvision/cv2 it needs
 stand-ins, applied by a small runner and nothing else: empty ``torchvision``/``cv2`` modules (imported at
-the top of ``library/utils.py``, unused by extraction; installed after diffusers has looked for them), and
-``CLIPTextModel.load_state_dict`` accepting the ``text_model.`` level transformers 5 dropped. Each tool runs
+the top of ``library/utils.py``, unused by extraction; installed after diffusers has looked for them),
+``CLIPTextModel.load_state_dict`` accepting the ``text_model.`` level transformers 5 dropped, and, for saving
+(``library/train_util.py``, imported for the metadata hashes), empty ``toml``/``imagesize`` modules, no-op
+``torchvision.transforms`` constructors and empty prompt-weighting pipeline modules. Each tool runs
 in its own child process; its peak RSS is that child's ``ru_maxrss`` (``os.wait4``).
 
     flock /tmp/loraq-heavy.lock python bench/extract_compare.py --kohya /tmp/sd-scripts [--work DIR]
@@ -56,6 +58,16 @@ from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiff
 tv = types.ModuleType("torchvision"); tv.transforms = types.ModuleType("torchvision.transforms")
 sys.modules["torchvision"] = tv; sys.modules["torchvision.transforms"] = tv.transforms
 sys.modules["cv2"] = types.ModuleType("cv2")
+# saving: networks/lora.py's save_weights imports library/train_util.py for precalculate_safetensors_hashes
+# (metadata hashes); its top imports toml, imagesize, torchvision.transforms.Compose/ToTensor/Normalize (called
+# at import) and two prompt-weighting pipelines that transformers 5 cannot import (CLIPFeatureExtractor);
+# none is used by extraction or the hashes. Without these the 2026-12-02 run did all 350 SVDs, then failed.
+tv.transforms.Compose = tv.transforms.ToTensor = tv.transforms.Normalize = lambda *a, **k: None
+for name in ("toml", "imagesize"):
+    sys.modules[name] = types.ModuleType(name)
+for name, cls in (("library.lpw_stable_diffusion", "StableDiffusionLongPromptWeightingPipeline"),
+                  ("library.sdxl_lpw_stable_diffusion", "SdxlStableDiffusionLongPromptWeightingPipeline")):
+    stand_in = types.ModuleType(name); setattr(stand_in, cls, None); sys.modules[name] = stand_in
 # transformers 5 dropped CLIPTextModel's "text_model." level; sd-scripts' converted state dict keeps it
 from transformers import CLIPTextModel
 _load = CLIPTextModel.load_state_dict
@@ -127,14 +139,17 @@ def build_pair(work: Path) -> tuple[Path, Path]:
 # --- running each tool --------------------------------------------------------------------------------------
 
 def run_measured(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run ``cmd``; wall time and the child's own peak RSS."""
+    """Run ``cmd``; wall time, the child's CPU time and its own peak RSS."""
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
-            "exit": os.waitstatus_to_exitcode(status), "log": str(log)}
+    # CPU seconds too: on a shared 2-core machine the wall time also counts whatever else ran
+    return {"seconds": round(seconds, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "exit": os.waitstatus_to_exitcode(status),
+            "log": str(log), "load_before": round(load, 2)}
 
 
 def single_thread_env() -> dict:
@@ -197,8 +212,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kohya", type=Path, required=True, help="an sd-scripts checkout (not committed)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "loraq-extract-bench")
-    parser.add_argument("--only", choices=("ours", "kohya", "both", "build"), default="both",
-                        help="build: only write the pair (~2.5 GB RSS, no lock needed)")
+    parser.add_argument("--only", choices=("ours", "kohya", "both", "build", "measure"), default="both",
+                        help="build: only write the pair (~2.5 GB RSS, no lock needed); measure: only the errors "
+                             "of the files an earlier run left in the work folder (no tool is run)")
     parser.add_argument("--svd", default="lowrank", help="our --svd method")
     parser.add_argument("--exact-every", type=int, default=16)
     args = parser.parse_args()
@@ -211,6 +227,12 @@ def main() -> None:
         return
     env = single_thread_env()
     results = {}
+    if args.only == "measure":
+        for tool, out, rename in (("kohya", args.work / "kohya.safetensors", kohya_to_ours),
+                                  ("ours", args.work / f"ours_{args.svd}.safetensors", lambda n: n)):
+            if out.is_file():
+                results[tool] = lora_errors(out, base, tuned, rename, exact_every=args.exact_every)
+                print(f"{tool}:", {k: v for k, v in results[tool].items() if k != "per_module"})
 
     def save(found: dict) -> None:     # after each tool: a run cut short keeps what it measured
         summary = {k: ({kk: vv for kk, vv in v.items() if kk != "per_module"} if isinstance(v, dict) else v)
@@ -243,7 +265,8 @@ def main() -> None:
         results["common_modules"] = len(common)
         results["error_ratio_ours_over_kohya"] = {"min": min(ratio), "median": sorted(ratio)[len(ratio) // 2],
                                                   "max": max(ratio)}
-        results["time_ratio_kohya_over_ours"] = results["kohya"]["seconds"] / results["ours"]["seconds"]
+        if "seconds" in results["kohya"] and "seconds" in results["ours"]:
+            results["time_ratio_kohya_over_ours"] = results["kohya"]["seconds"] / results["ours"]["seconds"]
         print({k: v for k, v in results.items() if k.startswith(("common", "error_ratio", "time_ratio"))})
     save(results)
     print((args.work / f"results_{args.only}_{args.svd}.json").read_text())
