@@ -1,6 +1,8 @@
 """Our standard mode against kohya sd-scripts' ``train_network.py``, side by side, at equal settings.
 
-Both sides train a LoRA on the same random-weight full-size SD1.5 single-file checkpoint, the same 4 images
+Both sides train a LoRA on the same random-weight full-size SD1.5 single-file checkpoint (or, with ``--arch sdxl``,
+SDXL's, stored in fp16 and trained in fp32 by both, kohya's ``sdxl_train_network.py`` with its text-encoder outputs
+cached as we cache ours), the same 4 images
 at 256 px with captions (a kohya ``1_subject`` folder), with rank 16 / alpha 8 on the UNet's attention and
 MLP (kohya's default LoRA), AdamW at a constant 1e-4, batch 1, fp32, latents cached, one thread, kohya with
 ``--sdpa``; gradient checkpointing off and on. Each run is its own process, started from the command line
@@ -18,6 +20,7 @@ that differ from ours are pip-installed (``--no-deps``) into a temporary folder 
 kohya gets a stand-in for the three transforms it uses on this path (ToTensor, Normalize, Compose).
 
     flock /tmp/loraq-heavy.lock python bench/kohya_compare.py [--steps 8] [--rounds 2] [--checkpointing off,on]
+    python bench/kohya_compare.py --arch sdxl --steps 6 --rounds 1 --checkpointing on   # the machine alone
     python bench/kohya_compare.py --profile on     # torch.profiler of one steady step on each side, per op
 """
 from __future__ import annotations
@@ -125,8 +128,8 @@ def extract_sd_scripts(git_dir: Path, dest: Path) -> str:
     dest.mkdir(parents=True)
     commit = subprocess.run(["git", "--git-dir", str(git_dir), "rev-parse", "HEAD"], check=True,
                             capture_output=True, text=True).stdout.strip()
-    archive = subprocess.Popen(["git", "--git-dir", str(git_dir), "archive", "HEAD", "train_network.py", "library",
-                                "networks"], stdout=subprocess.PIPE)
+    archive = subprocess.Popen(["git", "--git-dir", str(git_dir), "archive", "HEAD", "train_network.py",
+                                "sdxl_train_network.py", "library", "networks"], stdout=subprocess.PIPE)
     subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
     archive.wait()
     return commit
@@ -140,22 +143,35 @@ def install_kohya_packages(site: Path) -> None:
     (site / "torchvision" / "transforms.py").write_text(TRANSFORMS_STANDIN)
 
 
-def build_checkpoint(path: Path) -> None:
-    """A random-weight full-size SD1.5 checkpoint in the ldm layout (UNet, VAE, CLIP-L), fp32, seeded."""
+def build_checkpoint(path: Path, arch: str = "sd15") -> None:
+    """A random-weight full-size checkpoint in the ldm / sgm layout (UNet, VAE, text encoders), seeded.
+
+    SD1.5 in fp32 (4.3 GB); SDXL in fp16 (6.9 GB; built in fp16 so that the 10 GB fp32 UNet never exists here).
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from ldm_convert import clip_to_ldm, unet_to_ldm, vae_to_ldm
+    from ldm_convert import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
-    configs = ROOT / "trainer/models/configs/sd15"
+    configs = ROOT / "trainer/models/configs" / arch
     torch.manual_seed(0)
-    state = unet_to_ldm(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")))
-    state.update(vae_to_ldm(AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))))
-    text = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
-    state.update(clip_to_ldm(text, "cond_stage_model.transformer."))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16 if arch == "sdxl" else torch.float32)
+    try:
+        state = unet_to_ldm(UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet")))
+        state.update(vae_to_ldm(AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))))
+        text = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
+        if arch == "sdxl":
+            state.update(clip_to_ldm(text, "conditioner.embedders.0.transformer."))
+            text_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(configs / "text_encoder_2" / "config.json"))
+            state.update(open_clip_to_ldm(text_2, "conditioner.embedders.1.model."))
+        else:
+            state.update(clip_to_ldm(text, "cond_stage_model.transformer."))
+    finally:
+        torch.set_default_dtype(previous)
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
 
 
@@ -178,29 +194,33 @@ def build_dataset(folder: Path) -> Path:
 
 
 def write_tokenizer(folder: Path) -> Path:
-    """The CLIP-L tokenizer where kohya's ``--tokenizer_cache_dir`` looks (built offline from open-clip's BPE)."""
+    """The CLIP tokenizers where kohya's ``--tokenizer_cache_dir`` looks (built offline from open-clip's BPE):
+    CLIP-L, and the same vocabulary under SDXL's second name (kohya sets its pad id to 0 itself)."""
     from trainer.models.clip_vocab import write_tokenizer_files
 
-    target = folder / "openai_clip-vit-large-patch14"
-    write_tokenizer_files(target)
-    (target / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
+    for name in ("openai_clip-vit-large-patch14", "laion_CLIP-ViT-bigG-14-laion2B-39B-b160k"):
+        target = folder / name
+        write_tokenizer_files(target)
+        (target / "tokenizer_config.json").write_text(json.dumps({
+            "model_max_length": 77, "pad_token": "<|endoftext|>", "bos_token": "<|startoftext|>",
+            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer"}))
     return folder
 
 
 # -- runs --------------------------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, work: Path, steps: int):
-        self.work, self.steps = work, steps
-        self.ckpt = work / "sd15_random.safetensors"
+    def __init__(self, work: Path, steps: int, arch: str = "sd15"):
+        self.work, self.steps, self.arch = work, steps, arch
+        self.ckpt = work / f"{arch}_random.safetensors"
         self.data = work / "img"
         self.kohya = work / "sd-scripts"
         self.site = work / "kohya-site"
         self.hooks = work / "hooks"
         self.tok = work / "tok"
         self.runs = 0
+        #: free memory a run needs before it starts (kohya's SDXL process peaks near 20 GiB with fp32 weights)
+        self.need_gib = 20.0 if arch == "sdxl" else 8.0
 
     def setup(self, git_dir: Path, site: Path | None = None) -> str:
         commit = extract_sd_scripts(git_dir, self.kohya)
@@ -213,8 +233,8 @@ class Bench:
         (self.hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
         build_dataset(self.data)
         write_tokenizer(self.tok)
-        log("building the random-weight SD1.5 checkpoint")
-        build_checkpoint(self.ckpt)
+        log(f"building the random-weight {self.arch} checkpoint")
+        build_checkpoint(self.ckpt, self.arch)
         return commit
 
     def _env(self, stamps: Path, extra_path: list[Path], profile: Path | None) -> dict:
@@ -236,7 +256,10 @@ class Bench:
                 "--out", str(run / "out")]
 
     def kohya_command(self, checkpointing: bool, run: Path) -> list[str]:
-        return [sys.executable, str(self.kohya / "train_network.py"),
+        script, extra = "train_network.py", []
+        if self.arch == "sdxl":     # the text encoders' outputs cached, as ours (SD1.5's script has no such flag)
+            script, extra = "sdxl_train_network.py", ["--cache_text_encoder_outputs"]
+        return [sys.executable, str(self.kohya / script), *extra,
                 "--pretrained_model_name_or_path", str(self.ckpt), "--train_data_dir", str(self.data),
                 "--output_dir", str(run / "out"), "--output_name", "kohya", "--save_model_as", "safetensors",
                 "--resolution", "256", "--network_module", "networks.lora", "--network_dim", "16",
@@ -248,6 +271,7 @@ class Bench:
                 *(["--gradient_checkpointing"] if checkpointing else [])]
 
     def run(self, side: str, checkpointing: bool, profile: Path | None = None) -> dict:
+        wait_for_memory(self.need_gib)
         self.runs += 1
         run = self.work / f"run{self.runs:02d}-{side}"
         run.mkdir()
@@ -276,6 +300,21 @@ class Bench:
         return result
 
 
+def wait_for_memory(gib: float, timeout: float = 1800.0) -> None:
+    """Start a run only when the machine has ``gib`` GiB available (another process's WebUI would make the
+    peak a measure of swap-less thrashing, or get one of us killed)."""
+    deadline = time.time() + timeout
+    while True:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable")) / 2**20
+        if available >= gib:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"only {available:.1f} GiB available after {timeout:.0f} s; a run needs {gib:.0f}")
+        log(f"waiting for memory: {available:.1f} GiB available, {gib:.0f} needed")
+        time.sleep(30)
+
+
 class heavy_lock:
     """``flock /tmp/loraq-heavy.lock`` around a pair of runs (others' heavy jobs wait, and so do we)."""
 
@@ -302,6 +341,7 @@ def summarise(results: list[dict], checkpointing: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="the checkpoint's architecture")
     parser.add_argument("--steps", type=int, default=8, help="steps per run (the first two are not counted)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved runs per side and setting")
     parser.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
@@ -316,7 +356,7 @@ def main() -> None:
                  "with --mirror somewhere and pass --sd-scripts-git")
     work = Path(tempfile.mkdtemp(prefix="kohya-compare-"))
     try:
-        bench = Bench(work, args.steps)
+        bench = Bench(work, args.steps, args.arch)
         commit = bench.setup(args.sd_scripts_git, args.site)
         if args.profile:
             on = args.profile == "on"
@@ -333,7 +373,7 @@ def main() -> None:
                 order = ("ours", "kohya") if round_ % 2 == 0 else ("kohya", "ours")
                 with heavy_lock():
                     results += [bench.run(side, checkpointing) for side in order]
-        print(f"\nsd-scripts {commit[:10]}, {args.steps} steps per run, {args.rounds} interleaved runs per side")
+        print(f"\n{args.arch}, sd-scripts {commit[:10]}, {args.steps} steps per run, {args.rounds} interleaved runs per side")
         print("| checkpointing | step ours / kohya (s) | ratio | peak RSS ours / kohya (GiB) | ratio | "
               "command to first step ours / kohya (s) |")
         print("|---|---|---|---|---|---|")
