@@ -150,7 +150,6 @@ def build_checkpoint(path: Path, arch: str = "sd15") -> None:
     """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -172,7 +171,30 @@ def build_checkpoint(path: Path, arch: str = "sd15") -> None:
             state.update(clip_to_ldm(text, "cond_stage_model.transformer."))
     finally:
         torch.set_default_dtype(previous)
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+    save_streaming({k: v.detach().contiguous() for k, v in state.items()}, path)
+
+
+def save_streaming(tensors: dict, path: Path) -> None:
+    """A safetensors file written tensor by tensor: ``safetensors.torch.save_file`` copies every tensor to
+    bytes first, which for SDXL (6.9 GB) doubles the peak of this process."""
+    import struct
+
+    import torch
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, offset = {}, 0
+    for key, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors.values():
+            # a 0-d or empty tensor has no buffer to view; its bytes are none or one value
+            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def build_dataset(folder: Path) -> Path:
@@ -233,8 +255,11 @@ class Bench:
         (self.hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
         build_dataset(self.data)
         write_tokenizer(self.tok)
-        log(f"building the random-weight {self.arch} checkpoint")
-        build_checkpoint(self.ckpt, self.arch)
+        if self.ckpt.exists():
+            log(f"using {self.ckpt}")
+        else:
+            log(f"building the random-weight {self.arch} checkpoint at {self.ckpt}")
+            build_checkpoint(self.ckpt, self.arch)
         return commit
 
     def _env(self, stamps: Path, extra_path: list[Path], profile: Path | None) -> dict:
@@ -350,6 +375,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--site", type=Path, help="a folder where a previous run installed kohya's pins (--keep)")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    parser.add_argument("--ckpt", type=Path, help="the random checkpoint: built there if missing, kept (default: "
+                        "built in the temporary folder)")
     args = parser.parse_args()
     if not args.sd_scripts_git.exists():
         sys.exit(f"no sd-scripts snapshot at {args.sd_scripts_git}: clone https://github.com/kohya-ss/sd-scripts "
@@ -357,6 +384,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kohya-compare-"))
     try:
         bench = Bench(work, args.steps, args.arch)
+        if args.ckpt:
+            bench.ckpt = args.ckpt
         commit = bench.setup(args.sd_scripts_git, args.site)
         if args.profile:
             on = args.profile == "on"
