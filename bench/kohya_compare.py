@@ -342,9 +342,10 @@ def wait_for_memory(gib: float, timeout: float = 1800.0) -> None:
 
 class heavy_lock:
     """``flock /tmp/loraq-heavy.lock`` around a pair of runs (others' heavy jobs wait, and so do we)."""
+    path = LOCK
 
     def __enter__(self):
-        self.file = open(LOCK, "a")
+        self.file = open(self.path, "a")
         fcntl.flock(self.file, fcntl.LOCK_EX)
 
     def __exit__(self, *exc):
@@ -377,7 +378,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
     parser.add_argument("--ckpt", type=Path, help="the random checkpoint: built there if missing, kept (default: "
                         "built in the temporary folder)")
+    parser.add_argument("--lock", default=LOCK, help="the file locked around each pair of runs (a caller that "
+                        "holds the heavy lock itself passes another)")
     args = parser.parse_args()
+    heavy_lock.path = args.lock
     if not args.sd_scripts_git.exists():
         sys.exit(f"no sd-scripts snapshot at {args.sd_scripts_git}: clone https://github.com/kohya-ss/sd-scripts "
                  "with --mirror somewhere and pass --sd-scripts-git")
