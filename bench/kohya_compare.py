@@ -26,7 +26,6 @@ kohya gets a stand-in for the three transforms it uses on this path (ToTensor, N
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -37,9 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from heavy_lock import DEFAULT as LOCK_FILE, HeavyLock  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path("/work/.mirror/kohya-ss+sd-scripts/repo")
-LOCK = "/tmp/loraq-heavy.lock"
 #: What train_network.py imports on the SD1.5 path that our venv has at another version (kohya's pins).
 KOHYA_PINS = ["transformers==4.54.1", "tokenizers>=0.21,<0.22", "diffusers==0.32.1", "huggingface-hub==0.34.3",
               "accelerate==1.6.0", "toml==0.10.2", "voluptuous==0.15.2", "imagesize==1.4.1",
@@ -340,19 +340,6 @@ def wait_for_memory(gib: float, timeout: float = 1800.0) -> None:
         time.sleep(30)
 
 
-class heavy_lock:
-    """``flock /tmp/loraq-heavy.lock`` around a pair of runs (others' heavy jobs wait, and so do we)."""
-    path = LOCK
-
-    def __enter__(self):
-        self.file = open(self.path, "a")
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
 def summarise(results: list[dict], checkpointing: bool) -> dict:
     ours = [r for r in results if r["side"] == "ours" and r["checkpointing"] == checkpointing]
     theirs = [r for r in results if r["side"] == "kohya" and r["checkpointing"] == checkpointing]
@@ -378,10 +365,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
     parser.add_argument("--ckpt", type=Path, help="the random checkpoint: built there if missing, kept (default: "
                         "built in the temporary folder)")
-    parser.add_argument("--lock", default=LOCK, help="the file locked around each pair of runs (a caller that "
+    parser.add_argument("--lock", default=LOCK_FILE, help="the file locked around each pair of runs (a caller that "
                         "holds the heavy lock itself passes another)")
     args = parser.parse_args()
-    heavy_lock.path = args.lock
     if not args.sd_scripts_git.exists():
         sys.exit(f"no sd-scripts snapshot at {args.sd_scripts_git}: clone https://github.com/kohya-ss/sd-scripts "
                  "with --mirror somewhere and pass --sd-scripts-git")
@@ -395,7 +381,7 @@ def main() -> None:
             on = args.profile == "on"
             for side in ("ours", "kohya"):
                 out = work / f"profile-{side}.txt"
-                with heavy_lock():
+                with HeavyLock(args.lock):
                     bench.run(side, on, profile=out)
                 print(f"\n== {side}, checkpointing {args.profile}: one steady step, per op ==\n{out.read_text()}")
             return
@@ -404,7 +390,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for checkpointing in settings:
                 order = ("ours", "kohya") if round_ % 2 == 0 else ("kohya", "ours")
-                with heavy_lock():
+                with HeavyLock(args.lock):
                     results += [bench.run(side, checkpointing) for side in order]
         print(f"\n{args.arch}, sd-scripts {commit[:10]}, {args.steps} steps per run, {args.rounds} interleaved runs per side")
         print("| checkpointing | step ours / kohya (s) | ratio | peak RSS ours / kohya (GiB) | ratio | "

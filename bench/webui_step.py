@@ -26,7 +26,6 @@ Run it with no WebUI or other heavy work on the machine (it takes ``/tmp/loraq-h
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import statistics
@@ -36,8 +35,9 @@ import threading
 import time
 from pathlib import Path
 
+from heavy_lock import DEFAULT as LOCK_FILE, HeavyLock  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
-LOCK = "/tmp/loraq-heavy.lock"
 
 
 def log(message: str) -> None:
@@ -189,18 +189,6 @@ class BareLoop:
             p.requires_grad_(flag)
 
 
-class heavy_lock:
-    path = LOCK
-
-    def __enter__(self):
-        self.file = open(self.path, "a")
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", type=Path, required=True, help="the checkpoint A1111 loads (single file)")
@@ -209,9 +197,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
     parser.add_argument("--json", type=Path, help="write every step time here")
-    parser.add_argument("--lock", default=LOCK, help="the file locked around each round (others' heavy work waits)")
+    parser.add_argument("--lock", default=LOCK_FILE, help="the file locked around each round (others' heavy work waits)")
     args = parser.parse_args()
-    heavy_lock.path = args.lock
 
     import torch
     torch.set_num_threads(args.threads)
@@ -275,7 +262,7 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             order = ("job", "bare") if r % 2 == 0 else ("bare", "job")
-            with heavy_lock():
+            with HeavyLock(args.lock):
                 for side in order:
                     steps = job_block(r) if side == "job" else bare_block()
                     steady = steps[2:] if len(steps) > 3 else steps
