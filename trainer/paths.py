@@ -2,9 +2,10 @@
 it writes a file: atomically, so a crash never leaves a half-written file under its real name."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable, Iterator
 
 
 def data_dir() -> Path:
@@ -47,19 +48,27 @@ def inside_any(path: str | Path, roots: Iterable[str | Path]) -> bool:
 
 def write_atomic(path: str | Path, blob: bytes) -> Path:
     """Write ``blob`` to ``path`` through a temporary file in the same folder."""
+    with atomic_writer(path) as f:
+        f.write(blob)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
+    """A file to write ``path`` piece by piece (a checkpoint too large to hold twice): it appears under its name
+    only complete, through a temporary file in the same folder, and nothing is left when the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(blob)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def process_alive(pid: int) -> bool:
