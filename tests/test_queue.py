@@ -124,6 +124,7 @@ def test_a_report_without_a_loss_moves_the_rows_phase_and_adds_no_point_to_the_p
                                        phase="comparison sheet"))
     row = q.get(job_id)
     assert (row.state, row.step, row.total, row.phase) == ("running", 4, 4, "comparison sheet")
+    assert (row.loss, row.smoothed_loss) == (0.5, 0.5), "the last loss stays on show"
     assert [(p.step, p.phase, p.loss) for p in q.progress(job_id)] == [(s, "", 0.5) for s in (1, 2, 3, 4)]
 
 

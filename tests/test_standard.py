@@ -320,3 +320,21 @@ def test_a_standard_job_renders_its_preview_prompts_base_above_lora_below(tmp_pa
     assert sorted(p.name for p in (tmp_path / "work" / "t").glob("*.png")) == ["t-000001.preview.png"]
     grid = Image.open(tmp_path / "out" / "t.preview.png")
     assert grid.width >= 2 * 64 and grid.height >= 2 * 64, "two prompts across, base and LoRA rows"
+
+
+def test_while_a_preview_renders_the_job_says_preview_and_keeps_its_loss(tmp_path, handle):
+    """The final preview comes at 100 %: on a CPU it took minutes in A1111 with the job shown as "running 100%",
+    no phase, as if it hung. Each preview is announced as the phase "preview" of its step, without a loss."""
+    import math
+
+    _dataset(tmp_path / "data", n=2)
+    heard = []
+    run_job(_job(tmp_path, steps=3, lr=5e-2, save_every_n_steps=2, sample_prompts=["a red circle"]), handle,
+            _ctx(tmp_path, events=heard.append))
+    previews = [(p.step, p.total) for p in heard if p.phase == "preview"]
+    assert previews == [(2, 3), (3, 3)], "with the save at step 2 and at the end"
+    assert all(math.isnan(p.loss) for p in heard if p.phase == "preview")
+    assert [p.step for p in heard if p.phase == ""] == [1, 2, 3]
+    # each announcement follows its step's report, before the next step
+    order = [(p.step, p.phase) for p in heard]
+    assert order.index((2, "preview")) == order.index((2, "")) + 1 and order[-1] == (3, "preview")

@@ -53,6 +53,7 @@ class Phase(str, Enum):
     COPIER_PASS = "pass 1 of 2"
     DIFFERENCE_PASS = "pass 2 of 2"
     COMPARISON_SHEET = "comparison sheet"   # after the last step: the LCM job's sheet (minutes on a CPU)
+    PREVIEW = "preview"                     # a preview renders (at its steps, the saves and the end; minutes on a CPU)
 
     def __str__(self) -> str:
         return self.value

@@ -634,8 +634,10 @@ class JobQueue:
                 db.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (job_id, p.phase, p.step, number(p.loss), number(p.smoothed_loss), number(p.lr),
                             time.time()))
-            db.execute("UPDATE jobs SET step = ?, total = ?, loss = ?, smoothed_loss = ?, lr = ?, it_per_s = ?, "
-                       "eta_s = ?, phase = ? WHERE id = ?",
+            # a report without a loss (a preview renders) keeps the last loss on show
+            db.execute("UPDATE jobs SET step = ?, total = ?, loss = COALESCE(?, loss), "
+                       "smoothed_loss = COALESCE(?, smoothed_loss), lr = ?, it_per_s = ?, eta_s = ?, phase = ? "
+                       "WHERE id = ?",
                        (p.step, p.total, number(p.loss), number(p.smoothed_loss), number(p.lr), number(p.it_per_s),
                         number(p.eta_s), p.phase, job_id))
             if p.step % self.recent_steps == 0:

@@ -7,19 +7,22 @@ LCM job also leaves ``NAME.comparison.png`` beside its LoRA (:func:`render_lcm_c
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from trainer.jobs.vocabulary import Phase
 from trainer.lora.network import LoraNetwork, attached_file
 from trainer.models.handle import ModelHandle
 from trainer.paths import write_atomic
 from trainer.sampling import lcm as lcm_sampling
 from trainer.sampling.grids import grid_image
 from trainer.sampling.guided import sample
-from trainer.train.loop import Outputs
+from trainer.train.loop import EventSink, Outputs, Progress
 
 PREVIEW_SEEDS_FROM = 1
 #: Guided previews (standard, copier): the sampling a user would try first.
@@ -115,13 +118,21 @@ def render_guided_preview(handle: ModelHandle, network: LoraNetwork, prompts: li
 
 
 def previewer(job, handle: ModelHandle, network: LoraNetwork, outputs: Outputs, render, log: Callable[[str], None],
-              size: tuple[int, int]) -> Callable[[int, int], Path | None]:
-    """``at(step, total)``: renders when due (see :func:`preview_steps`); returns the file or None."""
+              size: tuple[int, int], events: EventSink | None = None) -> Callable[[Progress], Path | None]:
+    """``at(progress)`` after a step: renders when due (see :func:`preview_steps`); returns the file or None.
+
+    While it renders, ``events`` hears the step again in the phase "preview" and without a loss (so no point is
+    plotted): on a CPU a preview takes minutes, and the final one comes at 100 %, where a job with no phase
+    looked hung."""
     due = preview_steps(job)
 
-    def at(step: int, total: int) -> Path | None:
+    def at(progress: Progress) -> Path | None:
+        step, total = progress.step, progress.total
         if not due(step, total):
             return None
+        if events:
+            events(dataclasses.replace(progress, loss=math.nan, smoothed_loss=math.nan, phase=Phase.PREVIEW.value,
+                                       message=f"preview at step {step}"))
         try:
             return render(handle, network, list(job.sample_prompts), size, preview_path(outputs, step, step == total))
         except Exception as e:  # a preview never stops a training

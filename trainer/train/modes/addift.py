@@ -88,12 +88,12 @@ def train_addift(job: "jobs.AddiftJob", handle: ModelHandle, ctx: JobContext) ->
                       extra={"lq_mode": "addift", PAIRS_KEY: hashes,
                              "lq_addift_strength": repr(job.addift_strength)})
     preview = previewer(job, handle, network, outputs, render_guided_preview, ctx.log,
-                        (job.resolution, job.resolution))
+                        (job.resolution, job.resolution), ctx.events)
 
     def on_progress(progress) -> None:
         if ctx.events:
             ctx.events(progress)
-        preview(progress.step, progress.total)
+        preview(progress)
 
     loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, on_progress, ctx.control)
     try:

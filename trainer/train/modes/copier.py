@@ -592,9 +592,9 @@ def train_copier(job: "jobs.CopierJob", handle: ModelHandle, ctx: JobContext) ->
         facts = facts_for(handle, job, second, noise.prediction, num_images=len(pairs), extra=extra)
         # previews of the difference as it is used: on the base model (the copier is off between steps)
         preview = previewer(job, handle, difference, outputs, render_guided_preview, ctx.log,
-                            (job.resolution, job.resolution))
+                            (job.resolution, job.resolution), events.of_pass(PASS_2))
         loop = TrainingLoop(handle, difference, loop_settings(second, job, PASS_2), outputs, facts,
-                            events.of_pass(PASS_2, on_step=lambda p: preview(p.step, p.total)), ctx.control)
+                            events.of_pass(PASS_2, on_step=preview), ctx.control)
         compute_loss = _step_loss(handle, pairs, conds, lambda p: p.latent_b,
                                   lambda p: p.mask_ab, second.batch_size, noise, lambda: loop.generator,
                                   job.prompt, job.train_text_encoder, copier,

@@ -183,12 +183,12 @@ def train_ileco(job: "jobs.IlecoJob", handle: ModelHandle, ctx: JobContext) -> L
         raise
     prompts = {"source": job.source_prompt, "target": job.target_prompt or "(empty: erase)"}
     facts = facts_for(handle, job, job, prediction, tag_frequency={"ileco": {p: 1 for p in prompts.values()}})
-    preview = previewer(job, handle, network, outputs, render_guided_preview, ctx.log, size)
+    preview = previewer(job, handle, network, outputs, render_guided_preview, ctx.log, size, ctx.events)
 
     def on_progress(progress) -> None:
         if ctx.events:
             ctx.events(progress)
-        preview(progress.step, progress.total)
+        preview(progress)
 
     loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, on_progress, ctx.control)
 

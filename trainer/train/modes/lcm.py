@@ -332,12 +332,13 @@ def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopR
                       tag_frequency=batches.tag_frequency,
                       extra=lcm_metadata(settings.w_min, settings.w_max, settings.num_ddim_timesteps,
                                          settings.loss_type, settings.huber_c, changed_from_recipe(job)))
-    preview = previewer(job, handle, network, outputs, render_lcm_preview, ctx.log, (job.resolution, job.resolution))
+    preview = previewer(job, handle, network, outputs, render_lcm_preview, ctx.log, (job.resolution, job.resolution),
+                        ctx.events)
 
     def on_progress(progress: Progress) -> None:
         if ctx.events:
             ctx.events(progress)
-        preview(progress.step, progress.total)
+        preview(progress)
 
     loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, on_progress, ctx.control,
                         extra_state=lambda: {"sampler": batches.sampler.state_dict(),

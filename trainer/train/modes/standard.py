@@ -40,12 +40,12 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
                       **dataset_facts(dataset, buckets, job.steps, job.batch_size * job.gradient_accumulation),
                       tag_frequency=dataset.tag_frequency())
     preview = previewer(job, handle, network, outputs, render_guided_preview, ctx.log,
-                        (job.resolution, job.resolution))
+                        (job.resolution, job.resolution), ctx.events)
 
     def on_progress(progress) -> None:
         if ctx.events:
             ctx.events(progress)
-        preview(progress.step, progress.total)
+        preview(progress)
 
     loop = TrainingLoop(handle, network, loop_settings(job, job), outputs, facts, on_progress, ctx.control,
                         extra_state=lambda: {"sampler": sampler.state_dict()})
