@@ -22,7 +22,9 @@ def build_ui(services: UiServices, *, standalone: bool = False) -> gr.Blocks:
     """Train, Queue (with results) and LoRA tools tabs over ``services``."""
     kwargs = blocks_kwargs(asset_text("style.css"), theme_fonts=True) if standalone else {"analytics_enabled": False}
     with gr.Blocks(**kwargs) as blocks:
-        with gr.Tabs(elem_id="loraq_tabs") as tabs:
+        # one tab selected from the start: gradio 4.40 otherwise warns "Attempted to select a non-interactive or
+        # hidden tab." for each tab as it registers
+        with gr.Tabs(selected="train", elem_id="loraq_tabs") as tabs:
             with gr.Tab("Train", id="train", elem_id="loraq_tab_train"):
                 blocks.loraq_train = train = TrainPanel(services)
             with gr.Tab("Queue", id="queue", elem_id="loraq_tab_queue"):

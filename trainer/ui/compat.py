@@ -132,10 +132,15 @@ def no_progress() -> dict:
 
 
 def enable_queue(blocks: gr.Blocks, workers: int = 4) -> gr.Blocks:
-    """The request queue (``every=`` needs it) with several workers: a slow grid never blocks polling."""
+    """The request queue (``every=`` needs it) with several workers: a slow grid never blocks polling.
+
+    gradio 3.41 runs each ``every=`` event as an endless generator that holds one queue worker for as long as
+    the page is open, so its worker count is ``workers`` plus one per poll; otherwise the polls leave one worker
+    to every click, upload and grid of the page (A1111 itself queues with 64)."""
     if GRADIO_MAJOR >= 4:
         return blocks.queue(default_concurrency_limit=workers)
-    return blocks.queue(concurrency_count=workers)
+    polls = sum(1 for dependency in blocks.dependencies if dependency.get("every"))
+    return blocks.queue(concurrency_count=workers + polls)
 
 
 def blocks_kwargs(css: str | None, theme_fonts: bool) -> dict:

@@ -78,14 +78,16 @@ class LoraToolsPanel:
                             "(SD1/SD2), 12 / 20 (SDXL), in LoRA Block Weight's order; modules outside the blocks "
                             "take BASE's weight.")
             with gr.Column(scale=3):
-                with gr.Tabs(elem_id="loraq_tools_tabs"):
-                    with gr.Tab("Merge", elem_id="loraq_tools_merge"):
+                # ids on every tab and one selected: gradio 4.40 re-selects the chosen tab by id at every update
+                # and, with none, warns "Attempted to select a non-interactive or hidden tab." each time
+                with gr.Tabs(selected="merge", elem_id="loraq_tools_tabs"):
+                    with gr.Tab("Merge", id="merge", elem_id="loraq_tools_merge"):
                         self._merge_section()
-                    with gr.Tab("Resize", elem_id="loraq_tools_resize"):
+                    with gr.Tab("Resize", id="resize", elem_id="loraq_tools_resize"):
                         self._resize_section()
-                    with gr.Tab("Extract", elem_id="loraq_tools_extract"):
+                    with gr.Tab("Extract", id="extract", elem_id="loraq_tools_extract"):
                         self._extract_section()
-                    with gr.Tab("Bake", elem_id="loraq_tools_bake"):
+                    with gr.Tab("Bake", id="bake", elem_id="loraq_tools_bake"):
                         self._bake_section()
         listing = self._listing
         self.filter.change(listing, [self.filter], [self.listing], show_progress=False)

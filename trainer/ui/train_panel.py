@@ -199,9 +199,10 @@ class TrainPanel:
         same.change(lambda on: [gr.update(visible=not on)] * len(self.pass2_training), [same], self.pass2_training)
         for key, thumbs in self.thumbs.items():
             # change: also a preset or a job loaded into the form; upload: gradio 3.41 drops the change of a
-            # second picture picked while the first still uploads
+            # second picture picked while the first still uploads. Outside the request queue: a quick answer
+            # that must not wait behind a grid or a merge
             for event in (self.inputs[key].change, self.inputs[key].upload):
-                event(_thumbnails, [self.inputs[key]], [thumbs], **no_progress())
+                event(_thumbnails, [self.inputs[key]], [thumbs], queue=False, **no_progress())
         check_in = [self.inputs["dataset_dir"], self.inputs["caption_extension"]]
         for component in check_in:
             component.change(form.dataset_summary, check_in, [self.dataset_check], show_progress=False)
