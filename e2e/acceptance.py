@@ -414,8 +414,15 @@ class Page:
                 timeout: float = 60) -> int:
         self.loraq_tab("Train")
         self.set_radio("loraq_mode", mode)
+        if "sample_prompts" not in fields:
+            # the form comes back as last queued (check o): an earlier job's preview prompts (g2, q) would give
+            # this job previews at every save and at the end, minutes each on CPU (j's job in the 2026-12-03 run)
+            fields = {"sample_prompts": "", **fields}
         for k, v in fields.items():
-            self.set_text("loraq_f_" + k.replace(".", "__"), v)
+            elem = "loraq_f_" + k.replace(".", "__")
+            if k == "sample_prompts" and not self.page.locator(f"#{elem}").count():
+                continue   # a mode without the field
+            self.set_text(elem, v)
         for k, v in (checks or {}).items():
             self.set_check("loraq_f_" + k.replace(".", "__"), v)
         for k, v in (files or {}).items():
