@@ -1521,10 +1521,14 @@ class Run:
                 "images_while_running": max([n for s, _, n in images_seen if s == "running"], default=0),
                 "images_at_end": final_imgs, "preview_pngs": folder_pngs,
                 "states_seen": list(dict.fromkeys(states))[:15], "screenshot": shot}
+        # since f7dce93 the row names the phase while a preview renders ("running 50% preview")
+        nums["preview_phase_seen"] = [x for x in dict.fromkeys(states) if x.startswith("running") and "preview" in x]
         if row.get("state") != "done":
             _, err = p.job_summary(job)
             raise CheckFailed(f"previews job {row.get('state')}: {err}", numbers=nums)
         self.names["previews"] = name
+        if self.args.expect_preview_phase and not nums["preview_phase_seen"]:
+            raise CheckFailed(f"the row never said 'preview' while one rendered: {nums['states_seen']}", numbers=nums)
         if not final_imgs or not nums["images_while_running"]:
             raise CheckFailed(f"gallery: {nums['images_while_running']} image(s) while running, {final_imgs} at the end "
                             f"(files {folder_pngs})", numbers=nums)
@@ -1899,6 +1903,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preview-steps", type=int, default=16, help="steps of the previews job (q)")
     ap.add_argument("--preview-every", type=int, default=0, help="previews every N steps in q (default steps/4)")
     ap.add_argument("--preview-sampling-steps", type=int, default=4, help="sampling steps of the merge preview (u)")
+    ap.add_argument("--expect-preview-phase", action="store_true", help="q: the row must show the phase 'preview' "
+                    "while a preview renders (main since f7dce93)")
     ap.add_argument("--only", default="", help="comma-separated check ids, e.g. a,b,c")
     ap.add_argument("--json", default="", help="summary file (default e2e/results-HOST.json)")
     args = ap.parse_args(argv)
