@@ -8,7 +8,7 @@ the results through the WebUI API (the WebUI must run with --api). One line per 
 with its numbers, and a JSON summary. Every check has its own timeout; a failure does not stop the
 others (later checks that need an earlier one's LoRA are skipped).
 
-Checks a-w (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
+Checks a-x (see CHECKS). For A1111's module count (c) the WebUI must log at DEBUG: the log itself is
 looked at; /work/webui/start_a1111.sh ignores its arguments, so start it with SD_WEBUI_LOG_LEVEL=DEBUG.
 
 Needs: playwright (python), Pillow. Nothing of the extension is imported: this is the user's view.
@@ -38,6 +38,21 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 RES = 64
 RUN_TAG = time.strftime("%H%M%S")
 OURS_BAD = re.compile(r"(\.state|\.loss\.csv|\.tmp|_copier\.safetensors$)", re.I)
+#: images a job or the tab writes beside its LoRA (NAME.safetensors in the same folder): the final preview (the
+#: WebUI shows it as the LoRA's card), an LCM job's comparison sheet, the morning sheet
+SIDE_IMAGE = re.compile(r"^(?P<stem>.+)\.(preview|comparison|morning)\.png$")
+
+
+def unexpected_files(folder: Path, files: list[str]) -> list[str]:
+    """Files under the LoRA folder that are neither a LoRA nor an image beside its LoRA (SIDE_IMAGE)."""
+    bad = []
+    for f in files:
+        m = SIDE_IMAGE.match(Path(f).name)
+        if m and (folder / Path(f).parent / f"{m.group('stem')}.safetensors").is_file():
+            continue
+        if OURS_BAD.search(f) or not f.endswith(".safetensors"):
+            bad.append(f)
+    return bad
 
 
 class CheckFailed(Exception):
@@ -148,6 +163,46 @@ def rss_gb(pid: int | None) -> float | None:
     except OSError:
         return None
     return None
+
+
+class RssSampler:
+    """RSS of ``pid`` every ``every`` seconds in a thread while the block runs: peak and a few samples."""
+
+    def __init__(self, pid: int | None, every: float = 1.0):
+        import threading
+        self.pid, self.every, self.samples = pid, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        t0 = time.time()
+        while not self._stop.is_set():
+            v = rss_gb(self.pid)
+            if v is not None:
+                self.samples.append((round(time.time() - t0, 1), v))
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        return False
+
+    @property
+    def peak(self) -> float | None:
+        return max((v for _, v in self.samples), default=None)
+
+    def summary(self, n: int = 12) -> list:
+        """About n (t, GB) samples spread over the run, the peak's among them."""
+        if len(self.samples) <= n:
+            return self.samples
+        step = len(self.samples) / n
+        picked = {int(i * step) for i in range(n)} | {len(self.samples) - 1}
+        peak_i = max(range(len(self.samples)), key=lambda i: self.samples[i][1])
+        return [self.samples[i] for i in sorted(picked | {peak_i})]
 
 
 def safetensors_keys(path: Path) -> list[str]:
@@ -359,8 +414,15 @@ class Page:
                 timeout: float = 60) -> int:
         self.loraq_tab("Train")
         self.set_radio("loraq_mode", mode)
+        if "sample_prompts" not in fields:
+            # the form comes back as last queued (check o): an earlier job's preview prompts (g2, q) would give
+            # this job previews at every save and at the end, minutes each on CPU (j's job in the 2026-12-03 run)
+            fields = {"sample_prompts": "", **fields}
         for k, v in fields.items():
-            self.set_text("loraq_f_" + k.replace(".", "__"), v)
+            elem = "loraq_f_" + k.replace(".", "__")
+            if k == "sample_prompts" and not self.page.locator(f"#{elem}").count():
+                continue   # a mode without the field
+            self.set_text(elem, v)
         for k, v in (checks or {}).items():
             self.set_check("loraq_f_" + k.replace(".", "__"), v)
         for k, v in (files or {}).items():
@@ -540,7 +602,8 @@ class Run:
             p.page.wait_for_timeout(600)
         opts = {k: p.page.locator(f"#setting_{k}").count() > 0 and p.page.locator(f"#setting_{k}").first.is_visible()
                 for k in ("loraq_data_dir", "loraq_output_subdir", "loraq_resume_interrupted")}
-        nums = {"form_controls": n_controls, "visible": sum(seen.values()), "of": len(seen),
+        nums = {"form_controls": n_controls, "train_opposite_control": p.page.locator("#loraq_f_train_opposite").count(),
+                "visible": sum(seen.values()), "of": len(seen),
                 "settings_section": has_section, "settings_options_visible": opts,
                 "seconds": round(time.time() - t0, 1)}
         if missing or not has_section or not all(opts.values()):
@@ -567,11 +630,13 @@ class Run:
         self.facts["rss_after_job_gb"] = rss_gb(self.pid())
         listed = self.api.lora_names()
         files = all_files(self.lora_dir)
-        ours_bad = [f for f in files if OURS_BAD.search(f) or not f.endswith(".safetensors")]
+        ours_bad = unexpected_files(self.lora_dir, files)
         listed_bad = [n for n, path in listed.items() if OURS_BAD.search(path or n)]
         f = self.out_dir / f"{name}.safetensors"
+        preview = self.out_dir / f"{name}.preview.png"
         nums = {"job": job, "queue_s": round(queued, 1), "done_after_s": round(took, 1), "row": row,
                 "summary": summary, "listed_in_api": name in listed, "file": str(f), "file_exists": f.is_file(),
+                "preview_beside_lora": preview.is_file(),
                 "files_under_lora_dir": files, "unexpected_files": ours_bad, "unexpected_listed": listed_bad,
                 "rss_before_gb": self.facts["rss_before_job_gb"], "rss_after_gb": self.facts["rss_after_job_gb"]}
         if f.is_file():
@@ -755,17 +820,44 @@ class Run:
         ds = self.data / "dataset"
         make_dataset(ds, 4)
         name = f"e2e_lcm_{RUN_TAG}"
+        # one preview prompt: the comparison sheet (on by default) renders 1 prompt x 2 seeds instead of up to 4
+        # training captions (the 2026-12-02 run: 4 prompts, 24 min on the loaded CPU)
         job = p.add_job("lcm", {"name": name, "resolution": RES, "dataset_dir": ds, "steps": self.args.steps,
                                 "batch_size": 1, "network_dim": 4, "network_alpha": 4, "prompts": "a photo of a cat",
-                                "num_generated_images": 2})
+                                "num_generated_images": 2, "sample_prompts": "a photo of a loraqtok shape"})
         t0 = time.time()
-        row = p.wait_state(job, "done", timeout)
+        seen, phase_at, row = [], None, {}
+        end = time.time() + timeout
+        while time.time() < end:
+            row = p.job_row(job)
+            seen.append(f"{row.get('state')} {row.get('progress')}")
+            if row.get("state") == "running" and "comparison sheet" in (row.get("progress") or "") and phase_at is None:
+                phase_at = round(time.time() - t0, 1)
+            if row.get("state") == "done":
+                break
+            if row.get("state") in ("failed", "cancelled"):
+                _, err = p.job_summary(job)
+                raise CheckFailed(f"LCM job {row['state']}: {err or row.get('error')}",
+                                  numbers={"job": job, "progress_seen": list(dict.fromkeys(seen))[:20]})
+            p.page.wait_for_timeout(3000)
+        took = round(time.time() - t0, 1)
         summary, _ = p.job_summary(job)
         f = self.out_dir / f"{name}.safetensors"
-        nums = {"job": job, "done_after_s": round(time.time() - t0, 1), "row": row, "summary": summary,
-                "file_exists": f.is_file(), "listed": name in self.api.lora_names()}
+        sheet = self.out_dir / f"{name}.comparison.png"
+        nums = {"job": job, "done_after_s": took, "row": row, "summary": summary,
+                "progress_seen": list(dict.fromkeys(seen))[:20], "comparison_sheet_phase_seen_after_s": phase_at,
+                "sheet_phase_s": round(took - phase_at, 1) if phase_at is not None else None,
+                "comparison_png": sheet.is_file(), "file_exists": f.is_file(), "listed": name in self.api.lora_names()}
+        if sheet.is_file():
+            with Image.open(sheet) as im:
+                nums["comparison_png_px"] = list(im.size)
+        if row.get("state") != "done":
+            raise Timeout(f"LCM job not done after {timeout} s (last {row})", numbers=nums)
         if not f.is_file():
             raise CheckFailed("LCM output missing", numbers=nums)
+        if phase_at is None or not sheet.is_file():
+            raise CheckFailed(f"the queue never showed the job 'running ... comparison sheet' (seen "
+                              f"{nums['progress_seen']}); sheet file {sheet.is_file()}", numbers=nums)
         self.names["lcm"] = name
         return nums
 
@@ -1429,10 +1521,14 @@ class Run:
                 "images_while_running": max([n for s, _, n in images_seen if s == "running"], default=0),
                 "images_at_end": final_imgs, "preview_pngs": folder_pngs,
                 "states_seen": list(dict.fromkeys(states))[:15], "screenshot": shot}
+        # since f7dce93 the row names the phase while a preview renders ("running 50% preview")
+        nums["preview_phase_seen"] = [x for x in dict.fromkeys(states) if x.startswith("running") and "preview" in x]
         if row.get("state") != "done":
             _, err = p.job_summary(job)
             raise CheckFailed(f"previews job {row.get('state')}: {err}", numbers=nums)
         self.names["previews"] = name
+        if self.args.expect_preview_phase and not nums["preview_phase_seen"]:
+            raise CheckFailed(f"the row never said 'preview' while one rendered: {nums['states_seen']}", numbers=nums)
         if not final_imgs or not nums["images_while_running"]:
             raise CheckFailed(f"gallery: {nums['images_while_running']} image(s) while running, {final_imgs} at the end "
                             f"(files {folder_pngs})", numbers=nums)
@@ -1555,13 +1651,18 @@ class Run:
         p.set_text("loraq_bake_base", "")
         p.set_text("loraq_bake_inputs", f"{self.out_dir.name}/{name}:0.5")
         p.set_text("loraq_bake_output", out)
-        rss0 = rss_gb(self.pid())
+        pid = self.pid()
+        rss0 = rss_gb(pid)
         t0 = time.time()
-        p.page.locator("#loraq_bake_run").click()
-        report = self._wait_text("loraq_bake_report", lambda t: bool(t.strip()), timeout, textarea=True)
+        with RssSampler(pid) as during:   # Bake gives the heap back afterwards (free_memory): before, peak, after
+            p.page.locator("#loraq_bake_run").click()
+            report = self._wait_text("loraq_bake_report", lambda t: bool(t.strip()), timeout, textarea=True)
         took = time.time() - t0
+        rss_after = rss_gb(pid)
+        time.sleep(10)
         nums = {"lora": name, "seconds": round(took, 1), "report_head": report.splitlines()[:4],
-                "rss_before_gb": rss0, "rss_after_gb": rss_gb(self.pid())}
+                "rss_before_gb": rss0, "rss_peak_during_gb": during.peak, "rss_samples_during": during.summary(),
+                "rss_after_gb": rss_after, "rss_10s_after_gb": rss_gb(pid)}
         made = [m for m in re.findall(r"(/\S+?\.safetensors)", report) if out in m]
         models_dir = self.webui / "models" / "Stable-diffusion"
         found = made or [str(x) for x in models_dir.rglob(f"{out}.safetensors")]
@@ -1581,6 +1682,59 @@ class Run:
                     Path(x).unlink()
                 except OSError:
                     pass
+            try:
+                self.api.post("/sdapi/v1/refresh-checkpoints", {})
+            except Exception:
+                pass
+
+    # x. a symlink to the checkpoint, beside it in models/Stable-diffusion, is taken as the bake base
+    def check_x(self, timeout):
+        p = self.page
+        name = self._lora_name()
+        original = self._checkpoint()
+        models = {m["title"]: m for m in self.api.get("/sdapi/v1/sd-models")}
+        model = next((m for t, m in models.items() if t.split(" [")[0] == original.split(" [")[0]), None)
+        if model is None:
+            raise CheckFailed(f"the chosen checkpoint {original!r} is not in /sdapi/v1/sd-models: {list(models)}")
+        real = Path(model["filename"])
+        link = real.with_name(f"e2e_link_{RUN_TAG}.safetensors")
+        out = f"e2e_baked_link_{RUN_TAG}"
+        models_dir = self.webui / "models" / "Stable-diffusion"
+        nums = {"link": str(link), "target": str(os.path.realpath(real)), "target_is_link": real.is_symlink()}
+        found = []
+        try:
+            link.symlink_to(real.name)   # relative, as people link a model into the folder
+            nums["link_resolves_to"] = os.path.realpath(link)
+            self._tools_tab("Bake")
+            p.set_text("loraq_bake_base", str(link))
+            p.set_text("loraq_bake_inputs", f"{self.out_dir.name}/{name}:0.5")
+            p.set_text("loraq_bake_output", out)
+            pid = self.pid()
+            nums["rss_before_gb"] = rss_gb(pid)
+            t0 = time.time()
+            with RssSampler(pid) as during:
+                p.page.locator("#loraq_bake_run").click()
+                report = self._wait_text("loraq_bake_report", lambda t: bool(t.strip()) and out in t or
+                                         t.strip().startswith("error"), timeout, textarea=True)
+            nums.update(seconds=round(time.time() - t0, 1), report_head=report.splitlines()[:4],
+                        rss_peak_during_gb=during.peak, rss_after_gb=rss_gb(pid))
+            found = [str(x) for x in models_dir.rglob(f"{out}.safetensors")]
+            nums["file"] = found[:1]
+            if found:
+                nums["file_gb"] = round(Path(found[0]).stat().st_size / 1e9, 2)
+            if not report.startswith("baked") or link.name not in report or not found:
+                raise CheckFailed(f"bake from the link: report {report[:400]!r}; file {found[:1]}", numbers=nums)
+            return nums
+        finally:
+            p.set_text("loraq_bake_base", "")
+            for x in found:
+                try:
+                    Path(x).unlink()
+                except OSError:
+                    pass
+            if link.is_symlink():
+                link.unlink()
+            nums["link_removed"] = not link.is_symlink()
             try:
                 self.api.post("/sdapi/v1/refresh-checkpoints", {})
             except Exception:
@@ -1699,7 +1853,8 @@ CHECKS = [
     ("e", "txt2img while a job runs completes (latency)", "check_e", 1200),
     ("f", "stop and save, then resume, finishes the job (safe unpickler)", "check_f", 1800),
     ("g1", "copier job from the tab finishes", "check_g_copier", 1500),
-    ("g2", "LCM job from the tab finishes", "check_g_lcm", 1500),
+    ("g2", "LCM job from the tab finishes; the queue shows 'comparison sheet' while its sheet renders", "check_g_lcm",
+     2400),
     ("h", "merge from the LoRA tools tab is listed in /sdapi/v1/loras without restart", "check_h", 600),
     ("i", "x/y/z plot with our axes: no console error; same seed twice identical", "check_i", 900),
     ("j", "kill -9 mid-job, restart, resume: job done", "check_j", 1800),
@@ -1718,10 +1873,12 @@ CHECKS = [
     ("r", "the SVG loss plot of the selected job changes while it trains (from q's job)", "check_r", 30),
     ("s", "Morning sheet of a finished job writes NAME.morning.png and shows it", "check_s", 1200),
     ("t", "LoRA tools, Resize: the resized LoRA is listed in /sdapi/v1/loras", "check_t", 600),
-    ("u", "LoRA tools, Merge preview renders images", "check_u", 900),
+    ("u", "LoRA tools, Merge preview renders images (at 512 px on SD1: the tools have no resolution)", "check_u", 2400),
     ("v", "LoRA tools, Bake into the loaded checkpoint: listed in /sdapi/v1/sd-models after refresh-checkpoints",
      "check_v", 900),
     ("w", "the 'Distil the loaded checkpoint' button queues an LCM job", "check_w", 180),
+    ("x", "LoRA tools, Bake from a symlink to the checkpoint beside it in models/Stable-diffusion: taken as the base",
+     "check_x", 900),
 ]
 PREVIOUS_RSS = {  # GB, run of 2026-12-01 (A1111 @ 55c69e8, Forge @ ffaa07e)
     "a1111": {"before_job": 4.78, "after_job": 5.02, "after_lora_gen": 8.92},
@@ -1746,6 +1903,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preview-steps", type=int, default=16, help="steps of the previews job (q)")
     ap.add_argument("--preview-every", type=int, default=0, help="previews every N steps in q (default steps/4)")
     ap.add_argument("--preview-sampling-steps", type=int, default=4, help="sampling steps of the merge preview (u)")
+    ap.add_argument("--expect-preview-phase", action="store_true", help="q: the row must show the phase 'preview' "
+                    "while a preview renders (main since f7dce93)")
     ap.add_argument("--only", default="", help="comma-separated check ids, e.g. a,b,c")
     ap.add_argument("--json", default="", help="summary file (default e2e/results-HOST.json)")
     args = ap.parse_args(argv)
