@@ -7,6 +7,7 @@ the script prints what it found as JSON and the tests below assert on it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import os
@@ -449,3 +450,13 @@ def test_presets_ship_the_recipes_people_use_are_always_current_and_the_form_sur
     assert store.last_form() is None
     store.remember({**jobs.template("lcm"), "name": "kept"})
     assert store.last_form()["name"] == "kept" and "kept" not in store.names()
+
+
+def test_add_to_queue_says_when_a_job_will_render_previews():
+    """The preview prompts sit in a closed group and the form comes back as last queued: in A1111 a standard job
+    carried an LCM job's preview prompt and rendered 5 previews (12 min instead of 2) without a word."""
+    job = jobs.job_from_dict({"mode": "standard", "name": "x", "dataset_dir": "/tmp", "save_every_n_steps": 7,
+                              "sample_every_n_steps": 5, "sample_prompts": ["a cat", " "]})
+    assert form.preview_note(job) == ("\n- previews of 1 prompt(s) every 5 steps, at each save and at the end "
+                                      "(group *Previews*; empty its prompts for none)")
+    assert form.preview_note(dataclasses.replace(job, sample_prompts=[])) == ""

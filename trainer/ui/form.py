@@ -181,3 +181,17 @@ def thumbnails_html(paths: list[str], size: int = 72) -> str:
         cells.append(f'<figure class="loraq-thumb" title="{name} ({detail})"><img alt="{name}" '
                      f'src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>')
     return f'<div class="loraq-thumbs">{"".join(cells)}</div>' if cells else ""
+
+
+def preview_note(job) -> str:
+    """What "Add to queue" says about the job's previews: the prompts live in a closed group and the form comes
+    back as last queued, so a job can carry an earlier job's preview prompts (minutes per preview on a CPU)."""
+    prompts = [p for p in getattr(job, "sample_prompts", None) or [] if str(p).strip()]
+    if not prompts:
+        return ""
+    every = [f"every {n} steps" for n in (getattr(job, "sample_every_n_steps", 0),) if n]
+    saves = ["at each save"] if getattr(job, "save_every_n_steps", 0) else []
+    parts = every + saves
+    when = (", ".join(parts) + " and " if parts else "") + "at the end"
+    return (f"\n- previews of {len(prompts)} prompt(s) {when} (group *{jobs.GROUPS['preview']}*; "
+            "empty its prompts for none)")

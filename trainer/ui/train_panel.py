@@ -241,7 +241,7 @@ class TrainPanel:
             if self.services.worker is not None:
                 self.services.worker.wake()
             self.presets.remember(data)
-            notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(ids[0]).warnings)
+            notes = "".join(f"\n- ⚠ {w}" for w in self.services.queue.get(ids[0]).warnings) + form.preview_note(job)
             where = self.services.lora_dir / job.output_dir / f"{job.name}.safetensors"
             what = (f"**{job.name}** as job {ids[0]} → `{where}`" if len(ids) == 1 else
                     f"a sweep of {len(ids)} jobs ({', '.join(j.name for j in many[:3])}{', ...' if len(ids) > 3 else ''})"
