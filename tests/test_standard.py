@@ -185,9 +185,11 @@ def test_v_prediction_files_say_so_in_the_version_as_kohya_writes_it():
 def test_a_prediction_override_reaches_everything_that_calls_the_model_and_ends_with_the_job(tmp_path, handle):
     _dataset(tmp_path / "data", n=2)
     seen = []
-    ctx = _ctx(tmp_path, events=lambda p: seen.append(handle.prediction))
+    ctx = _ctx(tmp_path, events=lambda p: seen.append((p.phase, handle.prediction)))
     result = run_job(_job(tmp_path, steps=2, prediction="v", sample_prompts=["a red circle"]), handle, ctx)
-    assert seen == ["v", "v"] and handle.prediction == "eps", "v while the job runs, the model's own afterwards"
+    # two steps, then the final preview announced: all while the override holds
+    assert seen == [("", "v"), ("", "v"), ("preview", "v")] and handle.prediction == "eps", \
+        "v while the job runs (its final preview too), the model's own afterwards"
     from trainer.lora.files import read_metadata
     assert read_metadata(result.final)["ss_v_parameterization"] == "True"
 
