@@ -171,7 +171,8 @@ def lora_errors(lora: Path, base: Path, tuned: Path, rename=lambda n: n, exact_e
     ``exact_every``-th module the optimal rank-8 error (full SVD)."""
     from safetensors import safe_open
 
-    from trainer.merge.extract import TensorFile, checkpoint_targets
+    from trainer.merge.extract import checkpoint_targets
+    from trainer.merge.tensor_file import TensorFile
 
     with safe_open(str(lora), "pt") as f:
         keys = list(f.keys())

@@ -177,24 +177,19 @@ def build_checkpoint(path: Path, arch: str = "sd15") -> None:
 def save_streaming(tensors: dict, path: Path) -> None:
     """A safetensors file written tensor by tensor: ``safetensors.torch.save_file`` copies every tensor to
     bytes first, which for SDXL (6.9 GB) doubles the peak of this process."""
-    import struct
+    from trainer.merge.tensor_file import header_bytes, tensor_bytes
+    from trainer.models.single_file import SAFETENSORS_DTYPES
 
-    import torch
-
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-    header, offset = {}, 0
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    layout, offset = {}, 0
     for key, tensor in tensors.items():
         size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        layout[key] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+        f.write(header_bytes(layout, {}))
         for tensor in tensors.values():
-            # a 0-d or empty tensor has no buffer to view; its bytes are none or one value
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            f.write(tensor_bytes(tensor))
 
 
 def build_dataset(folder: Path) -> Path:

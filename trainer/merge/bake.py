@@ -9,9 +9,7 @@ into its three row blocks.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,9 +20,10 @@ from trainer.lora.files import LoraFileError
 from trainer.lora.formats import LowRankDelta
 from trainer.lora.reading import family, open_lora
 from trainer.merge.svd_merge import MergeError, MergeInput, block_weights, builtin_presets, module_block_weight
+from trainer.merge.tensor_file import TensorFile, header_bytes, tensor_bytes
 from trainer.models import naming
 from trainer.models.single_file import (SD1_TE_PREFIX, SD2_TE_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX,
-                                        detect_checkpoint, read_header)
+                                        detect_checkpoint)
 from trainer.models.webui_model import open_clip_path_to_hf
 from trainer.paths import atomic_writer
 
@@ -95,8 +94,6 @@ def bake_loras(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out_
     model), then the output is written tensor by tensor in the source's order, untouched tensors copied as bytes,
     so the memory it takes is one weight and the LoRAs, not the checkpoint (an SD1.5 bake inside A1111 took
     10 GB more than the WebUI when it held all tensors, their float64 sums and the file's bytes at once)."""
-    from safetensors import safe_open
-
     source, out = Path(checkpoint), Path(out_path)
     if out.suffix != ".safetensors":
         raise MergeError(f"output '{out}' must end in .safetensors")
@@ -107,61 +104,55 @@ def bake_loras(checkpoint: str | os.PathLike, inputs: Sequence[MergeInput], out_
     if not inputs:
         raise MergeError("no LoRAs to bake in")
     info = detect_checkpoint(source)
-    header, metadata = read_header(source)
-    where = weight_map(list(header), info.arch)
-    table = {**builtin_presets(info.arch), **(presets or {})}
-    # Every module's contribution, by the checkpoint tensor it goes into: (weight, fused-q/k/v row, LoRA, module)
+    with TensorFile(source) as tensors:
+        where = weight_map(list(tensors.entries), info.arch)
+        plan, per_input = _plan(inputs, info.arch, where, source.name, presets)
+        metadata = {**tensors.metadata, "loraq_baked": ", ".join(
+            f"{Path(s.path).name}:{s.ratio:g}" + (f":{s.blocks}" if s.blocks else "") for s in inputs)}
+        # the source's data order; a tensor's dtype and so its size never change, only the bytes of the baked ones
+        order = sorted(tensors.entries, key=lambda k: int(tensors.entries[k]["data_offsets"][0]))
+        layout, offset = {}, 0
+        for key in order:
+            entry = tensors.entries[key]
+            size = int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            layout[key] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
+            offset += size
+        with atomic_writer(out) as f:
+            f.write(header_bytes(layout, metadata))
+            for key in order:
+                if key in plan:
+                    f.write(tensor_bytes(_baked(tensors.get(key), plan[key])))
+                else:
+                    tensors.copy_to(key, f)
+    return Baked(sum(per_input.values()), len(plan), per_input, info.arch)
+
+
+def _plan(inputs: Sequence[MergeInput], arch: str, where: Mapping[str, WeightRef], base_name: str,
+          presets: Mapping[str, list[float]] | None):
+    """Every LoRA module's contribution, by the checkpoint tensor it goes into (weight, fused-q/k/v row, LoRA,
+    module), and the modules each input gives; a LoRA with a module the checkpoint lacks is refused here, before
+    anything is written."""
+    table = {**builtin_presets(arch), **(presets or {})}
     plan: dict[str, list[tuple[float, int | None, object, str]]] = {}
     per_input: dict[str, int] = {}
     for spec in inputs:
         try:
-            lora = open_lora(spec.path, expected_arch=info.arch)
+            lora = open_lora(spec.path, expected_arch=arch)
         except LoraFileError as e:
             raise MergeError(str(e)) from None
-        weights = block_weights(spec.blocks, info.arch, table, f"'{spec.path}' blocks") if spec.blocks else None
+        weights = block_weights(spec.blocks, arch, table, f"'{spec.path}' blocks") if spec.blocks else None
         missing = sorted(name for name in lora.groups if name not in where)
         if missing:
             raise MergeError(f"{Path(spec.path).name}: {len(missing)} of its {len(lora.groups)} modules have no weight "
-                             f"in {source.name} (first: {missing[0]}): is it for another model?")
+                             f"in {base_name} (first: {missing[0]}): is it for another model?")
         used = 0
         for name in sorted(lora.groups):
-            w = spec.ratio * module_block_weight(weights, naming.block_id_of_key(name, info.arch))
+            w = spec.ratio * module_block_weight(weights, naming.block_id_of_key(name, arch))
             if w != 0.0:
                 plan.setdefault(where[name].key, []).append((w, where[name].row, lora, name))
                 used += 1
         per_input[Path(spec.path).name] = used
-    metadata["loraq_baked"] = ", ".join(f"{Path(s.path).name}:{s.ratio:g}" + (f":{s.blocks}" if s.blocks else "")
-                                        for s in inputs)
-    order = sorted(header, key=lambda k: int(header[k]["data_offsets"][0]))
-    layout, offset = {}, 0
-    for key in order:
-        begin, end = (int(x) for x in header[key]["data_offsets"])
-        layout[key] = {"dtype": header[key]["dtype"], "shape": header[key]["shape"],
-                       "data_offsets": [offset, offset + end - begin]}
-        offset += end - begin
-    head = json.dumps({"__metadata__": metadata, **layout}, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)      # the data starts 8-byte aligned, as safetensors writes it
-    with open(source, "rb") as raw, safe_open(str(source), framework="pt") as handle, atomic_writer(out) as f:
-        data_start = 8 + struct.unpack("<Q", raw.read(8))[0]
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for key in order:
-            if key in plan:
-                f.write(_tensor_bytes(_baked(handle.get_tensor(key), plan[key])))
-                continue
-            begin, end = (int(x) for x in header[key]["data_offsets"])
-            raw.seek(data_start + begin)
-            left = end - begin
-            while left:
-                chunk = raw.read(min(left, _CHUNK))
-                if not chunk:
-                    raise MergeError(f"{source.name} ended inside tensor {key}: the file is truncated")
-                f.write(chunk)
-                left -= len(chunk)
-    return Baked(sum(per_input.values()), len(plan), per_input, info.arch)
-
-
-_CHUNK = 16 << 20
+    return plan, per_input
 
 
 def _baked(weight: torch.Tensor, contributions) -> torch.Tensor:
@@ -180,9 +171,3 @@ def _baked(weight: torch.Tensor, contributions) -> torch.Tensor:
             size = acc.shape[0] // 3
             acc[row * size:(row + 1) * size] += w * dense.reshape(size, *acc.shape[1:])
     return acc.to(weight.dtype)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's little-endian bytes as safetensors stores them."""
-    flat = tensor.contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""

@@ -20,6 +20,7 @@ from trainer.lora import files as lora_files
 from trainer.lora.metadata import file_metadata
 from trainer.merge.bake import WeightRef, weight_map
 from trainer.merge.svd_merge import MergeError, ModuleReport, RankPolicy, merge_totals, truncation_rank
+from trainer.merge.tensor_file import TensorFile
 from trainer.models.handle import (ModelError, ModelHandle, TargetOptions, text_encoder_path_in_target_set,
                                    unet_path_in_target_set)
 from trainer.models.single_file import detect_checkpoint
@@ -183,51 +184,6 @@ def _store(tensors: dict, reports: list, key: str, arch: str, found: Factors, sh
     tensors[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
     reports.append(ModuleReport(key, block_id_of_key(key, arch), rank, found.full_rank, found.energy, found.kept,
                                 found.error))
-
-
-# --- single-file checkpoints, streamed ----------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
-class TensorFile:
-    """One tensor at a time from a ``.safetensors`` file, by plain reads (no memory map): the process holds only
-    the tensors being worked on, not the pages of two multi-GB files."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            header, self.offset = lora_files.read_header(self.path)
-        except lora_files.LoraFileError as e:
-            raise MergeError(str(e)) from None
-        self.metadata = dict(header.pop("__metadata__", None) or {})
-        self.entries = header
-        self._file = open(self.path, "rb")
-
-    def __enter__(self) -> "TensorFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._file.close()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def get(self, key: str, row: int | None = None) -> torch.Tensor:
-        """The tensor ``key``; with ``row``, only its row block ``row`` of 3 (OpenCLIP's fused q/k/v)."""
-        entry = self.entries[key]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise MergeError(f"{self.path.name}: {key} is stored as {entry['dtype']}, not a float type")
-        start, end = entry["data_offsets"]
-        shape = list(entry["shape"])
-        if row is not None:
-            block = (end - start) // 3
-            start, end, shape[0] = start + row * block, start + (row + 1) * block, shape[0] // 3
-        buffer = bytearray(end - start)
-        self._file.seek(self.offset + start)
-        self._file.readinto(buffer)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if buffer else torch.zeros(shape, dtype=dtype)
 
 
 def checkpoint_targets(keys, arch: str, text_encoder: bool) -> dict[str, WeightRef]:

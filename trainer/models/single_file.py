@@ -41,7 +41,8 @@ _CONVERT_HINT = ("we load .safetensors only; convert the file first (e.g. the We
                  "'Checkpoint Merger' tab or kohya's convert script, saving as .safetensors), "
                  "or download the .safetensors version of the model")
 _MAX_HEADER = 100 * 1024 * 1024
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: safetensors dtype names of the float types checkpoints hold
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 #: Expected cross-attention width (UNet ``attn2.to_k`` input) of the full-size models.
 _ATTN2_K = UNET_PREFIX + "{block}.1.transformer_blocks.0.attn2.to_k.weight"
 
@@ -215,7 +216,7 @@ def detect_from_header(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[
     text_prefixes = {"sd1": (SD1_TE_PREFIX,), "sd2": (SD2_TE_PREFIX,), "sdxl": (SDXL_TE1_PREFIX, SDXL_TE2_PREFIX)}[arch]
     return CheckpointInfo(
         arch=arch, prediction=prediction, prediction_source=source,
-        dtype=_DTYPES.get(unet_dtype, torch.float32),
+        dtype=SAFETENSORS_DTYPES.get(unet_dtype, torch.float32),
         has_vae=any(k.startswith(VAE_PREFIX) for k in keys),
         has_text_encoders=all(any(k.startswith(p) for k in keys) for p in text_prefixes),
         context_dim=context, metadata=dict(metadata),
