@@ -56,19 +56,45 @@ def strength_grid_images(handle: ModelHandle, network: LoraNetwork, prompt: str 
     return [[columns[c][r] for c in range(len(strengths))] for r in range(len(rows))]
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels: broken at spaces, and a word too long for a line cut
+    with an ellipsis (a label must never run into its neighbour's column)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        while draw.textlength(word) > width and len(word) > 1:
+            word = word[:-2] + "…" if word.endswith("…") else word[:-1] + "…"
+        lines.append(word)
+    return lines or [""]
+
+
+_LINE = 12   # the default font's line height, pixels
+
+
 def grid_image(rows: list[list[Image.Image]], column_labels: Sequence[str], row_labels: Sequence[str],
                title: str = "") -> Image.Image:
-    """An x/y plot: labelled columns (LoRA strength) and rows (seed)."""
+    """An x/y plot: labelled columns (LoRA strength) and rows (seed). Column labels wrap within their column,
+    row labels set the left margin, the title wraps within the grid's width: at 64 px cells nothing overlaps."""
     cell_w, cell_h = rows[0][0].size
     scale = max(1, 128 // cell_w)
     cell_w, cell_h = cell_w * scale, cell_h * scale
-    left, top = 70, 24 + (16 if title else 0)
-    grid = Image.new("RGB", (left + cell_w * len(column_labels), top + cell_h * len(rows)), "white")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = max([70] + [int(measure.textlength(label)) + 10 for label in row_labels])
+    width = left + cell_w * len(column_labels)
+    title_lines = _wrap(measure, title, width - 8) if title else []
+    header = [_wrap(measure, label, cell_w - 6) for label in column_labels]
+    # 24 px for a line of labels (+16 for a title line) as before; more when they wrap
+    top = max(24 + (16 if title else 0),
+              8 + _LINE * (len(title_lines) + max(len(lines) for lines in header)) + (4 if title else 0))
+    grid = Image.new("RGB", (width, top + cell_h * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
-    if title:
-        draw.text((4, 2), title, fill="black")
-    for c, label in enumerate(column_labels):
-        draw.text((left + c * cell_w + 4, top - 16), label, fill="black")
+    for i, line in enumerate(title_lines):
+        draw.text((4, 2 + i * _LINE), line, fill="black")
+    for c, lines in enumerate(header):
+        for i, line in enumerate(lines):
+            draw.text((left + c * cell_w + 3, top - 4 - _LINE * (len(lines) - i)), line, fill="black")
     for r, row in enumerate(rows):
         draw.text((4, top + r * cell_h + cell_h // 2 - 6), row_labels[r], fill="black")
         for c, img in enumerate(row):
