@@ -340,3 +340,42 @@ def test_while_a_preview_renders_the_job_says_preview_and_keeps_its_loss(tmp_pat
     # each announcement follows its step's report, before the next step
     order = [(p.step, p.phase) for p in heard]
     assert order.index((2, "preview")) == order.index((2, "")) + 1 and order[-1] == (3, "preview")
+
+
+class PromptCountingHandle(CountingHandle):
+    """Records, for each text-encoder call, how many progress events (finished steps) came before it."""
+
+    def __init__(self, pipe, events: list):
+        super().__init__(pipe)
+        self.events, self.calls = events, []
+
+    def encode_prompts(self, texts, size):
+        self.calls.append((len(self.events), list(texts), tuple(size)))
+        return super().encode_prompts(texts, size)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_fixed_captions_are_encoded_before_the_first_step_not_inside_the_steps(tmp_path, dropout):
+    """Like kohya's --cache_text_encoder_outputs: with the text encoder frozen and captions that are not shuffled,
+    every text a step can draw (each caption; the empty one too with caption dropout) is encoded once, before the
+    first step, so no step pays for a text-encoder forward."""
+    _dataset(tmp_path / "data", n=6)
+    events: list = []
+    handle = PromptCountingHandle(sd1_pipeline(tmp_path), events)
+    run_job(_job(tmp_path, steps=6, batch_size=1, caption_dropout=dropout), handle,
+            _ctx(tmp_path, events=events.append))
+    assert len(events) == 6
+    assert handle.calls and all(before == 0 for before, _, _ in handle.calls), "a step encoded a caption"
+    encoded = sorted((t, size) for _, batch, size in handle.calls for t in batch)
+    assert len(set(encoded)) == len(encoded), "each (text, size) once"
+    texts = sorted(t for t, _ in encoded)
+    sizes = {size for _, size in encoded}
+    assert texts == sorted([f"picture {i}, shape" for i in range(6)] + ([""] * len(sizes) if dropout else []))
+
+
+def test_shuffled_captions_are_encoded_as_the_steps_draw_them(tmp_path):
+    _dataset(tmp_path / "data", n=4)
+    events: list = []
+    handle = PromptCountingHandle(sd1_pipeline(tmp_path), events)
+    run_job(_job(tmp_path, steps=3, batch_size=1, shuffle_captions=True), handle, _ctx(tmp_path, events=events.append))
+    assert [before for before, _, _ in handle.calls] == [0, 1, 2], "one batch encoded in each step, none before"

@@ -125,6 +125,32 @@ class TextEmbeddingCache:
     def clear(self) -> None:
         self._entries.clear()
 
+    def prime(self, wanted: Sequence[tuple[str, tuple[int, int]]], handle: ModelHandle, batch_size: int = 8,
+              check_stop: Callable[[], None] | None = None) -> int:
+        """Encode (text, size) pairs a job will ask for before its first step, ``batch_size`` at a time, each
+        batch under ``handle.lock()`` (between batches the host may generate). Without it every caption's first
+        use costs a text-encoder forward inside a training step. Returns how many were encoded; stops priming
+        (keeping what it has) when the cache would overflow."""
+        if handle.identity != self._identity:
+            self.clear()
+            self._identity = handle.identity
+        todo = [(t, (int(s[0]), int(s[1]))) for t, s in dict.fromkeys(wanted)]
+        todo = [key for key in todo if key not in self._entries][:max(0, self.max_entries - len(self._entries))]
+        by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for text, size in todo:
+            by_size[size].append(text)
+        for size, texts in by_size.items():
+            for start in range(0, len(texts), batch_size):
+                if check_stop is not None:
+                    check_stop()
+                chunk = texts[start:start + batch_size]
+                with handle.lock(), torch.no_grad():
+                    cond = handle.encode_prompts(chunk, size).detach()
+                for i, text in enumerate(chunk):
+                    self._entries[(text, size)] = cond[i:i + 1]
+        self.encoded += len(todo)
+        return len(todo)
+
     def get(self, texts: Sequence[str], size: tuple[int, int], handle: ModelHandle) -> Cond:
         """Conditioning for ``texts`` at ``size`` (height, width); misses are encoded in one batch.
 
