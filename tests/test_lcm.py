@@ -636,3 +636,21 @@ def test_no_lora_reaches_2x_with_the_4_step_lcm_sampler_on_the_demo_model_the_id
     print(f"4-step LCM, {len(picked)} prompts: ideal student {ideal_mse:.0f}, base {base_mse:.0f}, "
           f"ceiling {base_mse / ideal_mse:.2f}x")
     assert 1.2 * ideal_mse < base_mse < 2.0 * ideal_mse
+
+
+def test_the_teachers_prompts_are_encoded_before_the_first_step_not_inside_the_steps(tmp_path, few_teacher_steps):
+    """The student's text cache is filled before training: a step never pays for a prompt's first encoding."""
+    events: list = []
+
+    class Recording(DiffusersHandle):
+        calls: list = []
+
+        def encode_prompts(self, texts, size):
+            Recording.calls.append(len(events))
+            return super().encode_prompts(texts, size)
+
+    handle = Recording(sd1_pipeline(tmp_path))
+    job = _job(batch_size=1, steps=4, comparison_sheet=False, prompts=["red circle", "blue square", "green star"],
+               num_generated_images=3)
+    run_job(job, handle, dataclasses.replace(_ctx(tmp_path), events=events.append))
+    assert len(events) == 4 and Recording.calls and set(Recording.calls) == {0}, Recording.calls

@@ -20,7 +20,7 @@ from typing import Any
 _WHERE = {
     "assign_buckets": "buckets", "bucket_for": "buckets", "make_buckets": "buckets",
     "LatentCache": "caches", "TextEmbeddingCache": "caches", "latent_key": "caches",
-    "caption_texts": "captions", "process_caption": "captions", "split_tags": "captions",
+    "caption_keys": "captions", "caption_texts": "captions", "process_caption": "captions", "split_tags": "captions",
     "IMAGE_EXTENSIONS": "dataset", "Dataset": "dataset", "DatasetError": "dataset", "ImageItem": "dataset",
     "read_caption": "dataset", "scan_dataset": "dataset",
     "load_image_tensor": "images", "open_rgb": "images", "resize_and_crop": "images",
@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "IMAGE_EXTENSIONS", "Batch", "BatchSampler", "Dataset", "DatasetError", "DatasetOptions", "ImageItem",
-    "LatentCache", "TextEmbeddingCache", "assign_buckets", "bucket_for", "caption_texts", "collate", "latent_key",
+    "LatentCache", "TextEmbeddingCache", "assign_buckets", "bucket_for", "caption_keys", "caption_texts", "collate", "latent_key",
     "load_image_tensor",
     "make_buckets", "open_rgb", "process_caption", "read_caption", "resize_and_crop", "scan_dataset", "split_tags",
 ]

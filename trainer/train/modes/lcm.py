@@ -278,6 +278,7 @@ class TrainingBatches:
     num_images: int
     tag_frequency: dict
     prompts: list[str]      # what the images show (captions or the teacher's prompts): the comparison sheet's
+    text_keys: list[tuple[str, tuple[int, int]]] | None = None   # every (text, size) a batch can carry, if known
 
     def next(self) -> tuple[torch.Tensor, list[str], tuple[int, int]]:
         batch = next(self.sampler)
@@ -300,7 +301,8 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
         sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
         identity = handle.identity
         return TrainingBatches(sampler, lambda b: data.collate(b, dataset, latents, identity, options),
-                               len(dataset.items), dataset.tag_frequency(), [item.caption for item in dataset.items])
+                               len(dataset.items), dataset.tag_frequency(), [item.caption for item in dataset.items],
+                               data.caption_keys(dataset, buckets, options))
     prompts = read_prompts(job)
     size = (job.resolution, job.resolution)
     w = LcmSettings.from_job(job, handle.prediction).w_middle
@@ -309,7 +311,8 @@ def training_batches(job, handle: ModelHandle, ctx: JobContext) -> TrainingBatch
                                         check_stop=lambda: ctx.control.check("the teacher generated its images"))
     sampler = data.BatchSampler([1] * len(captions), [size] * len(captions), job.batch_size, job.seed)
     return TrainingBatches(sampler, lambda b: (latents[b.indices], [captions[i] for i in b.indices]),
-                           len(captions), {"teacher": {p: captions.count(p) for p in prompts}}, prompts)
+                           len(captions), {"teacher": {p: captions.count(p) for p in prompts}}, prompts,
+                           [(caption, size) for caption in dict.fromkeys(captions)])
 
 
 # -- the mode -------------------------------------------------------------------------------------
@@ -326,6 +329,8 @@ def train_lcm(job: "jobs.LcmJob", handle: ModelHandle, ctx: JobContext) -> LoopR
         network.detach()                                  # leave the host's model as it was
         raise
     text_cache = data.TextEmbeddingCache()
+    if batches.text_keys:     # encoded before the first step, so no step pays for a caption's first use
+        text_cache.prime(batches.text_keys, handle, check_stop=lambda: ctx.control.check("encoding captions"))
     uncond_by_size: dict[tuple[int, int], Cond] = {}
     ema = EmaTarget(network, job.ema_decay) if job.use_ema_target else None
     facts = facts_for(handle, job, job, prediction, num_images=batches.num_images,

@@ -20,18 +20,6 @@ from trainer.train.previews import previewer, render_guided_preview
 from trainer.train.plan import build_network, dataset_facts, dataset_options, facts_for, loop_settings, noise_settings
 
 
-def caption_keys(dataset: "data.Dataset", buckets: list[tuple[int, int]],
-                 options: "data.DatasetOptions") -> list[tuple[str, tuple[int, int]]] | None:
-    """Every (text, (height, width)) a step can ask the text cache for, or None with shuffled captions."""
-    keys = []
-    for item, bucket in zip(dataset.items, buckets):
-        texts = data.caption_texts(item.caption, options)
-        if texts is None:
-            return None
-        keys += [(text, (bucket[1], bucket[0])) for text in texts]
-    return keys
-
-
 def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext) -> LoopResult:
     outputs = job_outputs(job, ctx)
     options = dataset_options(job)
@@ -47,7 +35,7 @@ def train_standard(job: "jobs.StandardJob", handle: ModelHandle, ctx: JobContext
     sampler = data.BatchSampler.for_dataset(dataset, buckets, job.batch_size, job.seed)
     text_cache = None if job.train_text_encoder else data.TextEmbeddingCache()
     if text_cache is not None:
-        wanted = caption_keys(dataset, buckets, options)
+        wanted = data.caption_keys(dataset, buckets, options)
         if wanted is not None:
             text_cache.prime(wanted, handle, check_stop=lambda: ctx.control.check("encoding captions"))
     noise = noise_settings(handle, job)
