@@ -20,7 +20,7 @@ from typing import Any
 _WHERE = {
     "assign_buckets": "buckets", "bucket_for": "buckets", "make_buckets": "buckets",
     "LatentCache": "caches", "TextEmbeddingCache": "caches", "latent_key": "caches",
-    "caption_keys": "captions", "caption_texts": "captions", "process_caption": "captions", "split_tags": "captions",
+    "caption_keys": "caches", "caption_texts": "captions", "process_caption": "captions", "split_tags": "captions",
     "IMAGE_EXTENSIONS": "dataset", "Dataset": "dataset", "DatasetError": "dataset", "ImageItem": "dataset",
     "read_caption": "dataset", "scan_dataset": "dataset",
     "load_image_tensor": "images", "open_rgb": "images", "resize_and_crop": "images",

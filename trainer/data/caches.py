@@ -8,8 +8,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from trainer.data.dataset import ImageItem
+from trainer.data.captions import caption_texts
+from trainer.data.dataset import Dataset, ImageItem
 from trainer.data.images import load_image_tensor
+from trainer.data.options import DatasetOptions
 from trainer.models.handle import Cond, ModelHandle
 from trainer.paths import write_atomic
 
@@ -106,6 +108,19 @@ class LatentCache:
 
         blob = save({"latents": latents}, metadata={"key": key, "identity": identity})
         write_atomic(self.path_for(key), blob)
+
+
+def caption_keys(dataset: Dataset, buckets: Sequence[tuple[int, int]],
+                 options: DatasetOptions) -> list[tuple[str, tuple[int, int]]] | None:
+    """Every (text, (height, width)) a step can ask the text cache for, given each image's (width, height)
+    bucket; None with shuffled captions."""
+    keys = []
+    for item, bucket in zip(dataset.items, buckets):
+        texts = caption_texts(item.caption, options)
+        if texts is None:
+            return None
+        keys += [(text, (bucket[1], bucket[0])) for text in texts]
+    return keys
 
 
 class TextEmbeddingCache:

@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import TYPE_CHECKING, Sequence
 
 from trainer.data.options import DatasetOptions
-
-if TYPE_CHECKING:
-    from trainer.data.dataset import Dataset
 
 
 def split_tags(caption: str) -> list[str]:
@@ -24,19 +20,6 @@ def caption_texts(caption: str, options: DatasetOptions) -> list[str] | None:
         return None
     kept = process_caption(caption, dataclasses.replace(options, caption_dropout=0.0), random.Random(0))
     return [kept, ""] if options.caption_dropout > 0 else [kept]
-
-
-def caption_keys(dataset: "Dataset", buckets: Sequence[tuple[int, int]],
-                 options: DatasetOptions) -> list[tuple[str, tuple[int, int]]] | None:
-    """Every (text, (height, width)) a step can ask the text cache for, given each image's (width, height)
-    bucket; None with shuffled captions."""
-    keys = []
-    for item, bucket in zip(dataset.items, buckets):
-        texts = caption_texts(item.caption, options)
-        if texts is None:
-            return None
-        keys += [(text, (bucket[1], bucket[0])) for text in texts]
-    return keys
 
 
 def process_caption(caption: str, options: DatasetOptions, rng: random.Random) -> str:
