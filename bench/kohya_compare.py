@@ -254,7 +254,11 @@ class Bench:
             log(f"using {self.ckpt}")
         else:
             log(f"building the random-weight {self.arch} checkpoint at {self.ckpt}")
-            build_checkpoint(self.ckpt, self.arch)
+            # in a child: Linux carries a parent's peak RSS at fork into the child's ru_maxrss, so a parent
+            # that held the model (4-7 GB) would floor both sides' measured peaks
+            code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+                    f"from kohya_compare import build_checkpoint; build_checkpoint(Path({str(self.ckpt)!r}), {self.arch!r})")
+            subprocess.run([sys.executable, "-c", code], check=True)
         return commit
 
     def _env(self, stamps: Path, extra_path: list[Path], profile: Path | None) -> dict:
