@@ -87,7 +87,7 @@ class functional:
 '''
 
 # Loaded by both sides (PYTHONPATH): stamps each optimizer step; optionally profiles one step.
-SITECUSTOMIZE = '''import os, time
+SITECUSTOMIZE = '''import os, resource, time
 _stamps = os.environ.get("BENCH_STAMPS")
 if _stamps:
     import torch
@@ -99,8 +99,9 @@ if _stamps:
     def _step(self, *args, **kwargs):
         out = _original(self, *args, **kwargs)
         _state["n"] += 1
-        with open(_stamps, "a") as f:
-            f.write(f"{time.time()}\\n")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        with open(_stamps, "a") as f:   # wall, user and system CPU seconds, minor page faults so far
+            f.write(f"{time.time()} {usage.ru_utime} {usage.ru_stime} {usage.ru_minflt}\\n")
         if _profile_at and _state["n"] == _profile_at:
             from torch.profiler import ProfilerActivity, profile
             _state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
@@ -314,13 +315,20 @@ class Bench:
         if process.returncode != 0:
             raise RuntimeError(f"{side} failed ({process.returncode}); see {run / 'log.txt'}:\n"
                                + (run / "log.txt").read_text()[-3000:])
-        times = [float(x) for x in stamps.read_text().split()]
+        rows = [[float(x) for x in line.split()] for line in stamps.read_text().splitlines() if line.strip()]
+        times = [r[0] for r in rows]
         steps = [b - a for a, b in zip(times, times[1:])]
+        # per step: user and system CPU seconds and minor page faults (system time spent faulting fresh pages
+        # in is wall time no op profile shows)
+        user, system, faults = ([b[i] - a[i] for a, b in zip(rows, rows[1:])] for i in (1, 2, 3))
         result = {"side": side, "checkpointing": checkpointing, "steady": statistics.median(steps[1:]),
                   "steps": steps, "first_step": times[0] - start, "peak_rss": usage.ru_maxrss * 1024,
-                  "wall": time.time() - start}
-        log(f"{side:5s} checkpointing {'on ' if checkpointing else 'off'}: step {result['steady']:.2f} s, "
-            f"first step after {result['first_step']:.1f} s, peak RSS {result['peak_rss'] / 2**30:.2f} GiB")
+                  "wall": time.time() - start, "step_user_s": statistics.median(user[1:]),
+                  "step_system_s": statistics.median(system[1:]), "step_minor_faults": statistics.median(faults[1:])}
+        log(f"{side:5s} checkpointing {'on ' if checkpointing else 'off'}: step {result['steady']:.2f} s "
+            f"(user {result['step_user_s']:.2f} s, system {result['step_system_s']:.2f} s, "
+            f"{result['step_minor_faults']:.0f} minor faults), first step after {result['first_step']:.1f} s, "
+            f"peak RSS {result['peak_rss'] / 2**30:.2f} GiB")
         return result
 
 
