@@ -62,35 +62,6 @@ def free_memory() -> None:
     _trim_c_heap()
 
 
-#: glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_HEAP_TOP_KEPT = 1 << 30        # bytes of free heap top glibc keeps instead of giving them back at each free
-_HEAP_GROWTH = 256 << 20        # the heap grows by at least this much: big buffers then fit in its top
-_MMAP_FROM = 32 << 20           # requests this big go to mmap when the heap has no room (glibc's maximum)
-
-
-def keep_freed_heap_for_reuse() -> None:
-    """For a process of our own (the command line, the standalone app), never inside a WebUI's: the C heap
-    keeps what a step frees for the next step instead of handing it back to the kernel.
-
-    On CPU every convolution copies its weight into a fresh buffer at each call (oneDNN's reorder, in the
-    forward and in the backward: 56 MB for a 1280-channel 3x3), and glibc serves a request that size from
-    fresh mmapped pages unless its heap has room, and unmaps them when it is freed: each step faults those
-    pages in again. On SDXL at 256 px that was 600 k page faults (2.4 GB) a step and 12-15 % of the step's
-    samples in the kernel (kohya's process: 160 k, 4 %; its heap keeps the gigabytes its state-dict loading
-    freed, and serves the buffers from there). With the heap's top kept and grown in large strides the
-    buffers are reused: no faults, peak RSS +0.03 GB. ``free_memory`` still trims between jobs."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):      # musl or another libc: its own policy stays
-        return
-    for parameter, value in ((_M_MMAP_THRESHOLD, _MMAP_FROM), (_M_TRIM_THRESHOLD, _HEAP_TOP_KEPT),
-                             (_M_TOP_PAD, _HEAP_GROWTH)):
-        mallopt(parameter, value)
-
-
 def _trim_c_heap() -> None:
     if not sys.platform.startswith("linux"):
         return

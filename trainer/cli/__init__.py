@@ -27,7 +27,4 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
-    if getattr(args, "trains", False):     # set by the commands that train or sample (they import torch anyway)
-        from trainer.device import keep_freed_heap_for_reuse
-        keep_freed_heap_for_reuse()
     return args.func(args)

@@ -78,4 +78,4 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="train a small LoRA on the built-in demo model, write LoRA + grid")
     parser.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     parser.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    parser.set_defaults(func=run, trains=True)
+    parser.set_defaults(func=run)

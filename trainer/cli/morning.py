@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--strengths", type=_numbers(float), default=None,
                         help="LoRA strengths, the columns (default -1,-0.5,0,0.5,1,1.5,2)")
     parser.add_argument("--seeds", type=_numbers(int), default=None, help="seeds, the rows (default 1111,2222,3333)")
-    parser.set_defaults(func=run, trains=True)
+    parser.set_defaults(func=run)
     return parser
 
 

@@ -237,5 +237,5 @@ def add_parser(subparsers) -> None:
     runner.add_argument("--poll", type=float, default=2.0, help="seconds between looks at an empty queue")
     runner.add_argument("--resume-interrupted", action="store_true",
                         help="first resume the jobs a crash or kill interrupted, from their last saved state")
-    runner.set_defaults(queue_func=cmd_run, trains=True)
+    runner.set_defaults(queue_func=cmd_run)
     queue.set_defaults(func=run)

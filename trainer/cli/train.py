@@ -53,4 +53,4 @@ def add_parser(subparsers) -> None:
     train.add_argument("--out", help=f"output root; a job's output_dir is a folder inside it (default {paths.default_output_dir()})")
     train.add_argument("--resume", action="store_true", help="continue from the state saved beside the output")
     train.add_argument("--debug", action="store_true", help="show the full traceback on failure")
-    train.set_defaults(func=run_train, trains=True)
+    train.set_defaults(func=run_train)

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                      "~/.lora_queue)")
     parser.add_argument("--loras", default=None, help="LoRA folder: outputs and merge inputs (default DATA/loras)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.set_defaults(func=run, trains=True)
+    parser.set_defaults(func=run)
     return parser
 
 
