@@ -1900,8 +1900,9 @@ def main(argv=None) -> int:
                     "one (default: a copy of it with one weight changed, made in the models folder and removed)")
     ap.add_argument("--steps", type=int, default=6, help="steps of the small jobs")
     ap.add_argument("--long-steps", type=int, default=30, help="steps of the long jobs (e, f, j)")
-    ap.add_argument("--preview-steps", type=int, default=16, help="steps of the previews job (q)")
-    ap.add_argument("--preview-every", type=int, default=0, help="previews every N steps in q (default steps/4)")
+    ap.add_argument("--preview-steps", type=int, default=6,
+                    help="steps of the previews job (q); a 64 px preview of the full-size model costs ~1-2 min on CPU")
+    ap.add_argument("--preview-every", type=int, default=3, help="previews every N steps in q")
     ap.add_argument("--preview-sampling-steps", type=int, default=4, help="sampling steps of the merge preview (u)")
     ap.add_argument("--expect-preview-phase", action="store_true", help="q: the row must show the phase 'preview' "
                     "while a preview renders (main since f7dce93)")
