@@ -316,13 +316,11 @@ class Bench:
             raise RuntimeError(f"{side} failed ({process.returncode}); see {run / 'log.txt'}:\n"
                                + (run / "log.txt").read_text()[-3000:])
         rows = [[float(x) for x in line.split()] for line in stamps.read_text().splitlines() if line.strip()]
-        times = [r[0] for r in rows]
-        steps = [b - a for a, b in zip(times, times[1:])]
-        # per step: user and system CPU seconds and minor page faults (system time spent faulting fresh pages
+        # per step: wall, user and system CPU seconds, minor page faults (system time spent faulting fresh pages
         # in is wall time no op profile shows)
-        user, system, faults = ([b[i] - a[i] for a, b in zip(rows, rows[1:])] for i in (1, 2, 3))
+        steps, user, system, faults = ([b[i] - a[i] for a, b in zip(rows, rows[1:])] for i in range(4))
         result = {"side": side, "checkpointing": checkpointing, "steady": statistics.median(steps[1:]),
-                  "steps": steps, "first_step": times[0] - start, "peak_rss": usage.ru_maxrss * 1024,
+                  "steps": steps, "first_step": rows[0][0] - start, "peak_rss": usage.ru_maxrss * 1024,
                   "wall": time.time() - start, "step_user_s": statistics.median(user[1:]),
                   "step_system_s": statistics.median(system[1:]), "step_minor_faults": statistics.median(faults[1:])}
         log(f"{side:5s} checkpointing {'on ' if checkpointing else 'off'}: step {result['steady']:.2f} s "

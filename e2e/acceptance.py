@@ -1902,7 +1902,7 @@ def main(argv=None) -> int:
     ap.add_argument("--long-steps", type=int, default=30, help="steps of the long jobs (e, f, j)")
     ap.add_argument("--preview-steps", type=int, default=6,
                     help="steps of the previews job (q); a 64 px preview of the full-size model costs ~1-2 min on CPU")
-    ap.add_argument("--preview-every", type=int, default=3, help="previews every N steps in q")
+    ap.add_argument("--preview-every", type=int, default=3, help="previews every N steps in q (0: steps/4)")
     ap.add_argument("--preview-sampling-steps", type=int, default=4, help="sampling steps of the merge preview (u)")
     ap.add_argument("--expect-preview-phase", action="store_true", help="q: the row must show the phase 'preview' "
                     "while a preview renders (main since f7dce93)")
