@@ -86,7 +86,10 @@ def test_every_readme_command_runs_as_typed(tmp_path):
     def run(command: str, **kw) -> subprocess.CompletedProcess:
         assert command in commands, f"the README no longer has: {command}"
         done.append(command)
-        return ok(shell(command, tmp_path, **kw))
+        started = time.perf_counter()
+        result = ok(shell(command, tmp_path, **kw))
+        print(f"{time.perf_counter() - started:6.1f} s  {command}")
+        return result
 
     run("python -m trainer template standard > job.json")
     edit_job(tmp_path / "job.json", tmp_path / "images", name="a")
