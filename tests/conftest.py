@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The commands the tests start (python -m trainer ..., the apps) on one thread too: two workers share two cores,
+# and a second thread per process only makes them take turns.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
