@@ -107,6 +107,7 @@ def browser_session(tmp_path: Path, gradio: str) -> None:
     assert {"loraq_group_copier", "loraq_copier_passes"} <= set(session["sections_in_copier"])
     assert "loraq_group_lcm" not in session["sections_in_copier"]
     assert len(session["thumbnails"]) == 2 and min(session["thumbnails"]) > 0, session["thumbnails"]
+    assert all(n >= 1 for n in session["clear_buttons"].values()), session["clear_buttons"]
     # Errors in red, the fields outlined, the first on screen (network_dim, dataset_dir, sample_every_n_steps)
     seen = {e["key"]: e for e in session["errors_seen"]}
     assert {"network_dim", "dataset_dir", "sample_every_n_steps"} <= set(seen), session["errors_seen"]
@@ -492,8 +493,15 @@ def session(out: Path, app_python: str) -> None:
                     # gradio 3.41's upload can stall on a loaded machine (its /upload answered, no change event
                     # sent); a user picks the file again, and so do we, once, and the session reports it
                     facts["picked_again"].append(key)
-                    page.locator(f"#loraq_f_{key} input[type=file]").set_input_files(str(images / picture))
+                    again = page.locator(f"#loraq_f_{key} input[type=file]")
+                    if again.count() == 0:   # it holds the file and sent nothing: cleared first, as a user would
+                        page.locator(f"#loraq_f_{key} button[aria-label='Clear']").first.click()
+                        again.wait_for(state="attached", timeout=30_000)
+                    again.set_input_files(str(images / picture))
                     expect(page.locator(f"#loraq_thumbs_{key} img")).to_have_count(1, timeout=40_000)
+                # the button the retry above clears a held file with (checked on every run: the retry is rare)
+                facts.setdefault("clear_buttons", {})[key] = page.locator(
+                    f"#loraq_f_{key} button[aria-label='Clear']").count()
             for key, value in (("steps", 60), ("network_dim", 4), ("network_alpha", 4), ("lr", 0.002),
                                ("batch_size", 1)):
                 fill(f"loraq_f_copier_pass__{key}", value)
