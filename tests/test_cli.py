@@ -58,10 +58,12 @@ def test_queue_list_answers_in_half_a_second(tmp_path):
     assert elapsed < 0.5, f"queue list took {elapsed:.2f} s"
 
 
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+THP_MODE = _THP_MODE_FILE.read_text() if _THP_MODE_FILE.is_file() else "[never]"
 HUGE_PAGES_OF_A_TENSOR = """
 import runpy, sys
-runpy.run_module('trainer', run_name='trainer_cli_probe')      # what `python -m trainer` runs before main()
+sys.argv = ['trainer'] + sys.argv[1:]
+runpy.run_module('trainer', run_name='trainer_cli_probe')      # what `python -m trainer ARGS` runs before main()
 import torch
 t = torch.empty(64 << 20, dtype=torch.uint8)
 t.fill_(1)
@@ -77,18 +79,19 @@ print(huge)
 """
 
 
-@pytest.mark.skipif(not THP_MODE.is_file() or "[never]" in THP_MODE.read_text(),
-                    reason="the kernel has transparent huge pages off")
+@pytest.mark.skipif("[never]" in THP_MODE, reason="the kernel has transparent huge pages off: nothing to ask for")
 def test_the_command_line_gives_torch_tensors_huge_pages_unless_the_user_said_no(tmp_path):
     """A CPU step allocates its activations afresh: on 4 KB pages SD1.5 at 256 px faults ~600 k pages a step and runs
-    ~17 % slower than on 2 MB pages (bench/README.md). The CLI asks torch for huge pages; THP_MEM_ALLOC_ENABLE=0 wins."""
-    def huge_kib(**env) -> int:
+    ~17 % slower than on 2 MB pages (bench/README.md). The CLI asks torch for huge pages, except for the standalone
+    tab (``ui``); THP_MEM_ALLOC_ENABLE=0 wins."""
+    def huge_kib(*args: str, **env) -> int:
         base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-        run = subprocess.run([sys.executable, "-c", HUGE_PAGES_OF_A_TENSOR], capture_output=True, text=True,
+        run = subprocess.run([sys.executable, "-c", HUGE_PAGES_OF_A_TENSOR, *args], capture_output=True, text=True,
                              env={**base, "PYTHONPATH": str(ROOT), **env}, cwd=tmp_path, timeout=120)
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])
 
-    assert huge_kib() >= 32 << 10, "a 64 MB tensor of the CLI's process got (almost) no huge pages"
-    if "[madvise]" in THP_MODE.read_text():     # with [always] the kernel gives them to every process anyway
-        assert huge_kib(THP_MEM_ALLOC_ENABLE="0") == 0
+    assert huge_kib("train", "job.json") >= 32 << 10, "a 64 MB tensor of the CLI's process got (almost) no huge pages"
+    if "[madvise]" in THP_MODE:     # with [always] the kernel gives them to every process anyway
+        assert huge_kib("train", "job.json", THP_MEM_ALLOC_ENABLE="0") == 0
+        assert huge_kib("ui", "--model", "demo") == 0
